@@ -1,0 +1,227 @@
+"""The user-facing object: `medusa_jax.load(ckpt)` -> `MedusaModel` with `forward` and `generate`."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import time
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from medusa_jax import checkpoint
+from medusa_jax.config import ModelConfig
+from medusa_jax.generation import LoopConfig, bucket, generate_ar
+from medusa_jax.heads import HeadsConfig, base_lm_head, heads_logits
+from medusa_jax.model import Transformer, causal_mask
+from medusa_jax.sampling import SamplingParams
+
+
+@dataclasses.dataclass
+class ForwardResult:
+    logits: jax.Array  # [B, T, V] float32
+    medusa_logits: jax.Array | None  # [K, B, T, V] float32, or None without heads
+    hidden: jax.Array  # [B, T, E]
+
+
+@dataclasses.dataclass
+class GenerationResult:
+    prompt_ids: list[int]
+    output_ids: list[int]  # new tokens, including the EOS token when one was generated
+    text: str
+    new_tokens: int
+    steps: int  # forward passes after the prefill
+    seconds: float  # wall time of the batch this prompt ran in
+
+    @property
+    def tokens_per_step(self) -> float:
+        return self.new_tokens / max(self.steps, 1)
+
+
+class MedusaModel:
+    """A backbone (plus optional Medusa heads) with its tokenizer. Params are plain pytrees in `.params` and
+    `.heads`; everything here is a thin host-side wrapper over jitted pure functions."""
+
+    def __init__(self, cfg: ModelConfig, params, tokenizer=None, heads=None, name: str = "", tree=None):
+        self.cfg = cfg
+        self.params = params
+        self.tokenizer = tokenizer
+        self.heads = heads
+        self.name = name
+        self.tree = tree  # default Medusa tree choices (list of paths) or None
+        self.max_cache = cfg.max_position_embeddings
+
+    @property
+    def heads_config(self) -> HeadsConfig | None:
+        from medusa_jax.heads import heads_config_of
+
+        return None if self.heads is None else heads_config_of(self.heads)
+
+    @property
+    def eos_ids(self) -> tuple[int, ...]:
+        ids = set(self.cfg.eos_token_ids)
+        tok_eos = getattr(self.tokenizer, "eos_token_id", None)
+        if tok_eos is not None:
+            ids.add(int(tok_eos))
+        return tuple(sorted(ids))
+
+    # ------------------------------------------------------------------ forward
+    def forward(self, token_ids) -> ForwardResult:
+        """Full causal forward without cache. token_ids `[B, T]` ints."""
+        tokens = jnp.asarray(token_ids, jnp.int32)
+        if tokens.ndim == 1:
+            tokens = tokens[None]
+        logits, medusa, hidden = _forward(self.cfg, self.params, self.heads, tokens)
+        return ForwardResult(logits, medusa, hidden)
+
+    # ------------------------------------------------------------------ generate
+    def encode(self, prompt, raw: bool = False) -> list[int]:
+        from medusa_jax.tokenizer import encode_prompt
+
+        if isinstance(prompt, str):
+            if self.tokenizer is None:
+                raise ValueError("this model has no tokenizer: pass prompts as lists of token ids")
+            ids = encode_prompt(self.tokenizer, prompt, raw)
+        else:
+            ids = [int(i) for i in prompt]
+        if not ids:
+            raise ValueError("empty prompt: give at least one token")
+        return ids
+
+    def generate(
+        self,
+        prompts: str | Sequence,
+        max_new_tokens: int = 128,
+        temperature: float = 0.0,
+        top_p: float = 1.0,
+        top_k: int = 0,
+        seed: int = 0,
+        mode: str | None = None,
+        raw: bool = False,
+        batch_size: int | None = None,
+        **medusa_kw,
+    ) -> list[GenerationResult]:
+        """Generate for each prompt (a string, or a list of token ids). Returns one result per prompt, in order.
+
+        mode: "ar" or "medusa" (default: "medusa" when heads are loaded). Prompts run in batches of `batch_size`
+        (default: all at once, up to 16)."""
+        if isinstance(prompts, str) or (len(prompts) and isinstance(prompts[0], int | np.integer)):
+            prompts = [prompts]
+        if max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+        if temperature < 0 or not 0 < top_p <= 1 or top_k < 0:
+            raise ValueError(
+                f"bad sampling values: temperature={temperature} (>= 0), top_p={top_p} (0, 1], top_k={top_k} (>= 0)"
+            )
+        mode = mode or ("medusa" if self.heads is not None else "ar")
+        if mode not in ("ar", "medusa"):
+            raise ValueError(f"mode must be 'ar' or 'medusa', got {mode!r}")
+        if mode == "medusa" and self.heads is None:
+            raise ValueError("mode='medusa' needs Medusa heads: load(ckpt, heads=PATH)")
+        encoded = [self.encode(p, raw) for p in prompts]
+        batch_size = batch_size or min(len(encoded), 16)
+        results = []
+        for i in range(0, len(encoded), batch_size):
+            chunk = encoded[i : i + batch_size]
+            results += self._generate_batch(
+                chunk, max_new_tokens, temperature, top_p, top_k, seed + i, mode, medusa_kw
+            )
+        return results
+
+    def check_fits(self, prompt_len: int, max_new_tokens: int, extra: int = 0) -> int:
+        """The cache slots a batch needs; raises ValueError when it cannot fit the model's context."""
+        slots = bucket(bucket(prompt_len) + bucket(max_new_tokens, 16) + extra, 64)
+        need = prompt_len + max_new_tokens + extra
+        if need > self.max_cache:
+            raise ValueError(
+                f"prompt ({prompt_len} tokens) + max_new_tokens ({max_new_tokens}) needs {need} cache positions, "
+                f"more than the model's {self.max_cache}: shorten the prompt or lower max_new_tokens"
+            )
+        return slots
+
+    def _generate_batch(self, encoded, max_new, temperature, top_p, top_k, seed, mode, medusa_kw):
+        b = len(encoded)
+        lengths = np.array([len(e) for e in encoded], np.int32)
+        p_len = bucket(int(lengths.max()))
+        tokens = np.zeros((b, p_len), np.int32)
+        for r, e in enumerate(encoded):
+            tokens[r, : len(e)] = e
+        greedy = temperature == 0.0
+        sp = SamplingParams.make(temperature if not greedy else 1.0, top_k, top_p)
+        rng = jax.random.PRNGKey(seed)
+        out_len = bucket(max_new, 16)
+        t0 = time.perf_counter()
+        if mode == "ar":
+            slots = self.check_fits(int(lengths.max()), max_new)
+            loop = LoopConfig(out_len, slots, greedy, self.eos_ids)
+            out, num_out, steps = generate_ar(
+                self.cfg,
+                loop,
+                self.params,
+                jnp.asarray(tokens),
+                jnp.asarray(lengths),
+                jnp.int32(max_new),
+                sp,
+                rng,
+            )
+        else:
+            from medusa_jax.medusa_decode import run_medusa
+
+            out, num_out, steps = run_medusa(
+                self, tokens, lengths, max_new, out_len, greedy, sp, rng, **medusa_kw
+            )
+        out, num_out, steps = jax.device_get((out, num_out, steps))
+        seconds = time.perf_counter() - t0
+        results = []
+        for r in range(b):
+            ids = [int(t) for t in out[r, : num_out[r]]]
+            text = self.tokenizer.decode(ids, skip_special_tokens=True) if self.tokenizer is not None else ""
+            results.append(GenerationResult(list(encoded[r]), ids, text, len(ids), int(steps[r]), seconds))
+        return results
+
+
+@jax.jit(static_argnums=(0,))
+def _forward(cfg, params, heads, tokens):
+    model = Transformer(cfg)
+    b, t = tokens.shape
+    hidden, _ = model.apply(
+        {"params": params}, tokens, jnp.broadcast_to(jnp.arange(t), (b, t)), causal_mask(t)
+    )
+    logits = model.apply({"params": params}, hidden, method=model.logits)
+    medusa = None if heads is None else heads_logits(heads, hidden, base_lm_head(params))
+    return logits, medusa, hidden
+
+
+def load(
+    ckpt: str | None = None,
+    dtype: str = "float32",
+    param_dtype: str | None = None,
+    heads: str | None = None,
+    tokenizer: bool = True,
+) -> MedusaModel:
+    """Load a backbone (and optional Medusa heads).
+
+    ckpt: a Hugging Face model directory (config.json + safetensors), a `.gguf` file, a hub id (`org/name`), or None
+    for the embedded default (SmolLM2-135M-Instruct). dtype: compute dtype ("float32" or "bfloat16"); param_dtype
+    defaults to dtype."""
+    import jax.numpy as jnp  # noqa: F811
+
+    if dtype not in ("float32", "bfloat16", "float16"):
+        raise ValueError(f"dtype must be float32, bfloat16 or float16, got {dtype!r}")
+    path = checkpoint.resolve(ckpt)
+    cfg, np_params = checkpoint.read_backbone(path)
+    cfg = cfg.replace(dtype=dtype, param_dtype=param_dtype or dtype)
+    params = jax.tree.map(lambda a: jnp.asarray(a, cfg.jnp_param_dtype), np_params)
+    tok = None
+    if tokenizer:
+        from medusa_jax.tokenizer import load_tokenizer
+
+        tok = load_tokenizer(path)
+    model = MedusaModel(cfg, params, tok, name=os.path.basename(path.rstrip("/")))
+    if heads is not None:
+        from medusa_jax.heads_io import load_heads
+
+        model.heads = load_heads(heads, model)
+    return model

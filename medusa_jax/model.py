@@ -1,0 +1,241 @@
+"""The Llama-family backbone as pure Flax linen modules.
+
+Params are an explicit pytree; the KV cache is an explicit pytree passed in and returned. Attention takes explicit
+positions and an explicit block mask, so AR decoding, prefill and Medusa tree verification share one code path.
+Layers run under `nn.scan` (one compiled layer body).
+
+Shapes: B batch, T new tokens, S cache slots, E hidden, H query heads, K kv heads, D head dim, V vocab, N layers.
+"""
+
+from __future__ import annotations
+
+import math
+
+import flax.linen as nn
+import flax.struct
+import jax
+import jax.numpy as jnp
+
+from medusa_jax.config import ModelConfig
+
+NEG_INF = -1e30
+
+
+@flax.struct.dataclass
+class KVCache:
+    """Per-layer keys and values `[N, B, S, K, D]`. Slot s of row b holds the token at cache position s."""
+
+    k: jax.Array
+    v: jax.Array
+
+    @classmethod
+    def zeros(cls, cfg: ModelConfig, batch: int, slots: int, dtype=None) -> KVCache:
+        shape = (cfg.num_layers, batch, slots, cfg.num_kv_heads, cfg.head_dim)
+        dtype = dtype or cfg.jnp_dtype
+        return cls(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype))
+
+    @property
+    def slots(self) -> int:
+        return self.k.shape[2]
+
+
+def rope_inv_freq(cfg: ModelConfig) -> jax.Array:
+    """Inverse frequencies `[D/2]`, with Llama-3 scaling when configured."""
+    d = cfg.head_dim
+    inv = 1.0 / (cfg.rope_theta ** (jnp.arange(0, d, 2, dtype=jnp.float32) / d))
+    sc = cfg.rope_scaling
+    if sc is None:
+        return inv
+    low_wavelen = sc.original_max_position_embeddings / sc.low_freq_factor
+    high_wavelen = sc.original_max_position_embeddings / sc.high_freq_factor
+    wavelen = 2 * math.pi / inv
+    smooth = (sc.original_max_position_embeddings / wavelen - sc.low_freq_factor) / (
+        sc.high_freq_factor - sc.low_freq_factor
+    )
+    mid = (1 - smooth) * inv / sc.factor + smooth * inv
+    out = jnp.where(wavelen > low_wavelen, inv / sc.factor, inv)
+    is_mid = (wavelen <= low_wavelen) & (wavelen >= high_wavelen)
+    return jnp.where(is_mid, mid, out)
+
+
+def rope_tables(cfg: ModelConfig, positions: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """cos, sin `[B, T, 1, D]` in the HF rotate-half layout."""
+    freqs = positions[..., None].astype(jnp.float32) * rope_inv_freq(cfg)  # [B, T, D/2]
+    emb = jnp.concatenate([freqs, freqs], axis=-1)[:, :, None, :]
+    return jnp.cos(emb), jnp.sin(emb)
+
+
+def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
+    """x `[B, T, heads, D]`."""
+    half = x.shape[-1] // 2
+    rotated = jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
+    xf = x.astype(jnp.float32)
+    return (xf * cos + rotated.astype(jnp.float32) * sin).astype(x.dtype)
+
+
+def attention_mask(block_mask: jax.Array, cache_start: jax.Array | None, slots: int | None) -> jax.Array:
+    """Boolean `[B, T, S]` mask (S = T without a cache).
+
+    block_mask `[T, T]` or `[B, T, T]`: which new tokens see which (causal for AR/prefill, the tree mask for Medusa).
+    With a cache, new token t of row b sits at slot `cache_start[b] + t` and also sees every slot before
+    `cache_start[b]` (the prefix).
+    """
+    block_mask = block_mask.astype(bool)
+    if cache_start is None:
+        return block_mask if block_mask.ndim == 3 else block_mask[None]
+    t = block_mask.shape[-1]
+    rel = jnp.arange(slots)[None, :] - cache_start[:, None]  # [B, S]
+    in_block = (rel >= 0) & (rel < t)
+    bm = jnp.broadcast_to(block_mask, (cache_start.shape[0], t, t))
+    gathered = jnp.take_along_axis(bm, jnp.clip(rel, 0, t - 1)[:, None, :].repeat(t, axis=1), axis=2)
+    return (rel < 0)[:, None, :] | (in_block[:, None, :] & gathered)
+
+
+class RMSNorm(nn.Module):
+    eps: float
+    dtype: jnp.dtype
+    param_dtype: jnp.dtype
+
+    @nn.compact
+    def __call__(self, x):
+        scale = self.param("scale", nn.initializers.ones, (x.shape[-1],), self.param_dtype)
+        xf = x.astype(jnp.float32)
+        xf = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + self.eps)
+        return (xf * scale.astype(jnp.float32)).astype(self.dtype)
+
+
+def _dense(cfg: ModelConfig, features: int, name: str, bias: bool = False) -> nn.Dense:
+    return nn.Dense(
+        features,
+        use_bias=bias,
+        dtype=cfg.jnp_dtype,
+        param_dtype=cfg.jnp_param_dtype,
+        kernel_init=nn.initializers.normal(0.02),
+        name=name,
+    )
+
+
+class Attention(nn.Module):
+    cfg: ModelConfig
+
+    @nn.compact
+    def __call__(self, x, cos, sin, mask, cache_kv, cache_start):
+        """x `[B, T, E]`, mask `[B, T, S]`, cache_kv None or (k, v) `[B, S, K, D]` -> (out, new cache_kv)."""
+        cfg = self.cfg
+        b, t, _ = x.shape
+        h, kh, d = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        q = _dense(cfg, h * d, "q_proj", cfg.qkv_bias)(x).reshape(b, t, h, d)
+        k = _dense(cfg, kh * d, "k_proj", cfg.qkv_bias)(x).reshape(b, t, kh, d)
+        v = _dense(cfg, kh * d, "v_proj", cfg.qkv_bias)(x).reshape(b, t, kh, d)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if cache_kv is not None:
+            ck, cv = cache_kv
+            write = jax.vmap(
+                lambda c, new, s: jax.lax.dynamic_update_slice(c, new.astype(c.dtype), (s, 0, 0))
+            )
+            ck, cv = write(ck, k, cache_start), write(cv, v, cache_start)
+            k, v, cache_kv = ck, cv, (ck, cv)
+        q = q.reshape(b, t, kh, h // kh, d)
+        scores = jnp.einsum("btkgd,bskd->bkgts", q, k.astype(q.dtype), preferred_element_type=jnp.float32)
+        scores = scores / math.sqrt(d)
+        scores = jnp.where(mask[:, None, None, :, :], scores, NEG_INF)
+        probs = jax.nn.softmax(scores, axis=-1).astype(cfg.jnp_dtype)
+        out = jnp.einsum("bkgts,bskd->btkgd", probs, v.astype(cfg.jnp_dtype)).reshape(b, t, h * d)
+        return _dense(cfg, cfg.hidden_size, "o_proj", cfg.o_bias)(out), cache_kv
+
+
+class MLP(nn.Module):
+    cfg: ModelConfig
+
+    @nn.compact
+    def __call__(self, x):
+        cfg = self.cfg
+        gate = _dense(cfg, cfg.intermediate_size, "gate_proj")(x)
+        up = _dense(cfg, cfg.intermediate_size, "up_proj")(x)
+        return _dense(cfg, cfg.hidden_size, "down_proj")(nn.silu(gate) * up)
+
+
+class DecoderLayer(nn.Module):
+    """One pre-norm block; scanned over layers. carry = (x, cache_k, cache_v) with the full `[N, ...]` cache
+    (or cache None), updated in place at this layer's index."""
+
+    cfg: ModelConfig
+
+    @nn.compact
+    def __call__(self, carry, layer, cos, sin, mask, cache_start):
+        cfg = self.cfg
+        x, ck, cv = carry
+        norm = lambda name: RMSNorm(cfg.rms_norm_eps, cfg.jnp_dtype, cfg.jnp_param_dtype, name=name)
+        layer_kv = None if ck is None else (ck[layer], cv[layer])
+        attn, layer_kv = Attention(cfg, name="attn")(
+            norm("input_norm")(x), cos, sin, mask, layer_kv, cache_start
+        )
+        x = x + attn
+        x = x + MLP(cfg, name="mlp")(norm("post_attn_norm")(x))
+        if ck is not None:
+            ck = jax.lax.dynamic_update_index_in_dim(ck, layer_kv[0], layer, 0)
+            cv = jax.lax.dynamic_update_index_in_dim(cv, layer_kv[1], layer, 0)
+        return (x, ck, cv), None
+
+
+class Transformer(nn.Module):
+    """The backbone. `__call__` returns the final-norm hidden states; `logits` projects them to the vocabulary."""
+
+    cfg: ModelConfig
+
+    def setup(self):
+        cfg = self.cfg
+        self.embed = nn.Embed(
+            cfg.vocab_size,
+            cfg.hidden_size,
+            dtype=cfg.jnp_dtype,
+            param_dtype=cfg.jnp_param_dtype,
+            embedding_init=nn.initializers.normal(0.02),
+        )
+        layer = nn.remat(DecoderLayer, static_argnums=()) if cfg.remat else DecoderLayer
+        self.layers = nn.scan(
+            layer,
+            variable_axes={"params": 0},
+            split_rngs={"params": True},
+            in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast),
+            length=cfg.num_layers,
+        )(cfg)
+        self.norm = RMSNorm(cfg.rms_norm_eps, cfg.jnp_dtype, cfg.jnp_param_dtype)
+        if not cfg.tie_word_embeddings:
+            self.lm_head = _dense(cfg, cfg.vocab_size, "lm_head")
+
+    def __call__(
+        self,
+        tokens: jax.Array,
+        positions: jax.Array,
+        block_mask: jax.Array,
+        cache: KVCache | None = None,
+        cache_start: jax.Array | None = None,
+    ) -> tuple[jax.Array, KVCache | None]:
+        """tokens, positions `[B, T]`; block_mask `[T, T]` or `[B, T, T]`; cache_start `[B]` (slot of the first new
+        token). Returns hidden `[B, T, E]` and the cache with the new K/V written at `cache_start[b] + t`."""
+        x = self.embed(tokens)
+        cos, sin = rope_tables(self.cfg, positions)
+        mask = attention_mask(block_mask, cache_start, None if cache is None else cache.slots)
+        carry = (x, None, None) if cache is None else (x, cache.k, cache.v)
+        (x, ck, cv), _ = self.layers(carry, jnp.arange(self.cfg.num_layers), cos, sin, mask, cache_start)
+        return self.norm(x), (None if cache is None else KVCache(ck, cv))
+
+    def logits(self, hidden: jax.Array) -> jax.Array:
+        """hidden `[..., E]` -> float32 logits `[..., V]`."""
+        if self.cfg.tie_word_embeddings:
+            out = self.embed.attend(hidden)
+        else:
+            out = self.lm_head(hidden)
+        return out.astype(jnp.float32)
+
+
+def causal_mask(t: int) -> jax.Array:
+    return jnp.tril(jnp.ones((t, t), bool))
+
+
+def init_params(cfg: ModelConfig, seed: int = 0) -> dict:
+    """Random params (for tests and tiny configs)."""
+    tokens = jnp.zeros((1, 4), jnp.int32)
+    init = lambda m: m.logits(m(tokens, tokens, causal_mask(4))[0])
+    return Transformer(cfg).init(jax.random.PRNGKey(seed), method=init)["params"]

@@ -1,0 +1,212 @@
+"""Medusa candidate trees: named trees and the static index buffers used by tree attention.
+
+A tree is given as Medusa ``medusa_choices``: a list of paths, each a list of top-k ranks, one rank per
+Medusa head (``[0]`` = top-1 of head 0, ``[0, 1]`` = top-2 of head 1 under it, ...). Every prefix of a
+path must itself be a path. Node 0 is the root (the base model's own next token); the other nodes are
+the paths sorted by ``(len, path)``, exactly as in the reference ``generate_medusa_buffers``
+(FasterDecoding/Medusa, ``medusa/model/utils.py``), whose buffers ``build_buffers`` reproduces.
+
+Shipped trees live in ``medusa_jax/trees/*.json``: the Medusa reference trees (``mc_sim_7b_63`` and the
+per-model trees of FasterDecoding/Medusa ``medusa/model/medusa_choices.py``, Apache-2.0, copied
+verbatim) and small CPU trees ``cpu_{4,8,16,32}`` (the first N paths of ``mc_sim_7b_63`` in its listed
+order, which is prefix-closed for these N). ``chain_N`` (top-1 only, depth N) is generated.
+
+This module imports only numpy and the standard library.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import re
+from collections.abc import Sequence
+from importlib import resources
+from pathlib import Path
+
+import numpy as np
+
+__all__ = ["TreeBuffers", "build_buffers", "validate_choices", "get_tree", "list_trees", "max_depth"]
+
+Path_ = tuple[int, ...]
+_CHAIN_RE = re.compile(r"chain_([1-9][0-9]*)")
+_CHAIN_LISTED = range(1, 6)
+
+
+def _fmt(path) -> str:
+    return str(list(path))
+
+
+def _is_list_like(x) -> bool:
+    return hasattr(x, "__iter__") and not isinstance(x, str | bytes | dict)
+
+
+def validate_choices(
+    choices: Sequence[Sequence[int]], topk: int | None = None, num_heads: int | None = None
+) -> tuple[Path_, ...]:
+    """Checks ``choices`` and returns them as a tuple of int tuples sorted by ``(len, path)``.
+
+    Raises ``ValueError`` naming the offending path for: a non-list entry or non-int rank, an empty
+    path, a negative rank, a rank ``>= topk`` (if given), a path longer than ``num_heads`` (if given), a
+    duplicate path, or a path whose parent (the path minus its last rank) is missing.
+    """
+    if not _is_list_like(choices):
+        raise ValueError(f"choices must be a list of paths (lists of ints), got {type(choices).__name__}")
+    paths: list[Path_] = []
+    seen: set[Path_] = set()
+    for raw in choices:
+        items = list(raw) if _is_list_like(raw) else [None]
+        if not all(isinstance(r, int | np.integer) and not isinstance(r, bool) for r in items):
+            raise ValueError(f"path {raw!r} is not a list of ints")
+        path = tuple(int(r) for r in items)
+        if not path:
+            raise ValueError("empty path [] (the root is implicit; every path needs at least one rank)")
+        if min(path) < 0:
+            raise ValueError(f"path {_fmt(path)} has a negative rank")
+        if topk is not None and max(path) >= topk:
+            raise ValueError(f"path {_fmt(path)} has rank {max(path)} >= topk={topk}")
+        if num_heads is not None and len(path) > num_heads:
+            raise ValueError(f"path {_fmt(path)} has depth {len(path)} > num_heads={num_heads}")
+        if path in seen:
+            raise ValueError(f"duplicate path {_fmt(path)}")
+        seen.add(path)
+        paths.append(path)
+    for path in paths:
+        if len(path) > 1 and path[:-1] not in seen:
+            raise ValueError(
+                f"path {_fmt(path)} is not prefix-closed: its parent {_fmt(path[:-1])} is missing"
+            )
+    return tuple(sorted(paths, key=lambda p: (len(p), p)))
+
+
+def max_depth(choices: Sequence[Sequence[int]]) -> int:
+    """Longest path length D in ``choices`` (0 for an empty tree)."""
+    return max((len(p) for p in choices), default=0)
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class TreeBuffers:
+    """Static tree buffers (read-only numpy arrays); L = num_nodes (incl. root), D = depth, P = leaves.
+
+    Fields (reference names in brackets):
+      choices: the paths, sorted by ``(len, path)``; node ``i >= 1`` is ``choices[i - 1]``.
+      topk: number of candidates taken from each Medusa head.
+      attn_mask: ``[L, L]`` float32 0/1; ``attn_mask[i, j] = 1`` iff j is i or an ancestor of i
+        (the root is an ancestor of all) [``medusa_attn_mask[0, 0]``].
+      tree_indices: ``[L]`` int32; index of each node's token in the flat candidate vector
+        ``[base_top1, head0_top0..topk-1, head1_top0.., ...]``: 0 for the root, else
+        ``topk * (depth - 1) + rank + 1``.
+      position_ids: ``[L]`` int32; depth of each node (root 0) [``medusa_position_ids``].
+      retrieve_indices: ``[P, D + 1]`` int32; one row per leaf (leaves in reverse sorted order), the
+        node ids from the root to the leaf, padded with -1.
+    Equality and hash depend only on ``(choices, topk)``, so instances can be static ``jax.jit`` args.
+    """
+
+    choices: tuple[Path_, ...]
+    topk: int
+    attn_mask: np.ndarray
+    tree_indices: np.ndarray
+    position_ids: np.ndarray
+    retrieve_indices: np.ndarray
+
+    @property
+    def num_nodes(self) -> int:
+        """L: number of tree nodes including the root."""
+        return len(self.choices) + 1
+
+    @property
+    def depth(self) -> int:
+        """D: longest path length (number of Medusa heads the tree uses)."""
+        return max_depth(self.choices)
+
+    @property
+    def num_paths(self) -> int:
+        """P: number of root-to-leaf paths (rows of ``retrieve_indices``)."""
+        return self.retrieve_indices.shape[0]
+
+    def _key(self):
+        return (self.choices, self.topk)
+
+    def __eq__(self, other):
+        return isinstance(other, TreeBuffers) and self._key() == other._key()
+
+    def __hash__(self):
+        return hash(self._key())
+
+    def __repr__(self):
+        return f"TreeBuffers(num_nodes={self.num_nodes}, depth={self.depth}, topk={self.topk})"
+
+
+def build_buffers(
+    choices: Sequence[Sequence[int]], topk: int = 10, num_heads: int | None = None
+) -> TreeBuffers:
+    """Builds the tree buffers for ``choices`` (see ``TreeBuffers``), matching the reference
+    ``generate_medusa_buffers`` element for element (with its ``TOPK`` = ``topk``).
+
+    An empty ``choices`` (root only, which the reference rejects) gives L=1, D=0 and
+    ``retrieve_indices == [[0]]``. Raises ``ValueError`` as ``validate_choices``.
+    """
+    if topk < 1:
+        raise ValueError(f"topk must be >= 1, got {topk}")
+    paths = validate_choices(choices, topk=topk, num_heads=num_heads)
+    node = {p: i + 1 for i, p in enumerate(paths)}
+    n, d = len(paths) + 1, max_depth(paths)
+
+    attn_mask = np.eye(n, dtype=np.float32)
+    attn_mask[:, 0] = 1
+    tree_indices = np.zeros(n, np.int32)
+    position_ids = np.zeros(n, np.int32)
+    for p, i in node.items():
+        attn_mask[i, [node[p[:c]] for c in range(1, len(p))]] = 1
+        tree_indices[i] = topk * (len(p) - 1) + p[-1] + 1
+        position_ids[i] = len(p)
+
+    parents = {p[:-1] for p in paths}
+    leaves = [p for p in reversed(paths) if p not in parents]
+    retrieve = np.full((max(len(leaves), 1), d + 1), -1, np.int32)
+    retrieve[:, 0] = 0
+    for r, leaf in enumerate(leaves):
+        retrieve[r, 1 : len(leaf) + 1] = [node[leaf[:c]] for c in range(1, len(leaf) + 1)]
+
+    for a in (attn_mask, tree_indices, position_ids, retrieve):
+        a.setflags(write=False)
+    return TreeBuffers(paths, topk, attn_mask, tree_indices, position_ids, retrieve)
+
+
+def _tree_dir():
+    return resources.files(__name__.rpartition(".")[0]).joinpath("trees")
+
+
+def list_trees() -> list[str]:
+    """Names accepted by ``get_tree``: shipped JSON trees and ``chain_1`` .. ``chain_5`` (sorted)."""
+    shipped = [f.name[:-5] for f in _tree_dir().iterdir() if f.name.endswith(".json")]
+    return sorted(shipped + [f"chain_{n}" for n in _CHAIN_LISTED])
+
+
+def _load_json(text: str, where: str) -> list[list[int]]:
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"tree file {where}: invalid JSON ({e})") from None
+    if not isinstance(data, list):
+        raise ValueError(f"tree file {where}: expected a list of lists of ints, got {type(data).__name__}")
+    try:
+        validate_choices(data)
+    except ValueError as e:
+        raise ValueError(f"tree file {where}: {e}") from None
+    return [list(p) for p in data]
+
+
+def get_tree(name_or_path: str | Path) -> list[list[int]]:
+    """Returns the tree ``choices`` (list of paths, in the file's order) for a name from
+    ``list_trees()`` (``chain_N`` works for any N >= 1) or a path to a JSON file holding a list of
+    lists of ints. Raises ``ValueError`` for an unknown name or a bad file (naming the file)."""
+    name = str(name_or_path)
+    if m := _CHAIN_RE.fullmatch(name):
+        return [[0] * k for k in range(1, int(m.group(1)) + 1)]
+    shipped = _tree_dir().joinpath(f"{name}.json")
+    if "/" not in name and "\\" not in name and not name.endswith(".json") and shipped.is_file():
+        return _load_json(shipped.read_text(), f"{name}.json")
+    path = Path(name_or_path)
+    if path.is_file():
+        return _load_json(path.read_text(), str(path))
+    raise ValueError(f"unknown tree {name!r}: not a file and not one of {list_trees()}")
