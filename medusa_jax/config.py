@@ -91,9 +91,7 @@ class ModelConfig:
                 original_max_position_embeddings=int(rope.get("original_max_position_embeddings", 8192)),
             )
         elif rope_type not in ("default", None):
-            raise ValueError(
-                f"unsupported rope_type {rope_type!r}: medusa_jax supports 'default' and 'llama3'"
-            )
+            raise ValueError(f"unsupported rope_type {rope_type!r}: medusa_jax supports 'default' and 'llama3'")
         heads = hf["num_attention_heads"]
         eos = hf.get("eos_token_id")
         eos = tuple(eos) if isinstance(eos, list) else (() if eos is None else (eos,))

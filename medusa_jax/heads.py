@@ -47,9 +47,7 @@ def heads_hidden(params: dict, hidden: jax.Array, dtype=None) -> jax.Array:
     bias = params["blocks"]["bias"].astype(dtype)
     x = jnp.broadcast_to(hidden.astype(dtype), (w.shape[0], *hidden.shape))
     for j in range(w.shape[1]):
-        y = jnp.einsum("k...e,kef->k...f", x, w[:, j]) + bias[:, j].reshape(
-            (w.shape[0],) + (1,) * (x.ndim - 2) + (-1,)
-        )
+        y = jnp.einsum("k...e,kef->k...f", x, w[:, j]) + bias[:, j].reshape((w.shape[0],) + (1,) * (x.ndim - 2) + (-1,))
         x = x + jax.nn.silu(y)
     return x
 
@@ -65,9 +63,7 @@ def heads_logits(params: dict, hidden: jax.Array, lm_head: jax.Array, dtype=None
     return out.astype(jnp.float32)
 
 
-def init_heads(
-    hc: HeadsConfig, backbone_params: dict, seed: int = 0, scale: float = 0.0, dtype=jnp.float32
-) -> dict:
+def init_heads(hc: HeadsConfig, backbone_params: dict, seed: int = 0, scale: float = 0.0, dtype=jnp.float32) -> dict:
     """New heads. As in the reference: ResBlock weights zero (`scale=0`; each head then starts as the base lm_head on
     the same hidden state), bias small uniform, projection copied from the base lm_head. `scale > 0` gives random
     ResBlock weights N(0, scale²), useful for tests of the decode loop."""

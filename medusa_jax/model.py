@@ -130,9 +130,7 @@ class Attention(nn.Module):
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache_kv is not None:
             ck, cv = cache_kv
-            write = jax.vmap(
-                lambda c, new, s: jax.lax.dynamic_update_slice(c, new.astype(c.dtype), (s, 0, 0))
-            )
+            write = jax.vmap(lambda c, new, s: jax.lax.dynamic_update_slice(c, new.astype(c.dtype), (s, 0, 0)))
             ck, cv = write(ck, k, cache_start), write(cv, v, cache_start)
             k, v, cache_kv = ck, cv, (ck, cv)
         q = q.reshape(b, t, kh, h // kh, d)
@@ -167,9 +165,7 @@ class DecoderLayer(nn.Module):
         x, ck, cv = carry
         norm = lambda name: RMSNorm(cfg.rms_norm_eps, cfg.jnp_dtype, cfg.jnp_param_dtype, name=name)
         layer_kv = None if ck is None else (ck[layer], cv[layer])
-        attn, layer_kv = Attention(cfg, name="attn")(
-            norm("input_norm")(x), cos, sin, mask, layer_kv, cache_start
-        )
+        attn, layer_kv = Attention(cfg, name="attn")(norm("input_norm")(x), cos, sin, mask, layer_kv, cache_start)
         x = x + attn
         x = x + MLP(cfg, name="mlp")(norm("post_attn_norm")(x))
         if ck is not None:

@@ -37,9 +37,7 @@ def encode_prompt(tok, prompt: str, raw: bool, system: str | None = None) -> lis
     if raw:
         return tok(prompt, add_special_tokens=True)["input_ids"]
     if not getattr(tok, "chat_template", None):
-        raise ValueError(
-            "this tokenizer has no chat template: pass raw=True (--raw) to feed prompts as plain text"
-        )
+        raise ValueError("this tokenizer has no chat template: pass raw=True (--raw) to feed prompts as plain text")
     msgs = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
     ids = tok.apply_chat_template(msgs, add_generation_prompt=True, tokenize=True)
     if hasattr(ids, "keys"):

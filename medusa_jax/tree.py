@@ -72,9 +72,7 @@ def validate_choices(
         paths.append(path)
     for path in paths:
         if len(path) > 1 and path[:-1] not in seen:
-            raise ValueError(
-                f"path {_fmt(path)} is not prefix-closed: its parent {_fmt(path[:-1])} is missing"
-            )
+            raise ValueError(f"path {_fmt(path)} is not prefix-closed: its parent {_fmt(path[:-1])} is missing")
     return tuple(sorted(paths, key=lambda p: (len(p), p)))
 
 
@@ -136,9 +134,7 @@ class TreeBuffers:
         return f"TreeBuffers(num_nodes={self.num_nodes}, depth={self.depth}, topk={self.topk})"
 
 
-def build_buffers(
-    choices: Sequence[Sequence[int]], topk: int = 10, num_heads: int | None = None
-) -> TreeBuffers:
+def build_buffers(choices: Sequence[Sequence[int]], topk: int = 10, num_heads: int | None = None) -> TreeBuffers:
     """Builds the tree buffers for ``choices`` (see ``TreeBuffers``), matching the reference
     ``generate_medusa_buffers`` element for element (with its ``TOPK`` = ``topk``).
 
