@@ -205,7 +205,13 @@ def load(
     if dtype not in ("float32", "bfloat16", "float16"):
         raise ValueError(f"dtype must be float32, bfloat16 or float16, got {dtype!r}")
     path = checkpoint.resolve(ckpt)
-    cfg, np_params = checkpoint.read_backbone(path)
+    medusa2: dict = {}  # a Medusa-2 full checkpoint's `medusa_head.*` tensors, collected while reading the backbone
+
+    def collect(name, arr):
+        if heads is None and name.startswith("medusa_head."):
+            medusa2[name] = arr
+
+    cfg, np_params = checkpoint.read_backbone(path, on_unknown=collect)
     cfg = cfg.replace(dtype=dtype, param_dtype=param_dtype or dtype)
     params = jax.tree.map(lambda a: jnp.asarray(a, cfg.jnp_param_dtype), np_params)
     tok = None
@@ -218,4 +224,8 @@ def load(
         from medusa_jax.heads_io import load_heads
 
         model.heads = load_heads(heads, model)
+    elif medusa2:
+        from medusa_jax.heads_io import check_heads, heads_from_tensors
+
+        model.heads = check_heads(heads_from_tensors(medusa2, "medusa_head."), model, {"source": path})
     return model

@@ -1,0 +1,281 @@
+"""The jitted Medusa decode loop: one `jax.lax.while_loop`, static tree buffers, nothing per step on the host.
+
+Each step, for every row b of the batch (rows accept different lengths):
+  candidates: root = the base model's next token (argmax, or sampled), plus each head's top-k, gathered by
+              `tree_indices` into L tree tokens;
+  verify:     one forward of the L tokens at positions `lengths[b] + depth`, tree mask over the cached prefix
+              (their K/V land in slots `lengths[b] .. lengths[b] + L`);
+  accept:     the longest path whose tokens the base model agrees with (greedy) or finds typical enough;
+  update:     the accepted path's K/V move to contiguous slots, its tokens go to the output, and the next step's
+              base and head logits are taken at the last accepted node.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from medusa_jax.config import ModelConfig
+from medusa_jax.generation import append_tokens, bucket, is_eos, lm_logits, prefill
+from medusa_jax.heads import base_lm_head, heads_logits
+from medusa_jax.model import KVCache, Transformer
+from medusa_jax.sampling import SamplingParams, process_logits
+from medusa_jax.tree import TreeBuffers, build_buffers, get_tree
+
+ACCEPTANCE = ("greedy", "typical")
+
+
+@dataclasses.dataclass(frozen=True)
+class MedusaLoop:
+    """Static, hashable loop settings (part of the jit cache key)."""
+
+    tree: TreeBuffers
+    max_new: int  # output buffer length
+    slots: int  # KV-cache slots (prompt + output + one tree)
+    acceptance: str  # "greedy" | "typical"
+    eos_ids: tuple[int, ...]
+
+
+@flax.struct.dataclass
+class MedusaState:
+    """The while_loop carry. B rows, K heads, V vocab."""
+
+    cache: KVCache
+    lengths: jax.Array  # [B] tokens in the cache
+    logits: jax.Array  # [B, V] base logits for the next token (at the last accepted node)
+    head_logits: jax.Array  # [K, B, V]
+    out: jax.Array  # [B, max_new] new tokens (pad -1)
+    num_out: jax.Array  # [B]
+    steps: jax.Array  # [B] decoding steps while the row was live
+    done: jax.Array  # [B]
+    rng: jax.Array
+
+
+@flax.struct.dataclass
+class Thresholds:
+    """Typical acceptance: accept x when p(x) > min(posterior_threshold, posterior_alpha * exp(-H(p)))."""
+
+    posterior_threshold: jax.Array
+    posterior_alpha: jax.Array
+
+
+def typical_threshold(probs: jax.Array, th: Thresholds) -> jax.Array:
+    """probs `[..., V]` -> threshold `[...]`."""
+    entropy = -jnp.sum(probs * jnp.log(probs + 1e-5), axis=-1)
+    return jnp.minimum(th.posterior_threshold, th.posterior_alpha * jnp.exp(-entropy))
+
+
+def choose_root(logits, rng, loop: MedusaLoop, sp: SamplingParams, th: Thresholds) -> jax.Array:
+    """The base model's next token `[B]`: argmax (greedy) or sampled from the typical set (typical)."""
+    if loop.acceptance == "greedy":
+        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    scaled = process_logits(logits, sp)
+    probs = jax.nn.softmax(scaled, axis=-1)
+    keep = probs >= typical_threshold(probs, th)[..., None]
+    keep = keep | (probs == probs.max(axis=-1, keepdims=True))  # never an empty set
+    return jax.random.categorical(rng, jnp.where(keep, scaled, -jnp.inf), axis=-1).astype(jnp.int32)
+
+
+def tree_candidates(root: jax.Array, head_logits: jax.Array, tree: TreeBuffers) -> jax.Array:
+    """root `[B]`, head_logits `[K, B, V]` -> tree tokens `[B, L]` (node 0 = root)."""
+    k, b, _ = head_logits.shape
+    _, top = jax.lax.top_k(head_logits, tree.topk)  # [K, B, topk]
+    flat = jnp.concatenate([root[:, None], jnp.transpose(top, (1, 0, 2)).reshape(b, k * tree.topk)], axis=1)
+    return flat[:, jnp.asarray(tree.tree_indices)]
+
+
+def evaluate_paths(tokens, logits, loop: MedusaLoop, sp: SamplingParams, th: Thresholds):
+    """Pick each row's best path.
+
+    tokens `[B, L]`, logits `[B, L, V]` (base logits at each tree node). Returns (best path `[B]`, accepted
+    speculative tokens `[B]` (0..D), path tokens `[B, D+1]`, path nodes `[B, D+1]`)."""
+    ri = np.asarray(loop.tree.retrieve_indices)  # [P, D+1], -1 padded
+    valid = jnp.asarray(ri >= 0)
+    nodes = jnp.asarray(np.maximum(ri, 0))
+    path_tokens = tokens[:, nodes]  # [B, P, D+1]
+    nxt = path_tokens[:, :, 1:]  # the speculative token after each path position  [B, P, D]
+    path_logits = logits[:, nodes[:, :-1]]  # logits that judge them  [B, P, D, V]
+    if loop.acceptance == "greedy":
+        ok = jnp.argmax(path_logits, axis=-1) == nxt
+        score = jnp.zeros(ok.shape, jnp.float32)
+    else:
+        probs = jax.nn.softmax(process_logits(path_logits, sp), axis=-1)
+        p = jnp.take_along_axis(probs, nxt[..., None], axis=-1)[..., 0]
+        ok = p > typical_threshold(probs, th)
+        score = jnp.log(p + 1e-12)
+    ok = ok & valid[None, :, 1:]
+    run = jnp.cumprod(ok.astype(jnp.int32), axis=-1)  # [B, P, D]
+    accept = run.sum(-1)  # [B, P]
+    best_len = accept.max(-1)  # [B]
+    # ties: the highest summed log-probability of the accepted tokens
+    ll = jnp.sum(score * run, axis=-1)
+    ll = jnp.where(accept == best_len[:, None], ll, -jnp.inf)
+    best = jnp.argmax(ll, axis=-1)
+    take = lambda a: jnp.take_along_axis(a, best[:, None, None], axis=1)[:, 0]
+    return (
+        best,
+        best_len,
+        take(path_tokens),
+        jnp.broadcast_to(nodes, path_tokens.shape)[jnp.arange(best.shape[0]), best],
+    )
+
+
+def compact_cache(cache: KVCache, lengths, path_nodes) -> KVCache:
+    """Move the K/V of each row's path nodes (slots `lengths + path_nodes`) to slots `lengths + 0..D`."""
+    src = lengths[:, None] + path_nodes  # [B, D+1]
+
+    def move(c):  # [N, B, S, K, Dh]
+        rows = jax.vmap(lambda cb, s: cb[:, s], in_axes=(1, 0), out_axes=1)(c, src)  # [N, B, D+1, K, Dh]
+        return jax.vmap(
+            lambda cb, r, s: jax.lax.dynamic_update_slice_in_dim(cb, r, s, axis=1), in_axes=(1, 1, 0), out_axes=1
+        )(c, rows, lengths)
+
+    return KVCache(move(cache.k), move(cache.v))
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1), donate_argnames=())
+def generate_medusa(
+    cfg: ModelConfig,
+    loop: MedusaLoop,
+    params,
+    heads,
+    tokens: jax.Array,
+    lengths: jax.Array,
+    max_new: jax.Array,
+    sp: SamplingParams,
+    th: Thresholds,
+    rng: jax.Array,
+):
+    """Medusa generation. tokens `[B, P]` right-padded, lengths `[B]`, max_new scalar.
+
+    Returns (out `[B, loop.max_new]` padded with -1, num_out `[B]`, steps `[B]`)."""
+    b = tokens.shape[0]
+    tree = loop.tree
+    model = Transformer(cfg)
+    lm_head = base_lm_head(params)
+    mask = jnp.asarray(tree.attn_mask > 0)
+    depth = jnp.asarray(tree.position_ids)
+
+    last_hidden, cache = prefill(cfg, params, tokens, lengths, loop.slots)
+    state = MedusaState(
+        cache=cache,
+        lengths=lengths,
+        logits=lm_logits(cfg, params, last_hidden),
+        head_logits=heads_logits(heads, last_hidden, lm_head, cfg.jnp_dtype),
+        out=jnp.full((b, loop.max_new), -1, jnp.int32),
+        num_out=jnp.zeros((b,), jnp.int32),
+        steps=jnp.zeros((b,), jnp.int32),
+        done=jnp.broadcast_to(max_new <= 0, (b,)),
+        rng=rng,
+    )
+
+    def cond(s: MedusaState):
+        return ~jnp.all(s.done)
+
+    def body(s: MedusaState):
+        rng, key = jax.random.split(s.rng)
+        # 1. candidates
+        root = choose_root(s.logits, key, loop, sp, th)
+        cand = tree_candidates(root, s.head_logits, tree)  # [B, L]
+        # 2. verify the whole tree in one forward
+        positions = s.lengths[:, None] + depth[None, :]
+        hidden, cache = model.apply({"params": params}, cand, positions, mask, s.cache, s.lengths)
+        logits = model.apply({"params": params}, hidden, method=model.logits)  # [B, L, V]
+        # 3. accept
+        _, acc, path_tokens, path_nodes = evaluate_paths(cand, logits, loop, sp, th)
+        count = acc + 1  # the root is always kept
+        d1 = path_tokens.shape[1]
+        within = jnp.arange(d1)[None, :] < count[:, None]
+        eos = is_eos(path_tokens, loop.eos_ids) & within
+        first_eos = jnp.argmax(eos, axis=1)
+        count = jnp.where(eos.any(1), first_eos + 1, count)
+        count = jnp.minimum(count, max_new - s.num_out)
+        live = ~s.done
+        # 4. cache update and outputs
+        cache = compact_cache(cache, s.lengths, path_nodes)
+        out = append_tokens(s.out, s.num_out, path_tokens, count, live)
+        num_out = s.num_out + jnp.where(live, count, 0)
+        done = s.done | eos.any(1) | (num_out >= max_new)
+        last_node = jnp.take_along_axis(path_nodes, (count - 1)[:, None], axis=1)[:, 0]
+        last_hidden = jnp.take_along_axis(hidden, last_node[:, None, None], axis=1)[:, 0]
+        next_logits = jnp.take_along_axis(logits, last_node[:, None, None], axis=1)[:, 0]
+        return MedusaState(
+            cache=cache,
+            lengths=s.lengths + jnp.where(live, count, 0),
+            logits=next_logits,
+            head_logits=heads_logits(heads, last_hidden, lm_head, cfg.jnp_dtype),
+            out=out,
+            num_out=num_out,
+            steps=s.steps + live,
+            done=done,
+            rng=rng,
+        )
+
+    state = jax.lax.while_loop(cond, body, state)
+    return state.out, state.num_out, state.steps
+
+
+def default_tree_name() -> str:
+    return "mc_sim_7b_63" if jax.default_backend() != "cpu" else "cpu_16"
+
+
+def resolve_tree(tree, num_heads: int, topk: int = 10) -> TreeBuffers:
+    """A tree name, JSON file, list of paths or TreeBuffers -> TreeBuffers. Named default trees are cut to the
+    heads' depth; an explicit tree deeper than the heads is an error."""
+    if isinstance(tree, TreeBuffers):
+        if tree.depth > num_heads:
+            raise ValueError(f"tree depth {tree.depth} exceeds the {num_heads} Medusa heads")
+        return tree
+    if tree is None:
+        choices = [p for p in get_tree(default_tree_name()) if len(p) <= num_heads]
+        return build_buffers(choices, topk=topk, num_heads=num_heads)
+    choices = get_tree(tree) if isinstance(tree, str) else tree
+    return build_buffers(choices, topk=topk, num_heads=num_heads)
+
+
+def run_medusa(
+    model,
+    tokens: np.ndarray,
+    lengths: np.ndarray,
+    max_new: int,
+    out_len: int,
+    greedy: bool,
+    sp: SamplingParams,
+    rng,
+    tree=None,
+    acceptance: str | None = None,
+    posterior_threshold: float = 0.09,
+    posterior_alpha: float = 0.3,
+    topk: int = 10,
+):
+    """Host wrapper used by `MedusaModel.generate(mode="medusa")`."""
+    acceptance = acceptance or ("greedy" if greedy else "typical")
+    if acceptance not in ACCEPTANCE:
+        raise ValueError(f"acceptance must be one of {', '.join(ACCEPTANCE)}, got {acceptance!r}")
+    if greedy:
+        acceptance = "greedy"  # T = 0: typical acceptance degenerates to greedy
+    k = model.heads_config.num_heads
+    buffers = resolve_tree(tree if tree is not None else model.tree, k, topk)
+    slots = model.check_fits(int(lengths.max()), max_new, extra=buffers.num_nodes + 1)
+    loop = MedusaLoop(buffers, out_len, slots, acceptance, model.eos_ids)
+    th = Thresholds(jnp.float32(posterior_threshold), jnp.float32(posterior_alpha))
+    return generate_medusa(
+        model.cfg,
+        loop,
+        model.params,
+        model.heads,
+        jnp.asarray(tokens),
+        jnp.asarray(lengths),
+        jnp.int32(max_new),
+        sp,
+        th,
+        rng,
+    )
+
+
+__all__ = ["MedusaLoop", "MedusaState", "Thresholds", "generate_medusa", "resolve_tree", "run_medusa", "bucket"]

@@ -1,0 +1,118 @@
+"""The Medusa decode loop: greedy output equals AR greedy token for token; typical acceptance; batching."""
+
+import itertools
+
+import jax
+import numpy as np
+import pytest
+
+from medusa_jax.api import MedusaModel
+from medusa_jax.config import ModelConfig
+from medusa_jax.heads import HeadsConfig, init_heads
+from medusa_jax.medusa_decode import resolve_tree
+from medusa_jax.model import init_params
+from medusa_jax.tree import build_buffers
+
+
+def tiny_model(vocab=8, heads=2, seed=0):
+    cfg = ModelConfig(
+        vocab_size=vocab,
+        hidden_size=32,
+        intermediate_size=64,
+        num_layers=2,
+        num_heads=4,
+        num_kv_heads=2,
+        head_dim=8,
+        tie_word_embeddings=True,
+        max_position_embeddings=512,
+    )
+    params = init_params(cfg, seed)
+    params = jax.tree.map(lambda a: a * 8 if a.ndim >= 2 else a, params)  # sharper, less repetitive logits
+    hp = init_heads(HeadsConfig(heads, 1, False), params, seed=seed, scale=0.3)
+    return MedusaModel(cfg, params, heads=hp)
+
+
+def full_tree(vocab, depth):
+    """Every path of every rank: the true continuation is always in the tree, so each step accepts `depth`."""
+    return [list(p) for d in range(1, depth + 1) for p in itertools.product(range(vocab), repeat=d)]
+
+
+def random_prompts(n, vocab, seed=0):
+    rng = np.random.default_rng(seed)
+    return [rng.integers(0, vocab, size=int(rng.integers(3, 20))).tolist() for _ in range(n)]
+
+
+def test_full_tree_accepts_every_head_and_matches_ar():
+    m = tiny_model(vocab=8, heads=2)
+    tree = build_buffers(full_tree(8, 2), topk=8, num_heads=2)
+    prompts = random_prompts(5, 8)
+    ar = m.generate(prompts, max_new_tokens=30, mode="ar")
+    md = m.generate(prompts, max_new_tokens=30, mode="medusa", tree=tree)
+    for a, b in zip(ar, md):
+        assert b.output_ids == a.output_ids
+        assert b.new_tokens == 30
+        assert b.steps == 10  # 3 tokens per step: root + both heads, always
+    assert resolve_tree(tree, 2) is tree
+
+
+def test_batch_matches_batch1_and_ar_with_chain_and_branchy_trees():
+    m = tiny_model(vocab=16, heads=3, seed=1)
+    prompts = random_prompts(6, 16, seed=3)
+    ar = m.generate(prompts, max_new_tokens=25, mode="ar")
+    for tree in ([[0], [0, 0], [0, 0, 0]], [[0], [1], [0, 0], [0, 1], [1, 0], [0, 0, 0], [2]]):
+        batched = m.generate(prompts, max_new_tokens=25, mode="medusa", tree=tree, topk=4)
+        single = [m.generate([p], max_new_tokens=25, mode="medusa", tree=tree, topk=4)[0] for p in prompts[:2]]
+        assert [r.output_ids for r in batched] == [r.output_ids for r in ar]
+        assert [r.output_ids for r in single] == [r.output_ids for r in ar[:2]]
+        assert all(1 <= r.steps <= r.new_tokens for r in batched)
+
+
+def test_eos_stops_each_row():
+    m = tiny_model(vocab=8, heads=2)
+    prompts = random_prompts(4, 8, seed=5)
+    ar = m.generate(prompts, max_new_tokens=30, mode="ar")
+    eos = ar[0].output_ids[3]
+    m.cfg = m.cfg.replace(eos_token_ids=(eos,))
+    ar = m.generate(prompts, max_new_tokens=30, mode="ar")
+    md = m.generate(prompts, max_new_tokens=30, mode="medusa", tree=full_tree(8, 2), topk=8)
+    assert [r.output_ids for r in md] == [r.output_ids for r in ar]
+    assert md[0].output_ids[-1] == eos and len(md[0].output_ids) <= 4
+
+
+def test_typical_acceptance():
+    m = tiny_model(vocab=16, heads=2, seed=2)
+    prompts = random_prompts(3, 16, seed=7)
+    ar = m.generate(prompts, max_new_tokens=20, mode="ar")
+    # a near-zero temperature makes the typical set the argmax: the output equals greedy
+    cold = m.generate(prompts, max_new_tokens=20, mode="medusa", temperature=1e-4, acceptance="typical", topk=8)
+    assert [r.output_ids for r in cold] == [r.output_ids for r in ar]
+    kw = dict(max_new_tokens=20, mode="medusa", temperature=1.0, topk=8, tree=full_tree(8, 2))
+    a = m.generate(prompts, seed=1, **kw)
+    b = m.generate(prompts, seed=1, **kw)
+    c = m.generate(prompts, seed=2, **kw)
+    assert [r.output_ids for r in a] == [r.output_ids for r in b]
+    assert [r.output_ids for r in a] != [r.output_ids for r in c]
+    assert all(r.new_tokens == 20 for r in a)
+    # with thresholds at zero every candidate is typical: each step takes a full path
+    greedy_all = m.generate(prompts, seed=1, posterior_threshold=0.0, posterior_alpha=0.0, **kw)
+    assert all(r.steps == 7 for r in greedy_all)  # ceil(20 / 3)
+
+
+def test_tree_errors():
+    m = tiny_model(vocab=8, heads=2)
+    with pytest.raises(ValueError, match=r"\[0, 0, 0\]"):
+        m.generate([[1, 2, 3]], max_new_tokens=4, mode="medusa", tree=[[0], [0, 0], [0, 0, 0]], topk=4)
+    with pytest.raises(ValueError, match="acceptance"):
+        m.generate([[1, 2, 3]], max_new_tokens=4, mode="medusa", acceptance="nope", temperature=1.0, topk=4)
+
+
+@pytest.mark.parametrize("batch", [1, 8])
+def test_smollm2_greedy_equals_ar(smollm2, dev_prompts, batch):
+    """SmolLM2 with random heads: Medusa greedy output equals AR greedy, at batch 1 and 8 (mixed lengths)."""
+    heads = init_heads(HeadsConfig(4, 1, True), smollm2.params, seed=0, scale=0.02)
+    m = MedusaModel(smollm2.cfg, smollm2.params, smollm2.tokenizer, heads=heads)
+    prompts = dev_prompts[:batch]
+    ar = m.generate(prompts, max_new_tokens=32, mode="ar")
+    md = m.generate(prompts, max_new_tokens=32, mode="medusa", tree="cpu_8")
+    assert [r.output_ids for r in md] == [r.output_ids for r in ar]
+    assert len({len(r.prompt_ids) for r in md}) == batch  # mixed lengths
