@@ -146,7 +146,7 @@ def read_safetensors_dir(path: str) -> Iterator[tuple[str, np.ndarray]]:
     for file in files:
         try:
             with safe_open(file, framework="np") as f:
-                for name in f:
+                for name in f.keys():  # noqa: SIM118 (safe_open is not iterable)
                     yield name, _to_float32(f, name)
         except CheckpointError:
             raise
@@ -261,7 +261,7 @@ def resolve(ckpt: str | None) -> str:
     if HUB_ID.match(ckpt) and not ckpt.startswith((".", "/")):
         from huggingface_hub import snapshot_download
 
-        patterns = ["*.json", "*.safetensors", "tokenizer*", "*.model", "*.txt", "*.jinja"]
+        patterns = ["*.json", "*.safetensors", "medusa_lm_head.*", "tokenizer*", "*.model", "*.txt", "*.jinja"]
         try:
             return snapshot_download(ckpt, allow_patterns=patterns)
         except Exception as e:

@@ -1,0 +1,267 @@
+"""Benchmarks: generation throughput (ours AR / Medusa vs HF transformers) and the per-step cost curve.
+
+  python -m medusa_jax.bench --prompts-file ../shared/data/dev_prompts.jsonl --num-prompts 8 --modes ar,hf
+  python -m medusa_jax.bench --steps --batch-sizes 1,8 --tree-sizes 1,4,8,16,32,64
+
+Each mode runs on the same prompts in one process after a warm-up (compile time reported apart). Numbers are
+medians over `--repeats` runs; ratios are taken within one run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+
+
+def machine() -> str:
+    dev = jax.devices()[0]
+    kind = getattr(dev, "device_kind", dev.platform)
+    return f"{dev.platform}:{kind} x{jax.device_count()}, {os.cpu_count()} CPU cores, {platform.processor() or platform.machine()}"
+
+
+# ---------------------------------------------------------------------------------------------- generation
+def run_ours(model, prompts, mode, max_new, batch_size, repeats, **kw):
+    t0 = time.perf_counter()
+    model.generate(prompts[:batch_size], max_new_tokens=max_new, mode=mode, batch_size=batch_size, **kw)
+    compile_s = time.perf_counter() - t0
+    runs = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        res = model.generate(prompts, max_new_tokens=max_new, mode=mode, batch_size=batch_size, **kw)
+        dt = time.perf_counter() - t0
+        toks = sum(r.new_tokens for r in res)
+        steps = sum(r.steps for r in res)
+        runs.append((toks / dt, toks / max(steps, 1), dt / max(max(r.steps for r in res), 1)))
+    tps, tpstep, step_s = (statistics.median(x) for x in zip(*runs))
+    return {"tokens_per_s": tps, "tokens_per_step": tpstep, "step_ms": step_s * 1e3, "compile_s": compile_s}, res
+
+
+def load_hf(ckpt_path: str, dtype: str):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    td = {"float32": torch.float32, "bfloat16": torch.bfloat16}[dtype]
+    if ckpt_path.endswith(".gguf"):
+        d, f = os.path.split(ckpt_path)
+        m = AutoModelForCausalLM.from_pretrained(d, gguf_file=f, dtype=td)
+    else:
+        m = AutoModelForCausalLM.from_pretrained(ckpt_path, dtype=td)
+    if torch.cuda.is_available():
+        m = m.cuda()
+    return m.eval()
+
+
+def run_hf(hf, encoded, max_new, batch_size, repeats, eos_ids, pad_id):
+    import torch
+
+    dev = next(hf.parameters()).device
+
+    def once():
+        toks = 0
+        t0 = time.perf_counter()
+        for i in range(0, len(encoded), batch_size):
+            chunk = encoded[i : i + batch_size]
+            width = max(len(e) for e in chunk)
+            ids = torch.tensor([[pad_id] * (width - len(e)) + e for e in chunk], device=dev)
+            att = torch.tensor([[0] * (width - len(e)) + [1] * len(e) for e in chunk], device=dev)
+            with torch.no_grad():
+                out = hf.generate(
+                    input_ids=ids,
+                    attention_mask=att,
+                    max_new_tokens=max_new,
+                    do_sample=False,
+                    eos_token_id=list(eos_ids),
+                    pad_token_id=pad_id,
+                )
+            for row in out[:, width:].tolist():
+                n = next((j + 1 for j, t in enumerate(row) if t in eos_ids), len(row))
+                toks += n
+        if dev.type == "cuda":
+            torch.cuda.synchronize()
+        return toks / (time.perf_counter() - t0)
+
+    once_small = encoded[:batch_size]
+    t0 = time.perf_counter()
+    run_hf(hf, once_small, 4, batch_size, 0, eos_ids, pad_id) if repeats else None
+    warm = time.perf_counter() - t0
+    if not repeats:
+        return None
+    tps = statistics.median(once() for _ in range(repeats))
+    return {"tokens_per_s": tps, "tokens_per_step": 1.0, "step_ms": None, "compile_s": warm}
+
+
+# ---------------------------------------------------------------------------------------------- step cost
+def tree_of_size(n: int) -> list[list[int]]:
+    """The first n-1 paths of mc_sim_7b_63 (a tree of n nodes with the root), kept prefix-closed."""
+    from medusa_jax.tree import get_tree
+
+    ref = get_tree("mc_sim_7b_63")
+    chosen: list[tuple[int, ...]] = []
+    for p in ref:
+        if len(chosen) >= n - 1:
+            break
+        if len(p) == 1 or tuple(p[:-1]) in chosen:
+            chosen.append(tuple(p))
+    return [list(p) for p in chosen]
+
+
+def step_costs(model, batch_sizes, tree_sizes, prefix: int = 128, iters: int = 20, repeats: int = 3):
+    """Median seconds per decode step: an AR step, and a Medusa verify step (tree forward + base logits at every
+    node + heads at one node) for each tree size."""
+    from functools import partial
+
+    from medusa_jax.heads import base_lm_head, heads_logits
+    from medusa_jax.model import KVCache, Transformer, causal_mask
+    from medusa_jax.tree import build_buffers
+
+    cfg, params, heads = model.cfg, model.params, model.heads
+    tf = Transformer(cfg)
+    slots = prefix + 128
+
+    @partial(jax.jit, static_argnums=(0,))
+    def loop(n_nodes, mask, depth, tokens, cache, lengths):
+        def body(i, carry):
+            cache, acc = carry
+            pos = lengths[:, None] + depth[None, :]
+            h, cache = tf.apply({"params": params}, tokens, pos, mask, cache, lengths)
+            logits = tf.apply({"params": params}, h, method=tf.logits)
+            acc = acc + jnp.argmax(logits, -1).sum()
+            if heads is not None and n_nodes > 1:
+                acc = acc + jnp.argmax(heads_logits(heads, h[:, 0], base_lm_head(params), cfg.jnp_dtype), -1).sum()
+            return cache, acc
+
+        return jax.lax.fori_loop(0, iters, body, (cache, jnp.int32(0)))[1]
+
+    out = {}
+    for b in batch_sizes:
+        cache = KVCache.zeros(cfg, b, slots)
+        lengths = jnp.full((b,), prefix, jnp.int32)
+        for n in [1, *tree_sizes]:
+            if n == 1:
+                mask, depth = causal_mask(1), jnp.zeros((1,), jnp.int32)
+            else:
+                tb = build_buffers(tree_of_size(n))
+                mask, depth = jnp.asarray(tb.attn_mask > 0), jnp.asarray(tb.position_ids)
+            tokens = jnp.ones((b, mask.shape[0]), jnp.int32)
+            key = "ar" if n == 1 else n
+            jax.block_until_ready(loop(mask.shape[0], mask, depth, tokens, cache, lengths))  # compile
+            times = []
+            for _ in range(repeats):
+                t0 = time.perf_counter()
+                jax.block_until_ready(loop(mask.shape[0], mask, depth, tokens, cache, lengths))
+                times.append((time.perf_counter() - t0) / iters)
+            out.setdefault(b, {})[key] = statistics.median(times)
+            if n == 1 and 1 in tree_sizes:
+                out[b][1] = out[b]["ar"]
+    return out
+
+
+# ---------------------------------------------------------------------------------------------- CLI
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m medusa_jax.bench", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--ckpt", default=None)
+    ap.add_argument("--heads", default=None)
+    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    ap.add_argument("--prompts-file", default=None)
+    ap.add_argument("--num-prompts", type=int, default=8)
+    ap.add_argument("--max-new-tokens", type=int, default=64)
+    ap.add_argument("--batch-size", type=int, default=1)
+    ap.add_argument("--modes", default="ar,medusa,hf")
+    ap.add_argument("--tree", default=None)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--steps", action="store_true", help="measure the per-step cost curve instead")
+    ap.add_argument("--batch-sizes", default="1,8")
+    ap.add_argument("--tree-sizes", default="1,4,8,16,32,64")
+    ap.add_argument("--random-heads", type=int, default=0, help="attach N random heads (shared lm_head)")
+    ap.add_argument("--json", default=None)
+    args = ap.parse_args(argv)
+
+    import medusa_jax
+    from medusa_jax.checkpoint import resolve
+
+    model = medusa_jax.load(args.ckpt, dtype=args.dtype, heads=args.heads)
+    if args.random_heads:
+        from medusa_jax.heads import HeadsConfig, init_heads
+
+        model.heads = init_heads(HeadsConfig(args.random_heads, 1, True), model.params, scale=0.02)
+    report = {"machine": machine(), "dtype": args.dtype, "argv": sys.argv[1:]}
+    if args.steps:
+        bs = [int(x) for x in args.batch_sizes.split(",")]
+        ts = [int(x) for x in args.tree_sizes.split(",") if int(x) > 1]
+        costs = step_costs(model, bs, ts)
+        report["step_ms"] = {str(b): {str(k): v * 1e3 for k, v in c.items()} for b, c in costs.items()}
+        print(f"step latency on {report['machine']} ({args.dtype}); ratio = step / AR step")
+        for b, c in costs.items():
+            row = "  ".join(f"{k}:{v * 1e3:.2f}ms ({v / c['ar']:.2f}x)" for k, v in c.items())
+            print(f"batch {b}: {row}")
+    else:
+        from medusa_jax.prompts import read_prompts
+
+        prompts = (
+            read_prompts(args.prompts_file)[: args.num_prompts]
+            if args.prompts_file
+            else [
+                "Explain how a rainbow forms.",
+            ]
+            * args.num_prompts
+        )
+        modes = args.modes.split(",")
+        report["modes"] = {}
+        encoded = [model.encode(p) for p in prompts]
+        for mode in modes:
+            if mode == "hf":
+                try:
+                    hf = load_hf(resolve(args.ckpt), args.dtype)
+                except ImportError:
+                    print("hf: torch is not installed, skipped")
+                    continue
+                pad = model.tokenizer.pad_token_id if model.tokenizer.pad_token_id is not None else 0
+                report["modes"]["hf"] = run_hf(
+                    hf, encoded, args.max_new_tokens, args.batch_size, args.repeats, model.eos_ids, pad
+                )
+                del hf
+            else:
+                if mode == "medusa" and model.heads is None:
+                    print("medusa: no heads (--heads or --random-heads), skipped")
+                    continue
+                kw = {"tree": args.tree} if mode == "medusa" and args.tree else {}
+                report["modes"][mode], _ = run_ours(
+                    model, encoded, mode, args.max_new_tokens, args.batch_size, args.repeats, **kw
+                )
+        m = report["modes"]
+        sp = {}
+        if "medusa" in m and "ar" in m:
+            sp["medusa_vs_ar"] = m["medusa"]["tokens_per_s"] / m["ar"]["tokens_per_s"]
+        if "medusa" in m and "hf" in m:
+            sp["medusa_vs_hf"] = m["medusa"]["tokens_per_s"] / m["hf"]["tokens_per_s"]
+        if "ar" in m and "hf" in m:
+            sp["ar_vs_hf"] = m["ar"]["tokens_per_s"] / m["hf"]["tokens_per_s"]
+        report["speedup"] = sp
+        print(
+            f"{len(prompts)} prompts, batch {args.batch_size}, {args.max_new_tokens} new tokens, {args.dtype}, {report['machine']}"
+        )
+        print(f"{'mode':8s} {'tokens/s':>10s} {'tok/step':>9s} {'step ms':>9s} {'compile s':>10s} {'vs ar':>7s}")
+        for k, v in m.items():
+            vs = v["tokens_per_s"] / m["ar"]["tokens_per_s"] if "ar" in m else float("nan")
+            step = f"{v['step_ms']:.2f}" if v.get("step_ms") else "-"
+            print(
+                f"{k:8s} {v['tokens_per_s']:10.1f} {v['tokens_per_step']:9.2f} {step:>9s} {v['compile_s']:10.1f} {vs:7.2f}"
+            )
+    if args.json:
+        tmp = args.json + ".tmp"
+        with open(tmp, "w") as f:
+            json.dump(report, f, indent=1)
+        os.replace(tmp, args.json)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
