@@ -127,7 +127,7 @@ def step_costs(model, batch_sizes, tree_sizes, prefix: int = 128, iters: int = 2
     slots = prefix + 128
 
     @partial(jax.jit, static_argnums=(0,))
-    def loop(n_nodes, mask, depth, tokens, cache, lengths):
+    def loop(n_nodes, params, heads, mask, depth, tokens, cache, lengths):
         def body(i, carry):
             cache, acc = carry
             pos = lengths[:, None] + depth[None, :]
@@ -152,11 +152,11 @@ def step_costs(model, batch_sizes, tree_sizes, prefix: int = 128, iters: int = 2
                 mask, depth = jnp.asarray(tb.attn_mask > 0), jnp.asarray(tb.position_ids)
             tokens = jnp.ones((b, mask.shape[0]), jnp.int32)
             key = "ar" if n == 1 else n
-            jax.block_until_ready(loop(mask.shape[0], mask, depth, tokens, cache, lengths))  # compile
+            jax.block_until_ready(loop(mask.shape[0], params, heads, mask, depth, tokens, cache, lengths))  # compile
             times = []
             for _ in range(repeats):
                 t0 = time.perf_counter()
-                jax.block_until_ready(loop(mask.shape[0], mask, depth, tokens, cache, lengths))
+                jax.block_until_ready(loop(mask.shape[0], params, heads, mask, depth, tokens, cache, lengths))
                 times.append((time.perf_counter() - t0) / iters)
             out.setdefault(b, {})[key] = statistics.median(times)
             if n == 1 and 1 in tree_sizes:

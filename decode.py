@@ -1,0 +1,204 @@
+#!/usr/bin/env python
+"""Generate answers with a backbone (plus optional Medusa heads) and report the speed.
+
+    python decode.py                                   # the embedded SmolLM2-135M-Instruct, a built-in prompt
+    python decode.py --ckpt org/name --heads heads/ --prompts-file prompts.jsonl --output answers.jsonl
+
+Bad input (files, flag values, prompts that do not fit, unreadable checkpoints) ends with a one-line
+`decode.py: error: ...` on stderr and exit status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import re
+import sys
+import tempfile
+import time
+
+from medusa_jax.prompts import read_prompts
+
+DEFAULT_PROMPT = "Explain in three sentences why the sky is blue."
+HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")  # as medusa_jax.checkpoint.HUB_ID
+
+
+class InputError(Exception):
+    """Bad input: reported as one line on stderr, exit status 2."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="decode.py",
+        description="Generate with a Medusa (or plain) model and report tokens/s and tokens/step.",
+    )
+    m = p.add_argument_group("model")
+    m.add_argument("--ckpt", help="HF model directory, .gguf file or hub id (default: embedded SmolLM2-135M)")
+    m.add_argument("--heads", metavar="PATH", help="Medusa heads to load")
+    m.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32", help="compute dtype")
+    i = p.add_argument_group("prompts")
+    i.add_argument("--prompt", action="append", default=[], metavar="TEXT", help="a prompt (repeatable)")
+    i.add_argument("--prompts-file", metavar="F.jsonl", help='JSONL with "prompt" or "turns" (first turn used)')
+    i.add_argument("--num-prompts", type=int, metavar="N", help="use the first N prompts of --prompts-file")
+    i.add_argument("--raw", action="store_true", help="feed prompts as plain text (no chat template)")
+    g = p.add_argument_group("generation")
+    g.add_argument("--max-new-tokens", type=int, default=128)
+    g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    g.add_argument("--top-p", type=float, default=1.0)
+    g.add_argument("--top-k", type=int, default=0, help="0 = off")
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--batch-size", type=int, help="prompts per batch (default: all, up to 16)")
+    g.add_argument("--mode", choices=("ar", "medusa"), help="default: medusa when the model has heads, else ar")
+    g.add_argument("--tree", metavar="NAME|FILE", help="Medusa tree: a shipped name (e.g. mc_sim_7b_63) or JSON")
+    g.add_argument("--posterior-threshold", type=float, default=0.09)
+    g.add_argument("--posterior-alpha", type=float, default=0.3)
+    p.add_argument("--output", metavar="F.jsonl", help="write one JSON line per prompt, in input order")
+    return p
+
+
+def validate(args) -> list[str]:
+    """Checks flags and files (no model needed); returns the prompts."""
+    if args.max_new_tokens < 1:
+        raise InputError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
+    if not args.temperature >= 0 or math.isinf(args.temperature):
+        raise InputError(f"--temperature must be a number >= 0, got {args.temperature}")
+    if not 0 < args.top_p <= 1:
+        raise InputError(f"--top-p must be in (0, 1], got {args.top_p}")
+    if args.top_k < 0:
+        raise InputError(f"--top-k must be >= 0, got {args.top_k}")
+    if args.batch_size is not None and args.batch_size < 1:
+        raise InputError(f"--batch-size must be >= 1, got {args.batch_size}")
+    if args.num_prompts is not None and args.num_prompts < 1:
+        raise InputError(f"--num-prompts must be >= 1, got {args.num_prompts}")
+    if args.num_prompts is not None and not args.prompts_file:
+        raise InputError("--num-prompts needs --prompts-file")
+    if not 0 <= args.posterior_threshold <= 1 or not 0 <= args.posterior_alpha <= 1:
+        raise InputError("--posterior-threshold and --posterior-alpha must be in [0, 1]")
+    for flag, value in (("--ckpt", args.ckpt), ("--heads", args.heads)):
+        if value is not None and not os.path.exists(value) and not HUB_ID.match(value):
+            raise InputError(f"{flag} {value}: no such file or directory (and not a hub id like org/name)")
+    if args.output:
+        out_dir = os.path.dirname(os.path.abspath(args.output))
+        if not os.path.isdir(out_dir):
+            raise InputError(f"--output {args.output}: directory {out_dir} does not exist")
+        if os.path.isdir(args.output):
+            raise InputError(f"--output {args.output}: is a directory")
+    prompts = list(args.prompt)
+    for n, p in enumerate(prompts, 1):
+        if not p.strip():
+            raise InputError(f"--prompt #{n} is empty")
+    if args.prompts_file:
+        prompts += read_prompts(args.prompts_file, args.num_prompts)  # ValueError "file:line: ..."
+    return prompts or [DEFAULT_PROMPT]
+
+
+def check_tree(name: str | None) -> None:
+    """Fails early (ValueError) for an unknown tree name or a bad tree file."""
+    if name is not None:
+        from medusa_jax.tree import get_tree
+
+        get_tree(name)
+
+
+def enable_compilation_cache() -> None:
+    """JAX's persistent compilation cache, so a second run skips most compiles."""
+    import jax
+
+    root = os.environ.get("MEDUSA_JAX_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "medusa_jax")
+    jax.config.update("jax_compilation_cache_dir", os.path.join(root, "jax"))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.1)
+
+
+def generate(model, prompts: list[str], args) -> tuple[list, float]:
+    """Encodes and checks every prompt first (so a bad one fails before any work), then generates."""
+    encoded = [model.encode(p, raw=args.raw) for p in prompts]
+    for n, ids in enumerate(encoded, 1):
+        try:
+            model.check_fits(len(ids), args.max_new_tokens)
+        except ValueError as e:
+            raise InputError(f"prompt {n}: {e}") from None
+    mode = args.mode or ("medusa" if model.heads is not None else "ar")
+    kw = {}
+    if mode == "medusa":
+        kw = dict(posterior_threshold=args.posterior_threshold, posterior_alpha=args.posterior_alpha)
+        if args.tree is not None:
+            kw["tree"] = args.tree
+    t0 = time.perf_counter()
+    results = model.generate(
+        encoded,
+        max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        top_k=args.top_k,
+        seed=args.seed,
+        mode=mode,
+        batch_size=args.batch_size,
+        **kw,
+    )
+    return results, time.perf_counter() - t0
+
+
+def report(prompts: list[str], results, seconds: float, mode: str) -> str:
+    for n, (p, r) in enumerate(zip(prompts, results), 1):
+        head = p.strip().splitlines()[0]
+        head = head if len(head) <= 80 else head[:77] + "..."
+        print(f"### [{n}] {head}\n{r.text}\n--- {r.new_tokens} tokens, {r.steps} steps\n", flush=True)
+    tokens = sum(r.new_tokens for r in results)
+    steps = sum(r.steps for r in results)
+    summary = (
+        f"{len(results)} prompts, {tokens} new tokens in {seconds:.2f} s: {tokens / max(seconds, 1e-9):.1f} tokens/s, "
+        f"{tokens / max(steps, 1):.2f} tokens/step ({mode})"
+    )
+    print(summary, flush=True)
+    return summary
+
+
+def write_output(path: str, prompts: list[str], results) -> None:
+    """One JSON line per prompt, written to a temp file in the same directory and renamed into place."""
+    out_dir = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(prefix=".decode-", suffix=".jsonl.tmp", dir=out_dir)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            for p, r in zip(prompts, results):
+                row = dict(
+                    prompt=p,
+                    output_ids=r.output_ids,
+                    text=r.text,
+                    new_tokens=r.new_tokens,
+                    steps=r.steps,
+                    seconds=round(r.seconds, 4),
+                )
+                f.write(json.dumps(row, ensure_ascii=False) + "\n")
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)  # argparse's own errors exit 2
+    try:
+        prompts = validate(args)
+        check_tree(args.tree)
+        enable_compilation_cache()
+        import medusa_jax
+
+        model = medusa_jax.load(args.ckpt, dtype=args.dtype, heads=args.heads)  # CheckpointError
+        mode = args.mode or ("medusa" if model.heads is not None else "ar")
+        if mode == "medusa" and model.heads is None:
+            raise InputError("--mode medusa needs Medusa heads: pass --heads PATH")
+        results, seconds = generate(model, prompts, args)
+        report(prompts, results, seconds, mode)
+        if args.output:
+            write_output(args.output, prompts, results)
+    except (InputError, ValueError, OSError) as e:  # CheckpointError is a ValueError
+        msg = " ".join(str(e).split()) or type(e).__name__
+        parser.exit(2, f"{parser.prog}: error: {msg}\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,240 @@
+"""decode.py as a subprocess, on a tiny random Llama (hidden 32, one layer) with the SmolLM2 tokenizer: prompt files,
+--output, --raw, and bad input (exit 2, one line on stderr, no traceback)."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+MAX_POS = 160  # the tiny model's context: small, so "does not fit" is easy to reach
+SUMMARY = re.compile(
+    r"^(\d+) prompts, (\d+) new tokens in [\d.]+ s: [\d.]+ tokens/s, [\d.]+ tokens/step \((ar|medusa)\)$", re.M
+)
+
+
+def run(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
+    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONWARNINGS="ignore")
+    return subprocess.run(
+        [sys.executable, str(REPO / "decode.py"), *args],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+@pytest.fixture(scope="module")
+def tiny_ckpt(tmp_path_factory) -> str:
+    torch = pytest.importorskip("torch")
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from medusa_jax.checkpoint import default_gguf
+    from medusa_jax.tokenizer import load_tokenizer
+
+    path = tmp_path_factory.mktemp("tiny")
+    tok = load_tokenizer(default_gguf())
+    torch.manual_seed(0)
+    cfg = LlamaConfig(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        vocab_size=len(tok),
+        max_position_embeddings=MAX_POS,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        tie_word_embeddings=True,
+    )
+    LlamaForCausalLM(cfg).save_pretrained(path, safe_serialization=True)
+    tok.save_pretrained(path)
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tiny_ckpt):
+    import medusa_jax
+
+    return medusa_jax.load(tiny_ckpt)
+
+
+def write_lines(path: Path, lines: list) -> str:
+    path.write_text("".join((x if isinstance(x, str) else json.dumps(x)) + "\n" for x in lines), encoding="utf-8")
+    return str(path)
+
+
+def read_jsonl(path) -> list[dict]:
+    return [json.loads(line) for line in Path(path).read_text(encoding="utf-8").splitlines()]
+
+
+# ---------------------------------------------------------------------------------------------- good runs
+def test_prompts_file_output_order(tiny_ckpt, tiny_model, tmp_path):
+    prompts = ["Hello there, who are you?", "Name a color.", "Count to three, slowly and carefully please."]
+    pfile = write_lines(
+        tmp_path / "p.jsonl",
+        [{"id": 1, "prompt": prompts[0]}, "", {"id": 2, "turns": [prompts[1], "And why?"]}, {"prompt": prompts[2]}],
+    )
+    out = tmp_path / "out.jsonl"
+    r = run(
+        "--ckpt", tiny_ckpt, "--prompts-file", pfile, "--max-new-tokens", "6", "--batch-size", "2", "--output", str(out)
+    )
+    assert r.returncode == 0, r.stderr
+    m = SUMMARY.search(r.stdout)
+    assert m and m.group(1) == "3" and m.group(3) == "ar", r.stdout
+    rows = read_jsonl(out)
+    assert [row["prompt"] for row in rows] == prompts
+    expected = tiny_model.generate(prompts, max_new_tokens=6, mode="ar")
+    for row, exp in zip(rows, expected):
+        assert set(row) == {"prompt", "output_ids", "text", "new_tokens", "steps", "seconds"}
+        assert row["output_ids"] == exp.output_ids and row["text"] == exp.text
+        assert row["new_tokens"] == len(row["output_ids"]) and 1 <= row["new_tokens"] <= 6
+        assert row["steps"] == row["new_tokens"] - 1 and row["seconds"] > 0
+        assert row["text"] in r.stdout
+    assert int(m.group(2)) == sum(row["new_tokens"] for row in rows)
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no temp file left
+
+
+def test_raw_prompts_and_num_prompts(tiny_ckpt, tiny_model, tmp_path):
+    pfile = write_lines(
+        tmp_path / "p.jsonl", [{"prompt": "The capital of France is"}, {"prompt": "1, 2, 3,"}, {"x": 1}]
+    )
+    out = tmp_path / "raw.jsonl"
+    args = ["--ckpt", tiny_ckpt, "--prompts-file", pfile, "--num-prompts", "2", "--max-new-tokens", "5"]
+    r = run(*args, "--raw", "--output", str(out))  # the bad third line is never read
+    assert r.returncode == 0, r.stderr
+    rows = read_jsonl(out)
+    prompts = ["The capital of France is", "1, 2, 3,"]
+    assert [row["prompt"] for row in rows] == prompts
+    raw = tiny_model.generate(prompts, max_new_tokens=5, raw=True, mode="ar")
+    assert [row["output_ids"] for row in rows] == [x.output_ids for x in raw]
+    assert tiny_model.encode(prompts[0], raw=True) != tiny_model.encode(prompts[0])  # --raw skips the template
+
+
+@pytest.fixture(scope="module")
+def tiny_heads(tiny_model, tmp_path_factory) -> str:
+    import jax
+    import numpy as np
+
+    from medusa_jax.heads import HeadsConfig, init_heads
+    from medusa_jax.heads_io import save_heads
+
+    path = str(tmp_path_factory.mktemp("heads"))
+    heads = init_heads(HeadsConfig(num_heads=3, num_layers=1), tiny_model.params, seed=1, scale=0.02)
+    save_heads(jax.tree.map(np.asarray, heads), path)
+    return path
+
+
+def test_medusa_mode_with_tree(tiny_ckpt, tiny_heads, tmp_path):
+    import medusa_jax
+
+    out = tmp_path / "medusa.jsonl"
+    prompts = ["hi", "Tell me more about it."]
+    args = ["--ckpt", tiny_ckpt, "--heads", tiny_heads, "--tree", "chain_2", "--max-new-tokens", "12"]
+    r = run(*args, "--prompt", prompts[0], "--prompt", prompts[1], "--output", str(out))
+    assert r.returncode == 0, r.stderr
+    m = SUMMARY.search(r.stdout)
+    assert m and m.group(1) == "2" and m.group(3) == "medusa", r.stdout  # the default mode with heads
+    model = medusa_jax.load(tiny_ckpt, heads=tiny_heads)
+    expected = model.generate(prompts, max_new_tokens=12, mode="medusa", tree="chain_2")
+    rows = read_jsonl(out)
+    assert [row["output_ids"] for row in rows] == [e.output_ids for e in expected]
+    assert [row["steps"] for row in rows] == [e.steps for e in expected]
+
+
+def test_default_model_no_flags():
+    r = run("--max-new-tokens", "8", timeout=600)
+    assert r.returncode == 0, r.stderr
+    m = SUMMARY.search(r.stdout)
+    assert m and m.group(1) == "1" and 1 <= int(m.group(2)) <= 8 and m.group(3) == "ar", r.stdout
+    assert "Traceback" not in r.stderr
+
+
+# ---------------------------------------------------------------------------------------------- bad input
+def assert_usage_error(r: subprocess.CompletedProcess, *needles: str, one_line: bool = True):
+    assert r.returncode == 2, (r.returncode, r.stdout, r.stderr)
+    assert "Traceback" not in r.stderr, r.stderr
+    lines = r.stderr.strip().splitlines()
+    if one_line:
+        assert len(lines) == 1, r.stderr
+    assert lines[-1].startswith("decode.py: error: "), r.stderr
+    for needle in needles:
+        assert needle in lines[-1], lines[-1]
+
+
+BAD_FLAGS = {
+    "negative max-new-tokens": (["--max-new-tokens", "-1"], "--max-new-tokens"),
+    "top-p zero": (["--top-p", "0"], "--top-p"),
+    "top-p above one": (["--top-p", "1.5"], "--top-p"),
+    "negative temperature": (["--temperature", "-0.5"], "--temperature"),
+    "batch size zero": (["--batch-size", "0"], "--batch-size"),
+    "empty prompt": (["--prompt", "  "], "empty"),
+    "unknown tree": (["--tree", "no_such_tree"], "no_such_tree"),
+    "missing prompts file": (["--prompts-file", "/no/such/file.jsonl"], "/no/such/file.jsonl"),
+    "missing checkpoint": (["--ckpt", "/no/such/model"], "/no/such/model"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_FLAGS))
+def test_bad_flags(case):
+    args, needle = BAD_FLAGS[case]
+    assert_usage_error(run(*args), needle)
+
+
+@pytest.mark.parametrize(
+    "lines, needle",
+    [
+        ([{"prompt": "ok"}, "{not json", {"prompt": "ok"}], ":2: invalid JSON"),
+        ([{"prompt": "ok"}, {"prompt": "ok"}, {"question": "?"}], ':3: the object has neither "prompt" nor "turns"'),
+        ([{"turns": []}], ':1: "turns" must be'),
+        ([{"prompt": ""}], ":1: empty prompt"),
+        (["", "  "], "no prompts"),
+    ],
+    ids=["bad-json", "no-prompt-key", "empty-turns", "empty-prompt", "empty-file"],
+)
+def test_bad_prompts_file(tmp_path, lines, needle):
+    pfile = write_lines(tmp_path / "bad.jsonl", lines)
+    assert_usage_error(run("--prompts-file", pfile), needle)
+
+
+def test_argparse_errors_exit_2():
+    assert_usage_error(run("--dtype", "float64"), "--dtype", one_line=False)
+    assert_usage_error(run("--max-new-tokens", "many"), "--max-new-tokens", one_line=False)
+
+
+def test_unreadable_checkpoints(tmp_path):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert_usage_error(run("--ckpt", str(empty)), "config.json")
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "config.json").write_text('{"model_type": "llama", "hidden_size": 32')
+    assert_usage_error(run("--ckpt", str(broken)), "not valid JSON")
+
+
+def test_corrupt_weights(tiny_ckpt, tmp_path):
+    bad = tmp_path / "corrupt"
+    bad.mkdir()
+    for f in os.listdir(tiny_ckpt):
+        data = Path(tiny_ckpt, f).read_bytes()
+        (bad / f).write_bytes(data[: len(data) // 2] if f.endswith(".safetensors") else data)
+    assert_usage_error(run("--ckpt", str(bad)), "model.safetensors")
+
+
+def test_prompt_does_not_fit(tiny_ckpt):
+    assert_usage_error(run("--ckpt", tiny_ckpt, "--max-new-tokens", str(MAX_POS)), "cache positions")
+    long_prompt = "word " * (2 * MAX_POS)
+    assert_usage_error(
+        run("--ckpt", tiny_ckpt, "--prompt", "hi", "--prompt", long_prompt, "--max-new-tokens", "4"), "prompt 2"
+    )
+
+
+def test_medusa_mode_needs_heads(tiny_ckpt):
+    assert_usage_error(run("--ckpt", tiny_ckpt, "--mode", "medusa", "--max-new-tokens", "4"), "--heads")

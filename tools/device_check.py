@@ -1,0 +1,96 @@
+"""One script for a lent accelerator: correctness and speed of AR and Medusa decoding on SmolLM2.
+
+  python tools/device_check.py --ckpt PATH.gguf --out DIR [--quick]
+
+Prints a short table last and writes DIR/device_check.json. Test it on CPU with --quick first.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--ckpt", required=True)
+    ap.add_argument("--out", default=".")
+    ap.add_argument("--prompts", default=None)
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--hf", action="store_true")
+    args = ap.parse_args()
+
+    import jax
+
+    import medusa_jax
+    from medusa_jax.bench import load_hf, machine, run_hf, run_ours, step_costs
+    from medusa_jax.heads import HeadsConfig, init_heads
+    from medusa_jax.prompts import read_prompts
+
+    rep = {"machine": machine(), "jax": jax.__version__}
+    print(rep, flush=True)
+    prompts = read_prompts(args.prompts)[:8] if args.prompts else ["Explain how a rainbow forms."] * 8
+    n_new = 16 if args.quick else 128
+    reps = 1 if args.quick else 3
+
+    # 1. float32: Medusa greedy equals AR greedy (random heads), batch 4 of mixed lengths
+    t0 = time.perf_counter()
+    m32 = medusa_jax.load(args.ckpt, dtype="float32")
+    rep["load_s"] = time.perf_counter() - t0
+    m32.heads = init_heads(HeadsConfig(4, 1, True), m32.params, scale=0.02)
+    ar = m32.generate(prompts[:4], max_new_tokens=n_new, mode="ar")
+    md = m32.generate(prompts[:4], max_new_tokens=n_new, mode="medusa", tree="mc_sim_7b_63")
+    rep["f32_medusa_equals_ar"] = [a.output_ids == b.output_ids for a, b in zip(ar, md)]
+    print("f32 medusa == ar:", rep["f32_medusa_equals_ar"], flush=True)
+    del m32
+
+    # 2. bfloat16 throughput, batch 1 and 8
+    m = medusa_jax.load(args.ckpt, dtype="bfloat16")
+    m.heads = init_heads(HeadsConfig(4, 1, True), m.params, scale=0.02)
+    enc = [m.encode(p) for p in prompts]
+    rep["gen"] = {}
+    for b in (1, 8):
+        ps = enc[:b] if b > 1 else enc[:4]
+        for mode, kw in (("ar", {}), ("medusa", {"tree": "mc_sim_7b_63"})):
+            r, res = run_ours(m, ps, mode, n_new, b, reps, **kw)
+            rep["gen"][f"{mode}_b{b}"] = r
+            print(f"bf16 {mode} batch {b}: {r}", flush=True)
+    rep["sample_text"] = res[0].text[:200]
+
+    # 3. step cost curve (bf16)
+    costs = step_costs(m, [1, 8], [4, 8, 16, 32, 64], iters=5 if args.quick else 50)
+    rep["step_ms"] = {str(b): {str(k): v * 1e3 for k, v in c.items()} for b, c in costs.items()}
+    for b, c in costs.items():
+        print(f"step b{b}: " + "  ".join(f"{k}:{v * 1e3:.3f}ms({v / c['ar']:.2f}x)" for k, v in c.items()), flush=True)
+
+    # 4. HF transformers eager generate, bf16, batch 1 (the baseline)
+    if args.hf:
+        try:
+            hf = load_hf(args.ckpt, "bfloat16")
+            pad = m.tokenizer.pad_token_id or 0
+            rep["gen"]["hf_b1"] = run_hf(hf, enc[:2], min(n_new, 64), 1, 1, m.eos_ids, pad)
+            print("hf b1:", rep["gen"]["hf_b1"], flush=True)
+        except Exception as e:  # the baseline is optional
+            rep["hf_error"] = repr(e)[:300]
+            print("hf failed:", rep["hf_error"], flush=True)
+
+    os.makedirs(args.out, exist_ok=True)
+    with open(os.path.join(args.out, "device_check.json"), "w") as f:
+        json.dump(rep, f, indent=1)
+    g = rep["gen"]
+    print("\nSUMMARY", rep["machine"])
+    for k, v in g.items():
+        print(
+            f"  {k:10s} {v['tokens_per_s']:9.1f} tok/s  {v['tokens_per_step']:.2f} tok/step  compile {v['compile_s']:.1f}s"
+        )
+    for b, c in rep["step_ms"].items():
+        print(f"  steps b{b}: " + " ".join(f"{k}={v:.3f}" for k, v in c.items()))
+
+
+if __name__ == "__main__":
+    main()
