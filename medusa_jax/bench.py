@@ -88,12 +88,12 @@ def run_hf(hf, encoded, max_new, batch_size, repeats, eos_ids, pad_id):
             torch.cuda.synchronize()
         return toks / (time.perf_counter() - t0)
 
-    once_small = encoded[:batch_size]
     t0 = time.perf_counter()
-    run_hf(hf, once_small, 4, batch_size, 0, eos_ids, pad_id) if repeats else None
+    with torch.no_grad():  # warm-up: CUDA/CPU kernels and allocator
+        hf.generate(
+            input_ids=torch.tensor([encoded[0]], device=dev), max_new_tokens=4, do_sample=False, pad_token_id=pad_id
+        )
     warm = time.perf_counter() - t0
-    if not repeats:
-        return None
     tps = statistics.median(once() for _ in range(repeats))
     return {"tokens_per_s": tps, "tokens_per_step": 1.0, "step_ms": None, "compile_s": warm}
 

@@ -119,8 +119,9 @@ class Attention(nn.Module):
     cfg: ModelConfig
 
     @nn.compact
-    def __call__(self, x, cos, sin, mask, cache_kv, cache_start):
-        """x `[B, T, E]`, mask `[B, T, S]`, cache_kv None or (k, v) `[B, S, K, D]` -> (out, new cache_kv)."""
+    def __call__(self, x, cos, sin, mask, cache_kv, cache_start, layer=None):
+        """x `[B, T, E]`, mask `[B, T, S]`; cache_kv None or the full (k, v) `[N, B, S, K, D]`, of which this is
+        layer `layer`: only the T new entries are written (no copy of the layer's cache). -> (out, cache_kv)."""
         cfg = self.cfg
         b, t, _ = x.shape
         h, kh, d = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
@@ -129,10 +130,8 @@ class Attention(nn.Module):
         v = _dense(cfg, kh * d, "v_proj", cfg.qkv_bias)(x).reshape(b, t, kh, d)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache_kv is not None:
-            ck, cv = cache_kv
-            write = jax.vmap(lambda c, new, s: jax.lax.dynamic_update_slice(c, new.astype(c.dtype), (s, 0, 0)))
-            ck, cv = write(ck, k, cache_start), write(cv, v, cache_start)
-            k, v, cache_kv = ck, cv, (ck, cv)
+            ck, cv = write_cache(cache_kv[0], k, layer, cache_start), write_cache(cache_kv[1], v, layer, cache_start)
+            k, v, cache_kv = ck[layer], cv[layer], (ck, cv)
         q = q.reshape(b, t, kh, h // kh, d)
         scores = jnp.einsum("btkgd,bskd->bkgts", q, k.astype(q.dtype), preferred_element_type=jnp.float32)
         scores = scores / math.sqrt(d)
@@ -140,6 +139,15 @@ class Attention(nn.Module):
         probs = jax.nn.softmax(scores, axis=-1).astype(cfg.jnp_dtype)
         out = jnp.einsum("bkgts,bskd->btkgd", probs, v.astype(cfg.jnp_dtype)).reshape(b, t, h * d)
         return _dense(cfg, cfg.hidden_size, "o_proj", cfg.o_bias)(out), cache_kv
+
+
+def write_cache(cache: jax.Array, new: jax.Array, layer, start: jax.Array) -> jax.Array:
+    """cache `[N, B, S, K, D]` with new `[B, T, K, D]` written at `[layer, b, start[b]:start[b]+T]`, in place."""
+    new = new.astype(cache.dtype)
+    if cache.shape[1] == 1:
+        return jax.lax.dynamic_update_slice(cache, new[None], (layer, 0, start[0], 0, 0))
+    upd = lambda c, n, s: jax.lax.dynamic_update_slice(c, n[None], (layer, s, 0, 0))
+    return jax.vmap(upd, in_axes=(1, 0, 0), out_axes=1)(cache, new, start)
 
 
 class MLP(nn.Module):
@@ -164,13 +172,12 @@ class DecoderLayer(nn.Module):
         cfg = self.cfg
         x, ck, cv = carry
         norm = lambda name: RMSNorm(cfg.rms_norm_eps, cfg.jnp_dtype, cfg.jnp_param_dtype, name=name)
-        layer_kv = None if ck is None else (ck[layer], cv[layer])
-        attn, layer_kv = Attention(cfg, name="attn")(norm("input_norm")(x), cos, sin, mask, layer_kv, cache_start)
+        kv = None if ck is None else (ck, cv)
+        attn, kv = Attention(cfg, name="attn")(norm("input_norm")(x), cos, sin, mask, kv, cache_start, layer)
         x = x + attn
         x = x + MLP(cfg, name="mlp")(norm("post_attn_norm")(x))
         if ck is not None:
-            ck = jax.lax.dynamic_update_index_in_dim(ck, layer_kv[0], layer, 0)
-            cv = jax.lax.dynamic_update_index_in_dim(cv, layer_kv[1], layer, 0)
+            ck, cv = kv
         return (x, ck, cv), None
 
 
