@@ -19,6 +19,7 @@ import sys
 import tempfile
 import time
 
+from medusa_jax.api import shipped_heads
 from medusa_jax.prompts import read_prompts
 
 DEFAULT_PROMPT = "Explain in three sentences why the sky is blue."
@@ -36,7 +37,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     m = p.add_argument_group("model")
     m.add_argument("--ckpt", help="HF model directory, .gguf file or hub id (default: embedded SmolLM2-135M)")
-    m.add_argument("--heads", metavar="PATH", help="Medusa heads to load")
+    m.add_argument(
+        "--heads",
+        metavar="PATH|NAME|none",
+        help="Medusa heads: a directory/file/hub id, a shipped set (smollm2_medusa1, smollm2_medusa2), or none "
+        "(default: the shipped heads for the embedded model)",
+    )
     m.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32", help="compute dtype")
     i = p.add_argument_group("prompts")
     i.add_argument("--prompt", action="append", default=[], metavar="TEXT", help="a prompt (repeatable)")
@@ -77,6 +83,8 @@ def validate(args) -> list[str]:
     if not 0 <= args.posterior_threshold <= 1 or not 0 <= args.posterior_alpha <= 1:
         raise InputError("--posterior-threshold and --posterior-alpha must be in [0, 1]")
     for flag, value in (("--ckpt", args.ckpt), ("--heads", args.heads)):
+        if flag == "--heads" and value is not None and (value == "none" or shipped_heads(value)):
+            continue
         if value is not None and not os.path.exists(value) and not HUB_ID.match(value):
             raise InputError(f"{flag} {value}: no such file or directory (and not a hub id like org/name)")
     if args.output:
@@ -186,7 +194,8 @@ def main(argv: list[str] | None = None) -> int:
         enable_compilation_cache()
         import medusa_jax
 
-        model = medusa_jax.load(args.ckpt, dtype=args.dtype, heads=args.heads)  # CheckpointError
+        heads = False if args.heads == "none" else args.heads
+        model = medusa_jax.load(args.ckpt, dtype=args.dtype, heads=heads)  # CheckpointError
         mode = args.mode or ("medusa" if model.heads is not None else "ar")
         if mode == "medusa" and model.heads is None:
             raise InputError("--mode medusa needs Medusa heads: pass --heads PATH")

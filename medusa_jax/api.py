@@ -188,27 +188,51 @@ def _forward(cfg, params, heads, tokens):
     return logits, medusa, hidden
 
 
+SHIPPED_HEADS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "heads")
+DEFAULT_HEADS = "smollm2_medusa1"  # trained for the embedded default model; used when no heads are named
+
+
+def shipped_heads(name: str) -> str | None:
+    """The directory of a head set shipped in the package (`medusa_jax/heads/NAME`), or None."""
+    path = os.path.join(SHIPPED_HEADS_DIR, name)
+    return path if os.path.exists(os.path.join(path, "config.json")) else None
+
+
 def load(
     ckpt: str | None = None,
     dtype: str = "float32",
     param_dtype: str | None = None,
-    heads: str | None = None,
+    heads: str | bool | None = None,
     tokenizer: bool = True,
 ) -> MedusaModel:
     """Load a backbone (and optional Medusa heads).
 
-    ckpt: a Hugging Face model directory (config.json + safetensors), a `.gguf` file, a hub id (`org/name`), or None
-    for the embedded default (SmolLM2-135M-Instruct). dtype: compute dtype ("float32" or "bfloat16"); param_dtype
-    defaults to dtype."""
-    import jax.numpy as jnp  # noqa: F811
-
+    ckpt: a Hugging Face model directory (config.json + safetensors), a `.gguf` file, a hub id (`org/name`), a
+    training run directory (or one step's checkpoint in it), or None for the embedded default
+    (SmolLM2-135M-Instruct). heads: a heads directory/file/hub id, a shipped head set's name, False for none, or
+    None: a Medusa-2 checkpoint's own heads, or the shipped default heads for the embedded model.
+    dtype: compute dtype ("float32" or "bfloat16"); param_dtype defaults to dtype."""
     if dtype not in ("float32", "bfloat16", "float16"):
         raise ValueError(f"dtype must be float32, bfloat16 or float16, got {dtype!r}")
+    if ckpt is not None and os.path.isdir(ckpt):
+        from medusa_jax.train.run_dir import is_run_dir, load_run
+
+        if is_run_dir(ckpt):
+            return load_run(ckpt, dtype=dtype, tokenizer=tokenizer)
+    if isinstance(heads, str) and shipped_heads(heads):
+        heads = shipped_heads(heads)
+    if heads is None and ckpt in (None, "default", "smollm2"):
+        heads = shipped_heads(DEFAULT_HEADS)
+    if heads is False:
+        heads = None
+        auto_heads = False
+    else:
+        auto_heads = heads is None
     path = checkpoint.resolve(ckpt)
     medusa2: dict = {}  # a Medusa-2 full checkpoint's `medusa_head.*` tensors, collected while reading the backbone
 
     def collect(name, arr):
-        if heads is None and name.startswith("medusa_head."):
+        if auto_heads and name.startswith("medusa_head."):
             medusa2[name] = arr
 
     cfg, np_params = checkpoint.read_backbone(path, on_unknown=collect)
@@ -224,6 +248,11 @@ def load(
         from medusa_jax.heads_io import load_heads
 
         model.heads = load_heads(heads, model)
+        tree_file = os.path.join(heads, "tree.json") if os.path.isdir(heads) else None
+        if tree_file and os.path.exists(tree_file):
+            from medusa_jax.tree import get_tree
+
+            model.tree = get_tree(tree_file)  # the tree calibrated for these heads
     elif medusa2:
         from medusa_jax.heads_io import check_heads, heads_from_tensors
 

@@ -115,4 +115,4 @@ def test_smollm2_greedy_equals_ar(smollm2, dev_prompts, batch):
     ar = m.generate(prompts, max_new_tokens=32, mode="ar")
     md = m.generate(prompts, max_new_tokens=32, mode="medusa", tree="cpu_8")
     assert [r.output_ids for r in md] == [r.output_ids for r in ar]
-    assert len({len(r.prompt_ids) for r in md}) == batch  # mixed lengths
+    assert batch == 1 or len({len(r.prompt_ids) for r in md}) > 2  # mixed lengths
