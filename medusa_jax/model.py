@@ -15,6 +15,7 @@ import flax.linen as nn
 import flax.struct
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from medusa_jax.config import ModelConfig
 
@@ -241,4 +242,15 @@ def init_params(cfg: ModelConfig, seed: int = 0) -> dict:
     """Random params (for tests and tiny configs)."""
     tokens = jnp.zeros((1, 4), jnp.int32)
     init = lambda m: m.logits(m(tokens, tokens, causal_mask(4))[0])
-    return Transformer(cfg).init(jax.random.PRNGKey(seed), method=init)["params"]
+    shapes = jax.eval_shape(lambda key: Transformer(cfg).init(key, method=init)["params"], jax.random.PRNGKey(0))
+    rng = np.random.default_rng(seed)  # numpy: compiling the scanned init costs seconds on CPU
+
+    def fill(path, leaf):
+        name = str(path[-1].key)
+        if name == "scale":
+            return jnp.ones(leaf.shape, leaf.dtype)
+        if name == "bias":
+            return jnp.zeros(leaf.shape, leaf.dtype)
+        return jnp.asarray(rng.normal(0.0, 0.02, leaf.shape), leaf.dtype)
+
+    return jax.tree_util.tree_map_with_path(fill, shapes)
