@@ -1,0 +1,79 @@
+"""Training data: distilled rows (`medusa_jax.train.distill`) or synthetic sequences, turned into fixed-shape
+batches whose order is a pure function of the step (so a restart resumes the exact stream).
+
+A sequence batch: `input_ids` `[B, L]` int32, `loss_mask` `[B, L]` (1 on answer tokens; 0 on prompt and padding).
+Targets are derived in the loss: the base model at position t predicts token t+1, Medusa head k predicts t+k+2.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from medusa_jax.train.config import Config
+
+
+def synthetic_rows(n: int, length: int, vocab: int, seed: int = 0) -> list[dict]:
+    """Learnable toy sequences: arithmetic progressions mod (vocab - 1) after a 4-token 'prompt'."""
+    rng = np.random.default_rng(seed)
+    rows = []
+    for _ in range(n):
+        start, step = rng.integers(1, vocab - 1), rng.integers(1, 4)
+        ids = ((start + step * np.arange(length)) % (vocab - 1) + 1).astype(np.int32)
+        mask = np.ones(length, np.int32)
+        mask[:4] = 0
+        rows.append({"input_ids": ids.tolist(), "loss_mask": mask.tolist()})
+    return rows
+
+
+def load_data_rows(cfg: Config, vocab: int, dev: bool = False) -> list[dict]:
+    if cfg.data.kind == "synthetic":
+        n = cfg.data.synthetic_rows if not dev else cfg.data.synthetic_dev_rows
+        return synthetic_rows(n, cfg.data.synthetic_len, vocab, seed=cfg.train.seed + (1000 if dev else 0))
+    from medusa_jax.train.distill import load_rows
+
+    path = cfg.data.dev_path if dev else cfg.data.path
+    if "dev_prompts" in path or (not dev and path and path == cfg.data.dev_path):
+        raise ValueError(f"data.path {path!r} looks like dev data: never train on it")
+    rows = load_rows(path)
+    if cfg.data.num_rows and not dev:
+        rows = rows[: cfg.data.num_rows]
+    if not rows:
+        raise ValueError(f"no rows in {path}")
+    return rows
+
+
+def pack(rows: list[dict], max_len: int) -> tuple[np.ndarray, np.ndarray]:
+    """Rows -> right-padded `[N, max_len]` ids and loss mask (cut at max_len)."""
+    n = len(rows)
+    ids = np.zeros((n, max_len), np.int32)
+    mask = np.zeros((n, max_len), np.int32)
+    for i, r in enumerate(rows):
+        x = r["input_ids"][:max_len]
+        ids[i, : len(x)] = x
+        mask[i, : len(x)] = r["loss_mask"][:max_len]
+    return ids, mask
+
+
+def batch_indices(step: int, batch: int, n: int, seed: int) -> np.ndarray:
+    """Global row indices of step `step`: consecutive slices of a per-epoch permutation (seeded by the epoch)."""
+    start = step * batch
+    out = []
+    while len(out) < batch:
+        epoch, pos = divmod(start + len(out), n)
+        perm = np.random.default_rng(seed * 100003 + epoch).permutation(n)
+        take = min(batch - len(out), n - pos)
+        out.extend(perm[pos : pos + take].tolist())
+    return np.asarray(out, np.int64)
+
+
+def head_targets(ids: np.ndarray, mask: np.ndarray, num_heads: int) -> tuple[np.ndarray, np.ndarray]:
+    """For each position t: targets `[..., L, K]` = ids[t+k+2] and weights (1 where that token is an answer token)."""
+    n, length = ids.shape
+    tgt = np.zeros((n, length, num_heads), np.int32)
+    w = np.zeros((n, length, num_heads), np.float32)
+    for k in range(num_heads):
+        s = k + 2
+        if s < length:
+            tgt[:, : length - s, k] = ids[:, s:]
+            w[:, : length - s, k] = mask[:, s:]
+    return tgt, w

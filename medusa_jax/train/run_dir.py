@@ -1,0 +1,65 @@
+"""Loading a training run directory as a `MedusaModel` (for `decode.py --ckpt RUN_DIR`).
+
+A run dir holds `config.yaml` (the resolved training config) and `checkpoints/<step>/` (orbax). `load_run` accepts
+the run dir (latest checkpoint) or one step's directory, restores the trained heads (and LoRA factors or the full
+backbone for Medusa-2), merges LoRA into the backbone and returns a `MedusaModel` with the heads attached."""
+
+from __future__ import annotations
+
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+
+def _split(path: str) -> tuple[str, int | None]:
+    """(run_dir, step or None) for a run dir or a step directory inside its checkpoints/."""
+    path = os.path.abspath(path.rstrip("/"))
+    if os.path.exists(os.path.join(path, "config.yaml")) and os.path.isdir(os.path.join(path, "checkpoints")):
+        return path, None
+    parent = os.path.dirname(path)
+    if os.path.basename(parent) == "checkpoints" and os.path.basename(path).isdigit():
+        run = os.path.dirname(parent)
+        if os.path.exists(os.path.join(run, "config.yaml")):
+            return run, int(os.path.basename(path))
+    raise ValueError(f"{path} is not a training run dir (config.yaml + checkpoints/) or one of its step dirs")
+
+
+def is_run_dir(path: str) -> bool:
+    try:
+        _split(path)
+        return True
+    except (ValueError, OSError):
+        return False
+
+
+def load_run(path: str, dtype: str = "float32", tokenizer: bool = True):
+    """A `MedusaModel` with the run's trained heads (and merged LoRA / fine-tuned backbone)."""
+    import orbax.checkpoint as ocp
+
+    from medusa_jax.api import MedusaModel
+    from medusa_jax.train import lora as lora_lib
+    from medusa_jax.train.config import dump
+    from medusa_jax.train.trainer import build_backbone, config_from_run
+
+    run, step = _split(path)
+    cfg = config_from_run(run)
+    cfg_mc, backbone, tok, name = build_backbone(cfg, tokenizer=tokenizer)
+    with ocp.CheckpointManager(os.path.join(run, "checkpoints")) as mngr:
+        step = mngr.latest_step() if step is None else step
+        if step is None:
+            raise ValueError(f"{run} has no checkpoint yet")
+        out = mngr.restore(step, args=ocp.args.Composite(trainable=ocp.args.StandardRestore()))
+    trainable = jax.tree.map(lambda a: np.asarray(a), out["trainable"])
+    if "backbone" in trainable:
+        backbone = trainable["backbone"]
+    elif "lora" in trainable:
+        backbone = lora_lib.merge(backbone, trainable["lora"], cfg.lora.rank, cfg.lora.alpha)
+    mc = cfg_mc.replace(dtype=dtype, param_dtype=dtype, remat=False)
+    params = jax.tree.map(lambda a: jnp.asarray(a, mc.jnp_param_dtype), backbone)
+    heads = jax.tree.map(lambda a: jnp.asarray(a, mc.jnp_param_dtype), trainable["heads"])
+    model = MedusaModel(mc, params, tok, heads=heads, name=f"{os.path.basename(run)}@{step}")
+    model.train_config = dump(cfg)
+    del name
+    return model

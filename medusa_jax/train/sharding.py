@@ -1,0 +1,156 @@
+"""Sharding: ONE table maps parameter paths to logical axes, ONE table maps logical axes to mesh axes.
+
+The mesh has axes (data, fsdp, tensor). Batches are split over (data, fsdp); parameters are split over fsdp along
+their "embed" dimension and over tensor along heads / mlp / vocab. A dimension that does not divide by its mesh
+axes is replicated instead. The same code runs on one device, on simulated CPU devices and on many hosts.
+"""
+
+from __future__ import annotations
+
+import re
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+MESH_AXES = ("data", "fsdp", "tensor")
+
+# logical axis -> mesh axis (or axes, or None = replicated)
+LOGICAL_RULES: dict[str, str | tuple[str, ...] | None] = {
+    "batch": ("data", "fsdp"),
+    "seq": None,
+    "embed": "fsdp",
+    "mlp": "tensor",
+    "heads": "tensor",  # attention projections' fused (heads * head_dim) dimension
+    "vocab": "tensor",
+    "layers": None,
+    "medusa": None,  # the stacked Medusa heads
+    "medusa_layers": None,
+    "embed_out": "tensor",  # second hidden dimension of a Medusa ResBlock
+    "lora_rank": None,
+    "norm": None,
+}
+
+# (regex on the "/"-joined param path, logical axes). First match wins. LoRA factors are named `<module>/lora_a`
+# `[N, in, r]` and `<module>/lora_b` `[N, r, out]`.
+PARAM_RULES: list[tuple[str, tuple[str | None, ...]]] = [
+    (r"embed/embedding$", ("vocab", "embed")),
+    (r"attn/(q|k|v)_proj/kernel$", ("layers", "embed", "heads")),
+    (r"attn/(q|k|v)_proj/bias$", ("layers", "heads")),
+    (r"attn/o_proj/kernel$", ("layers", "heads", "embed")),
+    (r"attn/o_proj/bias$", ("layers", "norm")),
+    (r"mlp/(gate|up)_proj/kernel$", ("layers", "embed", "mlp")),
+    (r"mlp/down_proj/kernel$", ("layers", "mlp", "embed")),
+    (r"layers/.*norm/scale$", ("layers", "norm")),
+    (r"^(backbone/)?norm/scale$", ("norm",)),
+    (r"lm_head/kernel$", ("embed", "vocab")),
+    (r"(q|k|v|gate|up)_proj/lora_a$", ("layers", "embed", "lora_rank")),
+    (r"(q|k|v)_proj/lora_b$", ("layers", "lora_rank", "heads")),
+    (r"o_proj/lora_a$", ("layers", "heads", "lora_rank")),
+    (r"o_proj/lora_b$", ("layers", "lora_rank", "embed")),
+    (r"(gate|up)_proj/lora_b$", ("layers", "lora_rank", "mlp")),
+    (r"down_proj/lora_a$", ("layers", "mlp", "lora_rank")),
+    (r"down_proj/lora_b$", ("layers", "lora_rank", "embed")),
+    (r"blocks/kernel$", ("medusa", "medusa_layers", "embed", "embed_out")),
+    (r"blocks/bias$", ("medusa", "medusa_layers", "embed_out")),
+    (r"proj/kernel$", ("medusa", "embed", "vocab")),
+]
+
+
+def make_mesh(data: int = 1, fsdp: int = 1, tensor: int = 1, devices=None) -> Mesh:
+    devices = jax.devices() if devices is None else devices
+    n = data * fsdp * tensor
+    if n > len(devices):
+        raise ValueError(f"mesh {data}x{fsdp}x{tensor} needs {n} devices, only {len(devices)} available")
+    return Mesh(np.asarray(devices[:n]).reshape(data, fsdp, tensor), MESH_AXES)
+
+
+def path_str(path) -> str:
+    parts = []
+    for k in path:
+        key = getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))
+        parts.append(str(key))
+    return "/".join(parts)
+
+
+def logical_axes(path: str, ndim: int) -> tuple[str | None, ...]:
+    for pattern, axes in PARAM_RULES:
+        if re.search(pattern, path):
+            if len(axes) != ndim:
+                raise ValueError(f"sharding rule {pattern!r} gives {len(axes)} axes for {path} with {ndim} dims")
+            return axes
+    raise ValueError(f"no sharding rule for parameter {path!r}: add one to PARAM_RULES")
+
+
+def spec_for(axes, shape, mesh: Mesh) -> PartitionSpec:
+    """Logical axes -> PartitionSpec; mesh axes already used, or not dividing the dimension, are dropped."""
+    used, out = set(), []
+    for ax, dim in zip(axes, shape):
+        rule = LOGICAL_RULES.get(ax) if ax is not None else None
+        names = (rule,) if isinstance(rule, str) else tuple(rule or ())
+        names = tuple(n for n in names if n not in used and mesh.shape[n] > 1)
+        size = int(np.prod([mesh.shape[n] for n in names])) if names else 1
+        if not names or dim % size:
+            out.append(None)
+            continue
+        used.update(names)
+        out.append(names[0] if len(names) == 1 else names)
+    return PartitionSpec(*out)
+
+
+def param_shardings(tree, mesh: Mesh):
+    """NamedShardings for a params pytree (arrays or ShapeDtypeStructs)."""
+
+    def one(path, x):
+        return NamedSharding(mesh, spec_for(logical_axes(path_str(path), x.ndim), x.shape, mesh))
+
+    return jax.tree_util.tree_map_with_path(one, tree)
+
+
+def batch_sharding(mesh: Mesh, ndim: int) -> NamedSharding:
+    return NamedSharding(mesh, PartitionSpec(("data", "fsdp"), *([None] * (ndim - 1))))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, PartitionSpec())
+
+
+def state_shardings(state, params_sh, mesh: Mesh):
+    """Shardings of an optimizer state: a leaf whose path ends with a parameter's path gets its sharding."""
+    flat = {path_str(p): s for p, s in jax.tree_util.tree_flatten_with_path(params_sh)[0]}
+
+    def one(path, x):
+        ps = path_str(path)
+        for name, s in flat.items():
+            if ps.endswith(name) and len(s.spec) <= x.ndim and x.ndim > 0:
+                return s
+        return replicated(mesh)
+
+    return jax.tree_util.tree_map_with_path(one, state)
+
+
+def shard_global(tree, shardings):
+    """Host arrays that are identical on every process -> global jax arrays with the given shardings."""
+
+    def one(x, s):
+        x = np.asarray(x)
+        return jax.make_array_from_callback(x.shape, s, lambda idx: x[idx])
+
+    return jax.tree.map(one, tree, shardings)
+
+
+def process_rows(global_rows: int) -> slice:
+    """The rows of a global batch this process reads (its own shard)."""
+    n, i = jax.process_count(), jax.process_index()
+    if global_rows % n:
+        raise ValueError(f"global batch {global_rows} does not divide over {n} processes")
+    per = global_rows // n
+    return slice(i * per, (i + 1) * per)
+
+
+def batch_from_local(local: dict, mesh: Mesh) -> dict:
+    """This process's rows of a batch -> global arrays split over (data, fsdp)."""
+    return {
+        k: jax.make_array_from_process_local_data(batch_sharding(mesh, np.ndim(v)), np.asarray(v))
+        for k, v in local.items()
+    }

@@ -1,0 +1,593 @@
+"""The training loop: Medusa-1 (frozen backbone, optionally on precomputed hidden states) and Medusa-2 (LoRA or
+full fine-tuning of the backbone together with the heads), sharded over a (data, fsdp, tensor) mesh, checkpointed
+with orbax, resumable, exported in the reference heads layout at the end."""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import math
+import os
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from medusa_jax.config import ModelConfig
+from medusa_jax.heads import HeadsConfig, base_lm_head, heads_logits, init_heads
+from medusa_jax.model import Transformer, causal_mask, init_params
+from medusa_jax.train import data as data_lib
+from medusa_jax.train import lora as lora_lib
+from medusa_jax.train import sharding as sh
+from medusa_jax.train.config import Config, ConfigError, dump, from_dict
+
+# settings that may change between a run and its resumption (they do not change the trajectory)
+RESUME_FREE = {"train.save_every", "train.log_every", "train.eval_every", "train.keep_checkpoints",
+               "train.checkpoint", "data.dev_path"}  # fmt: skip
+TINY = ModelConfig(
+    vocab_size=128, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=8,
+    max_position_embeddings=512, eos_token_ids=(0,),
+)  # fmt: skip
+CRASH_ENV = "MEDUSA_JAX_TRAIN_CRASH_AT"  # tests: stop abruptly after this step (simulated kill)
+
+
+class SimulatedKill(SystemExit):
+    pass
+
+
+# ---------------------------------------------------------------------------------------------- model
+def build_backbone(cfg: Config, tokenizer: bool = False):
+    """(ModelConfig with the run's dtype/remat, float params, tokenizer or None, base model name)."""
+    m = cfg.model
+    tok = None
+    if m.ckpt == "tiny":
+        mc, params, name = TINY, init_params(TINY, seed=m.tiny_seed), "tiny"
+    else:
+        from medusa_jax import checkpoint
+
+        path = checkpoint.resolve(None if m.ckpt == "default" else m.ckpt)
+        mc, params = checkpoint.read_backbone(path)
+        name = m.ckpt if m.ckpt != "default" else "HuggingFaceTB/SmolLM2-135M-Instruct"
+        if tokenizer:
+            from medusa_jax.tokenizer import load_tokenizer
+
+            tok = load_tokenizer(path)
+    mc = mc.replace(dtype=m.dtype, param_dtype=m.param_dtype, remat=m.remat)
+    params = jax.tree.map(lambda a: jnp.asarray(a, mc.jnp_param_dtype), params)
+    return mc, params, tok, name
+
+
+def heads_config(cfg: Config) -> HeadsConfig:
+    return HeadsConfig(cfg.heads.num_heads, cfg.heads.num_layers, cfg.heads.shared_lm_head)
+
+
+def init_trainable(cfg: Config, backbone: dict) -> dict:
+    hc = heads_config(cfg)
+    if cfg.heads.init:
+        from medusa_jax.heads_io import read_heads
+
+        heads, _ = read_heads(cfg.heads.init)
+        heads = jax.tree.map(lambda a: jnp.asarray(a, jnp.float32), heads)
+    else:
+        heads = init_heads(hc, backbone, seed=cfg.train.seed)
+    out = {"heads": heads}
+    if cfg.train.mode == "medusa2":
+        if cfg.lora.rank:
+            out["lora"] = lora_lib.init_lora(backbone, cfg.lora.targets, cfg.lora.rank, seed=cfg.train.seed)
+        else:
+            out["backbone"] = backbone
+    return out
+
+
+def current_backbone(cfg: Config, trainable: dict, frozen: dict) -> dict:
+    if "backbone" in trainable:
+        return trainable["backbone"]
+    return lora_lib.merge(frozen["backbone"], trainable.get("lora"), cfg.lora.rank, cfg.lora.alpha)
+
+
+# ---------------------------------------------------------------------------------------------- losses
+def jnp_targets(ids, mask, k_heads):
+    """ids, mask `[B, L]` -> head targets `[B, L, K]` (token t+k+2) and weights (1 where it is an answer token)."""
+    b, length = ids.shape
+    tg, ws = [], []
+    for k in range(k_heads):
+        s = k + 2
+        pad = jnp.zeros((b, min(s, length)), ids.dtype)
+        tg.append(jnp.concatenate([ids[:, s:], pad], axis=1)[:, :length])
+        ws.append(jnp.concatenate([mask[:, s:], pad], axis=1)[:, :length])
+    return jnp.stack(tg, -1), jnp.stack(ws, -1).astype(jnp.float32)
+
+
+def heads_loss(heads, hidden, lm_head, tgt, w, decay, dtype):
+    """Σ_k decay^k CE(head_k(h_t), y_{t+k+2}) averaged over weighted positions; also per-head loss and top-1."""
+    logits = heads_logits(heads, hidden, lm_head, dtype)  # [K, ..., V]
+    k = logits.shape[0]
+    tgt_k, w_k = jnp.moveaxis(tgt, -1, 0), jnp.moveaxis(w, -1, 0)
+    logz = jax.nn.logsumexp(logits, axis=-1)
+    picked = jnp.take_along_axis(logits, tgt_k[..., None], axis=-1)[..., 0]
+    nll = logz - picked
+    axes = tuple(range(1, nll.ndim))
+    denom = jnp.maximum(w_k.sum(axes), 1.0)
+    per_head = (nll * w_k).sum(axes) / denom
+    acc = ((jnp.argmax(logits, -1) == tgt_k) * w_k).sum(axes) / denom
+    lam = decay ** jnp.arange(k, dtype=jnp.float32)
+    return (lam * per_head).sum(), per_head, acc
+
+
+def eval_counts(heads, hidden, lm_head, tgt, w, dtype, topk=5):
+    """Per-head (top-1 hits, top-5 hits, count) over weighted positions."""
+    logits = heads_logits(heads, hidden, lm_head, dtype)
+    tgt_k, w_k = jnp.moveaxis(tgt, -1, 0), jnp.moveaxis(w, -1, 0)
+    picked = jnp.take_along_axis(logits, tgt_k[..., None], axis=-1)
+    rank = (logits > picked).sum(-1)  # how many tokens score above the target (cheaper than a top-k sort)
+    hit1, hit5 = rank < 1, rank < topk
+    axes = tuple(range(1, w_k.ndim))
+    return (hit1 * w_k).sum(axes), (hit5 * w_k).sum(axes), w_k.sum(axes)
+
+
+def forward_hidden(mc: ModelConfig, params, ids):
+    model = Transformer(mc)
+    b, t = ids.shape
+    hidden, _ = model.apply({"params": params}, ids, jnp.broadcast_to(jnp.arange(t), (b, t)), causal_mask(t))
+    return hidden
+
+
+def base_logits(mc: ModelConfig, params, hidden):
+    model = Transformer(mc)
+    return model.apply({"params": params}, hidden, method=model.logits)
+
+
+def lambda0_at(cfg: Config, step):
+    t = cfg.train
+    if t.heads_warmup_steps <= 0:
+        return jnp.float32(t.lambda0)
+    frac = jnp.minimum(1.0, (step.astype(jnp.float32) + 1.0) / t.heads_warmup_steps)
+    return t.lambda0 * jnp.sin(0.5 * math.pi * frac)
+
+
+def make_loss(cfg: Config, mc: ModelConfig, flat: bool):
+    k_heads, decay, dtype = cfg.heads.num_heads, cfg.train.decay, mc.jnp_dtype
+
+    def loss_fn(trainable, frozen, batch, step):
+        heads = trainable["heads"]
+        if flat:
+            hl, per, acc = heads_loss(heads, batch["hidden"], frozen["lm_head"]["kernel"], batch["targets"],
+                                      batch["weights"], decay, dtype)  # fmt: skip
+            return hl, {"heads_loss": hl, "head_loss": per, "head_acc": acc}
+        ids, mask = batch["input_ids"], batch["loss_mask"]
+        if cfg.train.mode == "medusa1":
+            backbone = jax.lax.stop_gradient(frozen["backbone"])
+        else:
+            backbone = current_backbone(cfg, trainable, frozen)
+        hidden = forward_hidden(mc, backbone, ids)
+        tgt, w = jnp_targets(ids, mask, k_heads)
+        hl, per, acc = heads_loss(heads, hidden, base_lm_head(backbone), tgt, w, decay, dtype)
+        aux = {"heads_loss": hl, "head_loss": per, "head_acc": acc}
+        if cfg.train.mode == "medusa1":
+            return hl, aux
+        logits = base_logits(mc, backbone, hidden)[:, :-1]
+        w1 = mask[:, 1:].astype(jnp.float32)
+        denom = jnp.maximum(w1.sum(), 1.0)
+        logp = jax.nn.log_softmax(logits)
+        if cfg.train.backbone_loss == "ce":
+            nll = -jnp.take_along_axis(logp, ids[:, 1:, None], axis=-1)[..., 0]
+            lb = (nll * w1).sum() / denom
+        else:
+            teacher = jax.lax.stop_gradient(
+                base_logits(mc, frozen["backbone"], forward_hidden(mc, frozen["backbone"], ids))[:, :-1]
+            )
+            tlogp = jax.nn.log_softmax(teacher)
+            kl = (jnp.exp(tlogp) * (tlogp - logp)).sum(-1)
+            lb = (kl * w1).sum() / denom
+        lam0 = lambda0_at(cfg, step)
+        aux.update(backbone_loss=lb, lambda0=lam0)
+        return lb + lam0 * hl, aux
+
+    return loss_fn
+
+
+# ---------------------------------------------------------------------------------------------- optimizer
+def schedules(cfg: Config):
+    t = cfg.train
+    lr_b = t.lr_backbone or t.lr_heads / 4
+
+    def sched(peak):
+        warm = min(t.warmup_steps, max(t.steps - 1, 0))
+        return optax.warmup_cosine_decay_schedule(0.0, peak, warm, max(t.steps, warm + 1), peak * t.min_lr_ratio)
+
+    return {"heads": sched(t.lr_heads), "backbone": sched(lr_b)}
+
+
+def make_optimizer(cfg: Config):
+    sc = schedules(cfg)
+    wd = cfg.train.weight_decay
+
+    def labels(tree):
+        return {k: jax.tree.map(lambda _, k=k: "heads" if k == "heads" else "backbone", v) for k, v in tree.items()}
+
+    return optax.chain(
+        optax.clip_by_global_norm(cfg.train.grad_clip) if cfg.train.grad_clip > 0 else optax.identity(),
+        optax.multi_transform(
+            {
+                "heads": optax.adamw(sc["heads"], weight_decay=wd),
+                "backbone": optax.adamw(sc["backbone"], weight_decay=wd),
+            },
+            labels,
+        ),
+    )
+
+
+# ---------------------------------------------------------------------------------------------- precompute
+def precompute_flat(mc, backbone, ids, mask, k_heads, mesh, rows_per_batch=16):
+    """Frozen backbone over all rows -> flat arrays of the positions with at least one answer target:
+    hidden `[M, E]` (float32), targets `[M, K]`, weights `[M, K]`."""
+    tgt, w = data_lib.head_targets(ids, mask, k_heads)
+    lengths = np.maximum((ids != 0).cumsum(1).argmax(1) + 1, (mask > 0).cumsum(1).argmax(1) + 1)
+    order = np.argsort(lengths, kind="stable")
+    fwd = jax.jit(functools.partial(forward_hidden, mc), out_shardings=sh.replicated(mesh))
+    params = jax.device_put(backbone, sh.param_shardings(backbone, mesh))
+    hid, tg, ws = [], [], []
+    from tqdm import tqdm
+
+    bar = tqdm(total=len(order), desc="hidden states", unit="row", disable=jax.process_index() != 0)
+    n_dev = mesh.shape["data"] * mesh.shape["fsdp"]
+    for i in range(0, len(order), rows_per_batch):
+        idx = order[i : i + rows_per_batch]
+        length = int(-(-int(lengths[idx].max()) // 32) * 32)
+        length = min(length, ids.shape[1])
+        rows = -(-len(idx) // n_dev) * n_dev
+        x = np.zeros((rows, length), np.int32)
+        x[: len(idx)] = ids[idx, :length]
+        xg = sh.shard_global(x, sh.batch_sharding(mesh, 2))
+        h = np.asarray(fwd(params, xg).addressable_data(0), np.float32)[: len(idx)]
+        sel = w[idx, :length].sum(-1) > 0
+        hid.append(h[sel])
+        tg.append(tgt[idx, :length][sel])
+        ws.append(w[idx, :length][sel])
+        bar.update(len(idx))
+    bar.close()
+    return np.concatenate(hid), np.concatenate(tg), np.concatenate(ws)
+
+
+# ---------------------------------------------------------------------------------------------- checkpoints
+def checkpoint_manager(run_dir: str, cfg: Config):
+    import orbax.checkpoint as ocp
+
+    opts = ocp.CheckpointManagerOptions(max_to_keep=cfg.train.keep_checkpoints, enable_async_checkpointing=False)
+    return ocp.CheckpointManager(os.path.abspath(os.path.join(run_dir, "checkpoints")), options=opts)
+
+
+def save_checkpoint(mngr, step, trainable, opt_state, meta):
+    import orbax.checkpoint as ocp
+
+    mngr.save(
+        step,
+        args=ocp.args.Composite(
+            trainable=ocp.args.StandardSave(trainable),
+            opt=ocp.args.StandardSave({"leaves": jax.tree.leaves(opt_state)}),
+            meta=ocp.args.JsonSave(meta),
+        ),
+        force=True,
+    )
+    mngr.wait_until_finished()
+
+
+def restore_checkpoint(mngr, step, trainable, trainable_sh, opt_state, opt_sh):
+    import orbax.checkpoint as ocp
+
+    abstract = lambda t, s: jax.tree.map(lambda x, y: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=y), t, s)
+    leaves, treedef = jax.tree.flatten(opt_state)
+    out = mngr.restore(
+        step,
+        args=ocp.args.Composite(
+            trainable=ocp.args.StandardRestore(abstract(trainable, trainable_sh)),
+            opt=ocp.args.StandardRestore({"leaves": abstract(leaves, jax.tree.leaves(opt_sh))}),
+            meta=ocp.args.JsonRestore(),
+        ),
+    )
+    return out["trainable"], jax.tree.unflatten(treedef, out["opt"]["leaves"]), out["meta"]
+
+
+# ---------------------------------------------------------------------------------------------- run dir
+def check_run_config(cfg: Config, run_dir: str) -> None:
+    import yaml
+
+    from medusa_jax.train.config import flatten
+
+    path = os.path.join(run_dir, "config.yaml")
+    if os.path.exists(path):
+        with open(path) as f:
+            old = flatten(yaml.safe_load(f))
+        new = flatten(cfg.to_dict())
+        diff = sorted(k for k in set(old) | set(new) if k not in RESUME_FREE and old.get(k) != new.get(k))
+        if diff:
+            k = diff[0]
+            raise ConfigError(
+                f"{run_dir} holds a run with another config ({k}: {old.get(k)!r} there, {new.get(k)!r} now"
+                f"{f'; {len(diff) - 1} more' if len(diff) > 1 else ''}): use another run_dir or the same settings"
+            )
+    if jax.process_index() == 0:
+        os.makedirs(run_dir, exist_ok=True)
+        tmp = path + ".tmp"
+        with open(tmp, "w") as f:
+            f.write(dump(cfg))
+        os.replace(tmp, path)
+
+
+def trim_metrics(path: str, last_step: int) -> None:
+    if not os.path.exists(path):
+        return
+    with open(path) as f:
+        lines = [ln for ln in f if ln.strip() and json.loads(ln).get("step", 0) <= last_step]
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        f.writelines(lines)
+    os.replace(tmp, path)
+
+
+def export(cfg: Config, run_dir: str, trainable: dict, base_name: str, extra: dict) -> str:
+    from safetensors.numpy import save_file
+
+    from medusa_jax.heads_io import save_heads
+
+    out = os.path.join(run_dir, "export")
+    heads = jax.tree.map(lambda a: np.asarray(a, np.float32), trainable["heads"])
+    save_heads(heads, out, base_name, extra_config=extra)
+    if "lora" in trainable:
+        lora = jax.tree.map(np.asarray, trainable["lora"])
+        save_file(lora_lib.to_peft_tensors(lora), os.path.join(out, "adapter_model.safetensors"))
+        with open(os.path.join(out, "adapter_config.json"), "w") as f:
+            json.dump({"peft_type": "LORA", "r": cfg.lora.rank, "lora_alpha": cfg.lora.alpha,
+                       "target_modules": list(cfg.lora.targets), "base_model_name_or_path": base_name}, f, indent=2)  # fmt: skip
+    return out
+
+
+# ---------------------------------------------------------------------------------------------- main loop
+@dataclasses.dataclass
+class TrainResult:
+    losses: list
+    step: int
+    eval: dict | None
+    run_dir: str
+    trainable: dict
+
+
+def gather_to_host(tree):
+    """Global (possibly multi-process sharded) arrays -> numpy on every process."""
+    if jax.process_count() == 1:
+        return jax.tree.map(np.asarray, tree)
+    from jax.experimental import multihost_utils
+
+    return jax.tree.map(np.asarray, multihost_utils.process_allgather(tree, tiled=True))
+
+
+def evaluate(cfg, mc, trainable, frozen, dev, mesh, flat: bool, batch_rows: int = 8) -> dict:
+    """Per-head top-1 / top-5 accuracy on the dev answers (dev arrays are replicated on every device)."""
+    rep = sh.replicated(mesh)
+    dev = tuple(sh.shard_global(np.asarray(x), rep) for x in dev)
+    k = cfg.heads.num_heads
+    heads = trainable["heads"]
+    dtype = mc.jnp_dtype
+    if flat:
+        h, tg, ws = dev
+        fn = jax.jit(lambda hd, lm, x, t, w: eval_counts(hd, x, lm, t, w, dtype))
+        lm = sh.shard_global(np.asarray(base_lm_head(frozen["backbone"])), rep)
+        tot = np.zeros((3, k))
+        for i in range(0, len(h), 512):
+            tot += np.asarray(jax.device_get(fn(heads, lm, h[i : i + 512], tg[i : i + 512], ws[i : i + 512])))
+    else:
+        ids, mask = dev
+        backbone = current_backbone(cfg, trainable, frozen)
+
+        @jax.jit
+        def fn(bb, hd, x, m):
+            hidden = forward_hidden(mc, bb, x)
+            t, w = jnp_targets(x, m, k)
+            return eval_counts(hd, hidden, base_lm_head(bb), t, w, dtype)
+
+        tot = np.zeros((3, k))
+        for i in range(0, len(ids), batch_rows):
+            tot += np.asarray(jax.device_get(fn(backbone, heads, ids[i : i + batch_rows], mask[i : i + batch_rows])))
+    n = np.maximum(tot[2], 1)
+    return {"top1": (tot[0] / n).round(4).tolist(), "top5": (tot[1] / n).round(4).tolist(), "positions": int(tot[2][0])}
+
+
+_STEP_CACHE: dict = {}  # compiled train steps, reused by runs of the same settings in one process (tests)
+
+
+def _trajectory_key(cfg: Config) -> Config:
+    """The config without the settings that do not change the compiled step."""
+    t = dataclasses.replace(cfg.train, save_every=0, log_every=1, eval_every=0, checkpoint=True, keep_checkpoints=1)
+    return dataclasses.replace(cfg, run_dir="", train=t)
+
+
+def make_step(cfg: Config, mc: ModelConfig, flat: bool, tx):
+    loss_fn = make_loss(cfg, mc, flat)
+
+    def step_fn(trainable, opt_state, frozen, batch, step):
+        (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(trainable, frozen, batch, step)
+        updates, opt_state = tx.update(grads, opt_state, trainable)
+        trainable = optax.apply_updates(trainable, updates)
+        aux = dict(aux, loss=loss, grad_norm=optax.tree.norm(grads))
+        return trainable, opt_state, aux
+
+    return step_fn
+
+
+def train(cfg: Config, progress: bool = True) -> TrainResult:
+    from tqdm import tqdm
+
+    run_dir = cfg.run_dir
+    check_run_config(cfg, run_dir)
+    is_main = jax.process_index() == 0
+    mesh = sh.make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor)
+    mc, backbone, _, base_name = build_backbone(cfg)
+    flat = cfg.train.mode == "medusa1" and cfg.train.precompute_hidden
+    k_heads = cfg.heads.num_heads
+
+    rows = data_lib.load_data_rows(cfg, mc.vocab_size)
+    ids, mask = data_lib.pack(rows, cfg.data.max_len)
+    dev_rows = data_lib.load_data_rows(cfg, mc.vocab_size, dev=True) if (cfg.data.dev_path if cfg.data.kind == "distill" else cfg.data.synthetic_dev_rows) else None  # fmt: skip
+    dev = None
+    if flat:
+        cache = os.path.join(run_dir, "cache")
+        ftrain = _cached(os.path.join(cache, "train.npz"), lambda: precompute_flat(mc, backbone, ids, mask, k_heads, mesh), ids)  # fmt: skip
+        if dev_rows is not None:
+            dids, dmask = data_lib.pack(dev_rows, cfg.data.max_len)
+            dev = _cached(os.path.join(cache, "dev.npz"), lambda: precompute_flat(mc, backbone, dids, dmask, k_heads, mesh), dids)  # fmt: skip
+        lm = base_lm_head(backbone)
+        if cfg.train.vocab_subset:  # softmax over the tokens that occur as training targets only (cheaper)
+            subset = np.unique(ftrain[1][ftrain[2] > 0])
+            ftrain = (
+                ftrain[0],
+                np.searchsorted(subset, ftrain[1]).clip(0, len(subset) - 1).astype(np.int32),
+                ftrain[2],
+            )
+            lm = lm[:, subset]
+            if is_main:
+                print(f"vocab subset: {len(subset)} of {mc.vocab_size} tokens")
+        frozen = {"lm_head": {"kernel": lm}}
+        eval_frozen = {"backbone": {k: v for k, v in backbone.items() if k in ("embed", "lm_head")}}
+        n_items, per_step = len(ftrain[0]), cfg.train.batch_tokens
+    else:
+        if dev_rows is not None:
+            dev = data_lib.pack(dev_rows, cfg.data.max_len)
+        n_items, per_step = len(ids), cfg.train.batch_size
+        frozen = {"backbone": backbone}
+        if cfg.train.mode == "medusa2" and not cfg.lora.rank:  # full fine-tuning: the teacher only for KL
+            frozen = {"backbone": jax.tree.map(jnp.copy, backbone)} if cfg.train.backbone_loss == "kl" else {}
+        eval_frozen = frozen
+    trainable = init_trainable(cfg, backbone)
+
+    tx = make_optimizer(cfg)
+    trainable_sh = sh.param_shardings(trainable, mesh)
+    frozen_sh = sh.param_shardings(frozen, mesh)
+    trainable = jax.device_put(trainable, trainable_sh)
+    frozen = jax.device_put(frozen, frozen_sh)
+    opt_state = jax.jit(tx.init)(trainable)
+    opt_sh = sh.state_shardings(opt_state, trainable_sh, mesh)
+    opt_state = jax.device_put(opt_state, opt_sh)
+    rep = sh.replicated(mesh)
+
+    batch_dims = {"hidden": 2, "targets": 2, "weights": 2} if flat else {"input_ids": 2, "loss_mask": 2}
+    batch_sh = {k: sh.batch_sharding(mesh, d) for k, d in batch_dims.items()}
+    key = (_trajectory_key(cfg), mc, flat, mesh, jax.tree.structure(trainable), jax.tree.structure(frozen))
+    jstep = _STEP_CACHE.get(key)
+    if jstep is None:
+        jstep = _STEP_CACHE[key] = jax.jit(
+            make_step(cfg, mc, flat, tx),
+            in_shardings=(trainable_sh, opt_sh, frozen_sh, batch_sh, rep),
+            out_shardings=(trainable_sh, opt_sh, rep),
+            donate_argnums=(0, 1),
+        )
+
+    mngr = checkpoint_manager(run_dir, cfg) if cfg.train.checkpoint else None
+    start = 0
+    metrics_path = os.path.join(run_dir, "metrics.jsonl")
+    if mngr is not None and mngr.latest_step() is not None:
+        start = int(mngr.latest_step())
+        trainable, opt_state, meta = restore_checkpoint(mngr, start, trainable, trainable_sh, opt_state, opt_sh)
+        if meta.get("data_position") != start * per_step:
+            raise RuntimeError(f"checkpoint {start}: data position {meta.get('data_position')} != {start * per_step}")
+        if is_main:
+            print(f"resuming {run_dir} from step {start}")
+    if is_main:
+        trim_metrics(metrics_path, start)
+
+    rows_slice = sh.process_rows(per_step)
+
+    def get_batch(step):
+        idx = data_lib.batch_indices(step, per_step, n_items, cfg.train.seed)[rows_slice]
+        if flat:
+            local = {"hidden": ftrain[0][idx], "targets": ftrain[1][idx], "weights": ftrain[2][idx]}
+        else:
+            local = {"input_ids": ids[idx], "loss_mask": mask[idx]}
+        return sh.batch_from_local(local, mesh)
+
+    sc = schedules(cfg)
+    crash_at = int(os.environ.get(CRASH_ENV, "0") or 0)
+    losses = []
+    bar = tqdm(total=cfg.train.steps, initial=start, disable=not (progress and is_main), unit="step")
+    mf = open(metrics_path, "a") if is_main else None  # noqa: SIM115
+    t_last, tok_since = time.perf_counter(), 0
+    eval_res = None
+    try:
+        for step in range(start, cfg.train.steps):
+            batch = get_batch(step)
+            trainable, opt_state, aux = jstep(trainable, opt_state, frozen, batch, jnp.int32(step))
+            tok_since += per_step if flat else int(per_step * ids.shape[1])
+            done = step + 1
+            if done % cfg.train.log_every == 0 or done == cfg.train.steps:
+                aux = jax.device_get(aux)
+                dt = time.perf_counter() - t_last
+                rec = {"step": done, "loss": float(aux["loss"]), "heads_loss": float(aux["heads_loss"])}
+                for k in range(k_heads):
+                    rec[f"head{k}_loss"] = float(aux["head_loss"][k])
+                    rec[f"head{k}_top1"] = float(aux["head_acc"][k])
+                if "backbone_loss" in aux:
+                    rec["backbone_loss"] = float(aux["backbone_loss"])
+                    rec["lambda0"] = float(aux["lambda0"])
+                rec.update(lr_heads=float(sc["heads"](step)), lr_backbone=float(sc["backbone"](step)),
+                           grad_norm=float(aux["grad_norm"]), tokens_per_s=round(tok_since / max(dt, 1e-9), 1))  # fmt: skip
+                if cfg.train.eval_every and done % cfg.train.eval_every == 0 and dev is not None:
+                    ev = evaluate(cfg, mc, trainable, eval_frozen, dev, mesh, flat)
+                    rec.update({f"dev_head{k}_top1": ev["top1"][k] for k in range(k_heads)})
+                losses.append(rec["loss"])
+                if mf is not None:
+                    mf.write(json.dumps(rec) + "\n")
+                    mf.flush()
+                bar.set_postfix(loss=f"{rec['loss']:.3f}", top1=f"{rec['head0_top1']:.2f}")
+                t_last, tok_since = time.perf_counter(), 0
+            bar.update(1)
+            if mngr is not None and cfg.train.save_every and done % cfg.train.save_every == 0:
+                save_checkpoint(mngr, done, trainable, opt_state, {"step": done, "data_position": done * per_step,
+                                                                   "rng_seed": cfg.train.seed})  # fmt: skip
+            if crash_at and done == crash_at:
+                raise SimulatedKill(3)
+        bar.close()
+        final = cfg.train.steps
+        if mngr is not None and mngr.latest_step() != final:
+            save_checkpoint(mngr, final, trainable, opt_state, {"step": final, "data_position": final * per_step,
+                                                                "rng_seed": cfg.train.seed})  # fmt: skip
+        if dev is not None:
+            eval_res = evaluate(cfg, mc, trainable, eval_frozen, dev, mesh, flat)
+            if is_main:
+                with open(os.path.join(run_dir, "eval.json"), "w") as f:
+                    json.dump(eval_res, f, indent=1)
+                print("dev accuracy per head: top1", eval_res["top1"], "top5", eval_res["top5"])
+        host = gather_to_host(trainable)  # a collective: every process takes part
+        if is_main:
+            extra = {"medusa_jax_train": {"mode": cfg.train.mode, "steps": final, "dev": eval_res}}
+            export(cfg, run_dir, host, base_name, extra)
+    finally:
+        if mf is not None:
+            mf.close()
+        if mngr is not None:
+            mngr.close()
+    return TrainResult(losses, cfg.train.steps, eval_res, run_dir, trainable)
+
+
+def _cached(path: str, compute, ids: np.ndarray):
+    """A precomputed (hidden, targets, weights) triple cached in the run dir, keyed by a fingerprint of the data."""
+    key = f"{ids.shape}:{int(np.asarray(ids, np.int64).sum() % (1 << 61))}"
+    if os.path.exists(path):
+        z = np.load(path)
+        if str(z["key"]) == key:
+            return z["hidden"], z["targets"], z["weights"]
+    out = compute()
+    if jax.process_index() == 0:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        tmp = path + ".tmp.npz"
+        np.savez(tmp, hidden=out[0], targets=out[1], weights=out[2], key=key)
+        os.replace(tmp, path)
+    return out
+
+
+def config_from_run(run_dir: str) -> Config:
+    import yaml
+
+    with open(os.path.join(run_dir, "config.yaml")) as f:
+        return from_dict(yaml.safe_load(f))

@@ -1,0 +1,153 @@
+"""Training: config errors, resume after a kill equals an uninterrupted run, export + run-dir loading, LoRA,
+sharding rules, resumable self-distillation. All on the tiny random Llama (configs/tiny.yaml), in process."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import jax
+import numpy as np
+import pytest
+
+from medusa_jax.train import lora as lora_lib
+from medusa_jax.train import sharding as sh
+from medusa_jax.train.config import ConfigError, load_config
+from medusa_jax.train.trainer import CRASH_ENV, TINY, SimulatedKill, train
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY_YAML = os.path.join(ROOT, "configs", "tiny.yaml")
+
+
+def _cfg(run_dir, *over):
+    return load_config(TINY_YAML, [f"run_dir={run_dir}", "data.synthetic_dev_rows=8", *over])
+
+
+def _losses(run_dir):
+    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
+        return [(r["step"], r["loss"]) for r in map(json.loads, f)]
+
+
+def test_config_errors(capsys):
+    import train as train_cli
+
+    for bad, word in [("train.stepz=3", "train.stepz"), ("train.steps=abc", "train.steps"),
+                      ("mesh.data=0", "mesh.data"), ("train.mode=medusa3", "train.mode")]:  # fmt: skip
+        assert train_cli.main(["--config", TINY_YAML, bad]) == 2
+        err = capsys.readouterr().err.strip()
+        assert word in err and len(err.splitlines()) == 1, err
+
+
+def test_resume_after_kill_matches_uninterrupted(tmp_path, monkeypatch):
+    full = train(_cfg(tmp_path / "full"), progress=False)
+    monkeypatch.setenv(CRASH_ENV, "6")  # killed after step 6; the last checkpoint is step 4
+    with pytest.raises(SimulatedKill):
+        train(_cfg(tmp_path / "killed"), progress=False)
+    monkeypatch.delenv(CRASH_ENV)
+    resumed = train(_cfg(tmp_path / "killed"), progress=False)
+    assert len(resumed.losses) == 4  # steps 5..8 again
+    a, b = _losses(tmp_path / "full"), _losses(tmp_path / "killed")
+    assert [s for s, _ in b] == list(range(1, 9))
+    np.testing.assert_allclose([x for _, x in a], [x for _, x in b], rtol=1e-6)
+    for x, y in zip(jax.tree.leaves(full.trainable), jax.tree.leaves(resumed.trainable)):
+        np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-6, atol=1e-7)
+    assert full.eval is not None and len(full.eval["top1"]) == 3
+    with pytest.raises(ConfigError, match="lora.rank"):
+        train(_cfg(tmp_path / "full", "lora.rank=2"), progress=False)
+
+
+def test_medusa1_export_and_run_dir(tmp_path):
+    from medusa_jax.heads_io import read_heads
+    from medusa_jax.train.run_dir import is_run_dir, load_run
+
+    run = tmp_path / "m1"
+    r = train(_cfg(run, "train.mode=medusa1", "train.steps=4", "train.save_every=2"), progress=False)
+    assert r.losses[-1] < r.losses[0]
+    assert os.path.exists(run / "export" / "medusa_lm_head.safetensors")
+    assert is_run_dir(str(run)) and is_run_dir(str(run / "checkpoints" / "2")) and not is_run_dir(str(tmp_path))
+    heads, meta = read_heads(str(run / "export"))
+    model = load_run(str(run))
+    np.testing.assert_allclose(heads["blocks"]["kernel"], np.asarray(model.heads["blocks"]["kernel"]), atol=1e-6)
+    assert model.forward([[1, 2, 3, 4]]).medusa_logits.shape == (3, 1, 4, TINY.vocab_size)
+    early = load_run(str(run / "checkpoints" / "2"))
+    assert not np.allclose(np.asarray(early.heads["blocks"]["kernel"]), np.asarray(model.heads["blocks"]["kernel"]))
+
+
+def test_lora_merge_and_peft_roundtrip():
+    from medusa_jax.model import init_params
+
+    params = init_params(TINY)
+    lo = lora_lib.init_lora(params, ("q_proj", "down_proj"), rank=2, seed=1)
+    merged = lora_lib.merge(params, lo, 2, 4.0)
+    np.testing.assert_array_equal(
+        merged["layers"]["attn"]["q_proj"]["kernel"], params["layers"]["attn"]["q_proj"]["kernel"]
+    )
+    lo["attn"]["q_proj"]["lora_b"] = lo["attn"]["q_proj"]["lora_b"] + 0.1
+    merged = lora_lib.merge(params, lo, 2, 4.0)
+    a, b = lo["attn"]["q_proj"]["lora_a"], lo["attn"]["q_proj"]["lora_b"]
+    want = params["layers"]["attn"]["q_proj"]["kernel"] + 2.0 * np.einsum("nir,nro->nio", a, b)
+    np.testing.assert_allclose(merged["layers"]["attn"]["q_proj"]["kernel"], want, rtol=1e-5, atol=1e-6)
+    back = lora_lib.from_peft_tensors(lora_lib.to_peft_tensors(lo))
+    for x, y in zip(jax.tree.leaves(lo), jax.tree.leaves(back)):
+        np.testing.assert_allclose(np.asarray(x), np.asarray(y))
+
+
+def test_sharding_rules_cover_all_params():
+    from medusa_jax.heads import HeadsConfig, init_heads
+    from medusa_jax.model import init_params
+
+    params = init_params(TINY)
+    tree = {"backbone": params, "heads": init_heads(HeadsConfig(3, 1, False), params),
+            "lora": lora_lib.init_lora(params, lora_lib.GROUP, 2)}  # fmt: skip
+    mesh = sh.make_mesh(1, 1, 1)
+    shard = sh.param_shardings(tree, mesh)
+    assert len(jax.tree.leaves(shard)) == len(jax.tree.leaves(tree))
+
+    class FakeMesh:
+        shape = {"data": 2, "fsdp": 2, "tensor": 4}
+
+    assert sh.spec_for(("layers", "embed", "mlp"), (2, 32, 64), FakeMesh) == jax.sharding.PartitionSpec(
+        None, "fsdp", "tensor"
+    )
+    assert sh.spec_for(("vocab", "embed"), (130, 33), FakeMesh) == jax.sharding.PartitionSpec(None, None)
+
+
+class _FakeTok:
+    chat_template = "fake"
+    eos_token_id = 0
+
+    def apply_chat_template(self, msgs, add_generation_prompt=True, tokenize=True):
+        return [1] + [3 + ord(c) % 100 for c in msgs[-1]["content"]][:12] + [2]
+
+    def decode(self, ids, skip_special_tokens=True):
+        return " ".join(map(str, ids))
+
+
+def test_distill_resumes_without_duplicates(tmp_path, monkeypatch):
+    from medusa_jax import api
+    from medusa_jax.model import init_params
+    from medusa_jax.train import distill
+
+    model = api.MedusaModel(TINY, init_params(TINY), _FakeTok(), name="tiny")
+    monkeypatch.setattr(api, "load", lambda *a, **k: model)
+    prompts = tmp_path / "train_prompts.jsonl"
+    prompts.write_text(
+        "".join(json.dumps({"id": f"p{i}", "prompt": f"prompt number {i}" * (1 + i % 3)}) + "\n" for i in range(5))
+    )
+    args = ["--prompts", str(prompts), "--max-new-tokens", "6", "--batch-size", "2"]
+    assert distill.main([*args, "--out", str(tmp_path / "a")]) == 0
+    full = distill.load_rows(str(tmp_path / "a"))
+    assert [r["id"] for r in full] == [f"p{i}" for i in range(5)]
+    r = full[0]
+    assert (
+        len(r["input_ids"]) == len(r["loss_mask"]) and sum(r["loss_mask"]) == len(r["input_ids"]) - r["prompt_len"] > 0
+    )
+    # a killed run: shard 1 missing (a temp file left behind) -> the rerun writes exactly it
+    os.remove(tmp_path / "a" / "shard_00001.jsonl")
+    (tmp_path / "a" / "shard_00001.jsonl.tmp123").write_text("partial")
+    assert distill.main([*args, "--out", str(tmp_path / "a")]) == 0
+    assert distill.load_rows(str(tmp_path / "a")) == full
+    assert distill.main([*args, "--out", str(tmp_path / "a"), "--max-new-tokens", "7"]) == 2  # other settings
+    dev = tmp_path / "dev_prompts.jsonl"
+    dev.write_text(prompts.read_text())
+    assert distill.main(["--prompts", str(dev), "--out", str(tmp_path / "d")]) == 2  # never train on dev
