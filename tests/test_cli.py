@@ -150,10 +150,11 @@ def test_medusa_mode_with_tree(tiny_ckpt, tiny_heads, tmp_path):
 
 
 def test_default_model_no_flags():
+    """No flags: the embedded model with its shipped Medusa heads, in Medusa mode."""
     r = run("--max-new-tokens", "8", timeout=600)
     assert r.returncode == 0, r.stderr
     m = SUMMARY.search(r.stdout)
-    assert m and m.group(1) == "1" and 1 <= int(m.group(2)) <= 8 and m.group(3) == "ar", r.stdout
+    assert m and m.group(1) == "1" and 1 <= int(m.group(2)) <= 8 and m.group(3) == "medusa", r.stdout
     assert "Traceback" not in r.stderr
 
 
