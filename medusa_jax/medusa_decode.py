@@ -128,12 +128,19 @@ def evaluate_paths(tokens, logits, loop: MedusaLoop, sp: SamplingParams, th: Thr
 def compact_cache(cache: KVCache, lengths, path_nodes) -> KVCache:
     """Move the K/V of each row's path nodes (slots `lengths + path_nodes`) to slots `lengths + 0..D`."""
     src = lengths[:, None] + path_nodes  # [B, D+1]
+    d1 = path_nodes.shape[1]
 
     def move(c):  # [N, B, S, K, Dh]
-        rows = jax.vmap(lambda cb, s: cb[:, s], in_axes=(1, 0), out_axes=1)(c, src)  # [N, B, D+1, K, Dh]
-        return jax.vmap(
-            lambda cb, r, s: jax.lax.dynamic_update_slice_in_dim(cb, r, s, axis=1), in_axes=(1, 1, 0), out_axes=1
-        )(c, rows, lengths)
+        if c.shape[1] == 1:  # one row: an in-place slice update
+            rows = c[:, 0, src[0]]  # [N, D+1, K, Dh]
+            return jax.lax.dynamic_update_slice(c, rows[:, None], (0, 0, lengths[0], 0, 0))
+        # several rows at different offsets: one gather over the slots (a batched scatter would copy the cache)
+        rel = jnp.arange(c.shape[2])[None, :] - lengths[:, None]  # [B, S]
+        inside = (rel >= 0) & (rel < d1)
+        from_slot = jnp.where(
+            inside, jnp.take_along_axis(src, jnp.clip(rel, 0, d1 - 1), axis=1), jnp.arange(c.shape[2])
+        )
+        return jnp.take_along_axis(c, from_slot[None, :, :, None, None], axis=2)
 
     return KVCache(move(cache.k), move(cache.v))
 

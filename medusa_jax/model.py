@@ -147,8 +147,15 @@ def write_cache(cache: jax.Array, new: jax.Array, layer, start: jax.Array) -> ja
     new = new.astype(cache.dtype)
     if cache.shape[1] == 1:
         return jax.lax.dynamic_update_slice(cache, new[None], (layer, 0, start[0], 0, 0))
-    upd = lambda c, n, s: jax.lax.dynamic_update_slice(c, n[None], (layer, s, 0, 0))
-    return jax.vmap(upd, in_axes=(1, 0, 0), out_axes=1)(cache, new, start)
+    # Rows write at different offsets. A batched scatter is not done in place by XLA here (it copied the whole
+    # [N, B, S, K, D] cache per layer); instead select the new entries into this layer's slice, which is read by
+    # attention anyway, and write the slice back in place.
+    t, slots = new.shape[1], cache.shape[2]
+    rel = jnp.arange(slots)[None, :] - start[:, None]  # [B, S]
+    spread = jnp.take_along_axis(new, jnp.clip(rel, 0, t - 1)[:, :, None, None], axis=1)  # [B, S, K, D]
+    inside = ((rel >= 0) & (rel < t))[:, :, None, None]
+    updated = jnp.where(inside, spread, cache[layer])
+    return jax.lax.dynamic_update_index_in_dim(cache, updated, layer, 0)
 
 
 class MLP(nn.Module):
