@@ -248,6 +248,10 @@ def load(
         from medusa_jax.heads_io import load_heads
 
         model.heads = load_heads(heads, model)
+        if os.path.isdir(heads) and os.path.exists(os.path.join(heads, "adapter_model.safetensors")):
+            from medusa_jax.train.lora import apply_adapter
+
+            apply_adapter(model, heads)  # a Medusa-2 set: LoRA adapters for the backbone beside the heads
         tree_file = os.path.join(heads, "tree.json") if os.path.isdir(heads) else None
         if tree_file and os.path.exists(tree_file):
             from medusa_jax.tree import get_tree
