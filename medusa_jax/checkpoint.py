@@ -252,8 +252,12 @@ def default_gguf() -> str:
 HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
 
 
-def resolve(ckpt: str | None) -> str:
-    """A local path for `ckpt`: None -> the embedded default; an existing path as is; `org/name` -> hub snapshot."""
+HUB_PATTERNS = ["*.json", "*.safetensors", "medusa_lm_head.*", "tokenizer*", "*.model", "*.txt", "*.jinja"]
+
+
+def resolve(ckpt: str | None, patterns=None, what: str = "") -> str:
+    """A local path for `ckpt`: None -> the embedded default; an existing path as is; `org/name` -> hub snapshot
+    (files matching `patterns`; from the local hub cache when offline). `what` names the thing in errors."""
     if ckpt is None or ckpt in ("default", "smollm2"):
         return default_gguf()
     if os.path.exists(ckpt):
@@ -261,7 +265,7 @@ def resolve(ckpt: str | None) -> str:
     if HUB_ID.match(ckpt) and not ckpt.startswith((".", "/")):
         from huggingface_hub import snapshot_download
 
-        patterns = ["*.json", "*.safetensors", "medusa_lm_head.*", "tokenizer*", "*.model", "*.txt", "*.jinja"]
+        patterns = patterns or HUB_PATTERNS
         try:
             return snapshot_download(ckpt, allow_patterns=patterns)
         except Exception as e:
@@ -270,7 +274,7 @@ def resolve(ckpt: str | None) -> str:
             except Exception:
                 pass
             raise CheckpointError(
-                f"cannot fetch {ckpt!r} from the Hugging Face hub ({type(e).__name__}); check the id and your "
+                f"cannot fetch {what}{ckpt!r} from the Hugging Face hub ({type(e).__name__}); check the id and your "
                 "network, or pass a local directory"
             ) from e
     raise CheckpointError(f"{ckpt!r} is neither an existing file or directory nor a hub id like org/name")

@@ -147,23 +147,7 @@ def _dims(params: dict) -> tuple[int, int, int, int | None]:
 # ---------------------------------------------------------------------------------------------- reading files
 def _resolve(path: str) -> str:
     """A local path for a heads path or hub id (the hub download includes `medusa_lm_head.*`)."""
-    if os.path.exists(path):
-        return path
-    if checkpoint.HUB_ID.match(path) and not path.startswith((".", "/")):
-        from huggingface_hub import snapshot_download
-
-        try:
-            return snapshot_download(path, allow_patterns=HUB_PATTERNS)
-        except Exception as e:
-            try:
-                return snapshot_download(path, allow_patterns=HUB_PATTERNS, local_files_only=True)
-            except Exception:
-                pass
-            raise CheckpointError(
-                f"cannot fetch Medusa heads {path!r} from the Hugging Face hub ({type(e).__name__}); check the id "
-                "and your network, or pass a local directory"
-            ) from e
-    return checkpoint.resolve(path)  # raises the standard "neither a file nor a hub id" error
+    return checkpoint.resolve(path, patterns=HUB_PATTERNS, what="Medusa heads ")
 
 
 def _read_safetensors(file: str, prefix: str | None = None) -> dict[str, np.ndarray]:
