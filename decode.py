@@ -3,6 +3,7 @@
 
     python decode.py                                   # the embedded SmolLM2-135M-Instruct, a built-in prompt
     python decode.py --ckpt org/name --heads heads/ --prompts-file prompts.jsonl --output answers.jsonl
+    python decode.py --chat                            # a multi-turn conversation (the KV cache is kept)
 
 Bad input (files, flag values, prompts that do not fit, unreadable checkpoints) ends with a one-line
 `decode.py: error: ...` on stderr and exit status 2.
@@ -58,8 +59,21 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--batch-size", type=int, help="prompts per batch (default: all, up to 16)")
     g.add_argument("--mode", choices=("ar", "medusa"), help="default: medusa when the model has heads, else ar")
     g.add_argument("--tree", metavar="NAME|FILE", help="Medusa tree: a shipped name (e.g. mc_sim_7b_63) or JSON")
-    g.add_argument("--posterior-threshold", type=float, default=0.09)
-    g.add_argument("--posterior-alpha", type=float, default=0.3)
+    g.add_argument(
+        "--acceptance",
+        choices=("rejection", "typical", "greedy"),
+        help="Medusa acceptance at temperature > 0: rejection (default; keeps the model's distribution) or typical",
+    )
+    g.add_argument("--posterior-threshold", type=float, default=0.09, help="typical acceptance: epsilon")
+    g.add_argument("--posterior-alpha", type=float, default=0.3, help="typical acceptance: delta")
+    o = p.add_argument_group("interaction")
+    o.add_argument(
+        "--stream",
+        action=argparse.BooleanOptionalAction,
+        help="print text as it is generated, one prompt at a time (default: on for a single prompt)",
+    )
+    o.add_argument("--chat", action="store_true", help="multi-turn chat on stdin; commands: reset, exit")
+    o.add_argument("--system", metavar="TEXT", help="system message for --chat")
     p.add_argument("--output", metavar="F.jsonl", help="write one JSON line per prompt, in input order")
     return p
 
@@ -80,6 +94,10 @@ def validate(args) -> list[str]:
         raise InputError(f"--num-prompts must be >= 1, got {args.num_prompts}")
     if args.num_prompts is not None and not args.prompts_file:
         raise InputError("--num-prompts needs --prompts-file")
+    if args.chat and (args.prompt or args.prompts_file or args.output or args.raw):
+        raise InputError("--chat reads the conversation from stdin: drop --prompt/--prompts-file/--output/--raw")
+    if args.acceptance and args.acceptance != "greedy" and args.temperature == 0:
+        raise InputError(f"--acceptance {args.acceptance} needs --temperature > 0 (at 0 decoding is greedy)")
     if not 0 <= args.posterior_threshold <= 1 or not 0 <= args.posterior_alpha <= 1:
         raise InputError("--posterior-threshold and --posterior-alpha must be in [0, 1]")
     for flag, value in (("--ckpt", args.ckpt), ("--heads", args.heads)):
@@ -128,11 +146,9 @@ def generate(model, prompts: list[str], args) -> tuple[list, float]:
         except ValueError as e:
             raise InputError(f"prompt {n}: {e}") from None
     mode = args.mode or ("medusa" if model.heads is not None else "ar")
-    kw = {}
-    if mode == "medusa":
-        kw = dict(posterior_threshold=args.posterior_threshold, posterior_alpha=args.posterior_alpha)
-        if args.tree is not None:
-            kw["tree"] = args.tree
+    kw = medusa_kwargs(args) if mode == "medusa" else {}
+    if stream_enabled(args, prompts):
+        return generate_streaming(model, prompts, encoded, mode, args)
     t0 = time.perf_counter()
     results = model.generate(
         encoded,
@@ -148,11 +164,96 @@ def generate(model, prompts: list[str], args) -> tuple[list, float]:
     return results, time.perf_counter() - t0
 
 
-def report(prompts: list[str], results, seconds: float, mode: str) -> str:
+def medusa_kwargs(args) -> dict:
+    kw = dict(posterior_threshold=args.posterior_threshold, posterior_alpha=args.posterior_alpha)
+    if args.tree is not None:
+        kw["tree"] = args.tree
+    if args.acceptance is not None:
+        kw["acceptance"] = args.acceptance
+    return kw
+
+
+def stream_enabled(args, prompts) -> bool:
+    return args.stream if args.stream is not None else len(prompts) == 1
+
+
+def make_session(model, mode: str, args):
+    from medusa_jax.session import Session
+
+    return Session(model, mode=mode, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
+                   seed=args.seed, **(medusa_kwargs(args) if mode == "medusa" else {}))  # fmt: skip
+
+
+def generate_streaming(model, prompts: list[str], encoded: list[list[int]], mode: str, args) -> tuple[list, float]:
+    """One prompt at a time, printing text as the decode loop accepts it."""
+    from medusa_jax.api import GenerationResult
+
+    session = make_session(model, mode, args)
+    results, total = [], 0.0
+    for n, (p, ids) in enumerate(zip(prompts, encoded), 1):
+        print(f"### [{n}] {headline(p)}", flush=True)
+        session.reset()
+        got: list[int] = []
+        t0 = time.perf_counter()
+        for piece in session.stream_text(ids, args.max_new_tokens, got):
+            print(piece, end="", flush=True)
+        dt = time.perf_counter() - t0
+        total += dt
+        text = model.tokenizer.decode(got, skip_special_tokens=True) if model.tokenizer is not None else ""
+        r = GenerationResult(list(ids), got, text, len(got), session.last_steps, dt)
+        print(f"\n--- {r.new_tokens} tokens, {r.steps} steps\n", flush=True)
+        results.append(r)
+    return results, total
+
+
+def chat(model, mode: str, args) -> None:
+    """A conversation on stdin/stdout. Commands: reset, exit (or end of input)."""
+    session = make_session(model, mode, args)
+    if model.tokenizer is None or not getattr(model.tokenizer, "chat_template", None):
+        raise InputError("--chat needs a tokenizer with a chat template (an instruct/chat model)")
+    tty = sys.stdin.isatty()
+    print("chat: type a message; 'reset' starts over, 'exit' quits.", flush=True)
+    while True:
+        try:
+            line = input("you> " if tty else "")
+        except (EOFError, KeyboardInterrupt):
+            print()
+            return
+        cmd = line.strip()
+        if not cmd:
+            continue
+        if cmd in ("exit", "quit", "/exit", "/quit"):
+            return
+        if cmd in ("reset", "/reset"):
+            session.reset()
+            print("(conversation reset)", flush=True)
+            continue
+        print("assistant> ", end="", flush=True)
+        t0 = time.perf_counter()
+        try:
+            for piece in session.chat(cmd, args.max_new_tokens, system=args.system):
+                print(piece, end="", flush=True)
+        except ValueError as e:  # e.g. the conversation outgrew the context: say so and keep the session
+            print(f"\n(error: {' '.join(str(e).split())})", flush=True)
+            continue
+        except KeyboardInterrupt:
+            print("\n(interrupted)", flush=True)
+            continue
+        dt = time.perf_counter() - t0
+        new = session.last_new
+        print(f"\n({new} tokens, {session.last_steps} steps, {new / max(dt, 1e-9):.1f} tokens/s; "
+              f"prefilled {session.last_prefill}, reused {session.last_reused} from the cache)", flush=True)  # fmt: skip
+
+
+def headline(p: str) -> str:
+    head = p.strip().splitlines()[0]
+    return head if len(head) <= 80 else head[:77] + "..."
+
+
+def report(prompts: list[str], results, seconds: float, mode: str, printed: bool = False) -> str:
     for n, (p, r) in enumerate(zip(prompts, results), 1):
-        head = p.strip().splitlines()[0]
-        head = head if len(head) <= 80 else head[:77] + "..."
-        print(f"### [{n}] {head}\n{r.text}\n--- {r.new_tokens} tokens, {r.steps} steps\n", flush=True)
+        if not printed:
+            print(f"### [{n}] {headline(p)}\n{r.text}\n--- {r.new_tokens} tokens, {r.steps} steps\n", flush=True)
     tokens = sum(r.new_tokens for r in results)
     steps = sum(r.steps for r in results)
     summary = (
@@ -199,8 +300,11 @@ def main(argv: list[str] | None = None) -> int:
         mode = args.mode or ("medusa" if model.heads is not None else "ar")
         if mode == "medusa" and model.heads is None:
             raise InputError("--mode medusa needs Medusa heads: pass --heads PATH")
+        if args.chat:
+            chat(model, mode, args)
+            return 0
         results, seconds = generate(model, prompts, args)
-        report(prompts, results, seconds, mode)
+        report(prompts, results, seconds, mode, printed=stream_enabled(args, prompts))
         if args.output:
             write_output(args.output, prompts, results)
     except (InputError, ValueError, OSError) as e:  # CheckpointError is a ValueError

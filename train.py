@@ -28,12 +28,15 @@ def main(argv=None) -> int:
 
     if args.distributed:
         jax.distributed.initialize()
-    from medusa_jax.train.trainer import train
+    from medusa_jax.train.trainer import TrainingError, TrainingInterrupted, train
 
     try:
         train(cfg, progress=not args.no_progress)
-    except ConfigError as e:
-        print(f"train.py: error: {e}", file=sys.stderr)
+    except TrainingInterrupted as e:
+        print(f"train.py: {e}", file=sys.stderr)
+        return 130
+    except (ConfigError, TrainingError, ValueError, OSError) as e:
+        print(f"train.py: error: {' '.join(str(e).split())}", file=sys.stderr)
         return 2
     return 0
 

@@ -5,7 +5,9 @@ Each step, for every row b of the batch (rows accept different lengths):
               `tree_indices` into L tree tokens;
   verify:     one forward of the L tokens at positions `lengths[b] + depth`, tree mask over the cached prefix
               (their K/V land in slots `lengths[b] .. lengths[b] + L`);
-  accept:     the longest path whose tokens the base model agrees with (greedy) or finds typical enough;
+  accept:     the longest path whose tokens the base model agrees with (greedy), finds typical enough (typical),
+              or keeps under recursive rejection sampling (rejection: the output is distributed as the base model's
+              own samples at the temperature);
   update:     the accepted path's K/V move to contiguous slots, its tokens go to the output, and the next step's
               base and head logits are taken at the last accepted node.
 """
@@ -21,13 +23,13 @@ import jax.numpy as jnp
 import numpy as np
 
 from medusa_jax.config import ModelConfig
-from medusa_jax.generation import append_tokens, bucket, is_eos, lm_logits, prefill
+from medusa_jax.generation import append_tokens, is_eos, lm_logits
 from medusa_jax.heads import base_lm_head, heads_logits
-from medusa_jax.model import KVCache, Transformer
+from medusa_jax.model import KVCache, Transformer, causal_mask
 from medusa_jax.sampling import SamplingParams, process_logits
 from medusa_jax.tree import TreeBuffers, build_buffers, get_tree
 
-ACCEPTANCE = ("greedy", "typical")
+ACCEPTANCE = ("greedy", "typical", "rejection")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -37,7 +39,7 @@ class MedusaLoop:
     tree: TreeBuffers
     max_new: int  # output buffer length
     slots: int  # KV-cache slots (prompt + output + one tree)
-    acceptance: str  # "greedy" | "typical"
+    acceptance: str  # "greedy" | "typical" | "rejection"
     eos_ids: tuple[int, ...]
 
 
@@ -49,6 +51,7 @@ class MedusaState:
     lengths: jax.Array  # [B] tokens in the cache
     logits: jax.Array  # [B, V] base logits for the next token (at the last accepted node)
     head_logits: jax.Array  # [K, B, V]
+    banned: jax.Array  # [B, C] tokens rejected at the last accepted node (-1 pad): the next root avoids them
     out: jax.Array  # [B, max_new] new tokens (pad -1)
     num_out: jax.Array  # [B]
     steps: jax.Array  # [B] decoding steps while the row was live
@@ -70,11 +73,20 @@ def typical_threshold(probs: jax.Array, th: Thresholds) -> jax.Array:
     return jnp.minimum(th.posterior_threshold, th.posterior_alpha * jnp.exp(-entropy))
 
 
-def choose_root(logits, rng, loop: MedusaLoop, sp: SamplingParams, th: Thresholds) -> jax.Array:
-    """The base model's next token `[B]`: argmax (greedy) or sampled from the typical set (typical)."""
+def choose_root(logits, banned, rng, loop: MedusaLoop, sp: SamplingParams, th: Thresholds) -> jax.Array:
+    """The base model's next token `[B]`: argmax (greedy), sampled from the typical set (typical), or sampled from
+    the residual distribution left by the candidates rejected at this node (rejection; `banned` `[B, C]`)."""
     if loop.acceptance == "greedy":
         return jnp.argmax(logits, axis=-1).astype(jnp.int32)
     scaled = process_logits(logits, sp)
+    if loop.acceptance == "rejection":
+        b, v = scaled.shape
+        drop = (
+            jnp.zeros((b, v), bool).at[jnp.arange(b)[:, None], jnp.where(banned >= 0, banned, v)].set(True, mode="drop")
+        )
+        residual = jnp.where(drop, -jnp.inf, scaled)
+        residual = jnp.where(jnp.isfinite(residual).any(-1, keepdims=True), residual, scaled)  # never empty
+        return jax.random.categorical(rng, residual, axis=-1).astype(jnp.int32)
     probs = jax.nn.softmax(scaled, axis=-1)
     keep = probs >= typical_threshold(probs, th)[..., None]
     keep = keep | (probs == probs.max(axis=-1, keepdims=True))  # never an empty set
@@ -84,16 +96,32 @@ def choose_root(logits, rng, loop: MedusaLoop, sp: SamplingParams, th: Threshold
 def tree_candidates(root: jax.Array, head_logits: jax.Array, tree: TreeBuffers) -> jax.Array:
     """root `[B]`, head_logits `[K, B, V]` -> tree tokens `[B, L]` (node 0 = root)."""
     k, b, _ = head_logits.shape
-    _, top = jax.lax.top_k(head_logits, tree.topk)  # [K, B, topk]
-    flat = jnp.concatenate([root[:, None], jnp.transpose(top, (1, 0, 2)).reshape(b, k * tree.topk)], axis=1)
+    if tree.num_nodes == 1:
+        return root[:, None]
+    _, top = jax.lax.top_k(head_logits[: tree.depth], tree.topk)  # [D, B, topk]
+    flat = jnp.concatenate([root[:, None], jnp.transpose(top, (1, 0, 2)).reshape(b, -1)], axis=1)
     return flat[:, jnp.asarray(tree.tree_indices)]
 
 
-def evaluate_paths(tokens, logits, loop: MedusaLoop, sp: SamplingParams, th: Thresholds):
-    """Pick each row's best path.
+@functools.lru_cache(maxsize=64)
+def tree_children(tree: TreeBuffers) -> np.ndarray:
+    """`[L, C]` each node's children in rank order (-1 padded), C = the most children of any node (at least 1)."""
+    choices = tree.choices
+    node = {p: i + 1 for i, p in enumerate(choices)}
+    kids: list[list[int]] = [[] for _ in range(tree.num_nodes)]
+    for p in sorted(choices, key=lambda p: (len(p), p)):
+        kids[node[p[:-1]] if len(p) > 1 else 0].append(node[p])  # (len, path) order = rank order among siblings
+    table = np.full((tree.num_nodes, max(1, max(map(len, kids)))), -1, np.int32)
+    for n, ks in enumerate(kids):
+        table[n, : len(ks)] = ks
+    return table
 
-    tokens `[B, L]`, logits `[B, L, V]` (base logits at each tree node). Returns (best path `[B]`, accepted
-    speculative tokens `[B]` (0..D), path tokens `[B, D+1]`, path nodes `[B, D+1]`)."""
+
+def evaluate_paths(tokens, logits, loop: MedusaLoop, sp: SamplingParams, th: Thresholds):
+    """Greedy or typical acceptance: pick each row's best path.
+
+    tokens `[B, L]`, logits `[B, L, V]` (base logits at each tree node). Returns (accepted speculative tokens `[B]`
+    (0..D), path tokens `[B, D+1]`, path nodes `[B, D+1]`)."""
     ri = np.asarray(loop.tree.retrieve_indices)  # [P, D+1], -1 padded
     valid = jnp.asarray(ri >= 0)
     nodes = jnp.asarray(np.maximum(ri, 0))
@@ -117,12 +145,56 @@ def evaluate_paths(tokens, logits, loop: MedusaLoop, sp: SamplingParams, th: Thr
     ll = jnp.where(accept == best_len[:, None], ll, -jnp.inf)
     best = jnp.argmax(ll, axis=-1)
     take = lambda a: jnp.take_along_axis(a, best[:, None, None], axis=1)[:, 0]
-    return (
-        best,
-        best_len,
-        take(path_tokens),
-        jnp.broadcast_to(nodes, path_tokens.shape)[jnp.arange(best.shape[0]), best],
-    )
+    path_nodes = jnp.broadcast_to(nodes, path_tokens.shape)[jnp.arange(best.shape[0]), best]
+    no_ban = jnp.full((tokens.shape[0], tree_children(loop.tree).shape[1]), -1, jnp.int32)
+    return best_len, take(path_tokens), path_nodes, no_ban
+
+
+def rejection_paths(tokens, logits, loop: MedusaLoop, sp: SamplingParams, rng):
+    """Recursive rejection sampling down the tree (SpecInfer / EAGLE), lossless at any temperature.
+
+    At an accepted node with base distribution p (temperature, top-k, top-p applied), its children are tried in
+    rank order. Medusa's candidates are the heads' deterministic top-k, so each child's draft distribution is a point
+    mass: child x is accepted with probability p_res(x) (= min(1, p_res(x) / q(x)) with q = δ_x), otherwise
+    p_res <- norm(p_res with x removed) and the next child is tried. When all are rejected, the next token is drawn
+    from the final residual: the next step's root, with the rejected tokens returned as `banned`.
+
+    tokens `[B, L]`, logits `[B, L, V]`. Returns (accepted `[B]`, path tokens `[B, D+1]`, path nodes `[B, D+1]`,
+    banned `[B, C]`)."""
+    children = jnp.asarray(tree_children(loop.tree))  # [L, C]
+    b, c = tokens.shape[0], children.shape[1]
+    rows = jnp.arange(b)
+    u = jax.random.uniform(rng, (max(loop.tree.depth, 1), c, b))
+    cur = jnp.zeros((b,), jnp.int32)
+    alive = jnp.ones((b,), bool)
+    banned = jnp.full((b, c), -1, jnp.int32)
+    accepted = jnp.zeros((b,), jnp.int32)
+    path = [cur]
+    for d in range(loop.tree.depth):
+        p = jax.nn.softmax(process_logits(logits[rows, cur], sp), axis=-1)  # [B, V]
+        kids = children[cur]  # [B, C]
+        mass = jnp.ones((b,), jnp.float32)
+        took = jnp.zeros((b,), bool)
+        nxt = cur
+        rejected = jnp.full((b, c), -1, jnp.int32)
+        for j in range(c):
+            kid = kids[:, j]
+            tok = tokens[rows, jnp.maximum(kid, 0)]
+            pt = p[rows, tok]
+            tried = (kid >= 0) & alive & ~took
+            ok = tried & (u[d, j] * mass < pt)  # u < p(x) / mass, without dividing by a vanishing mass
+            miss = tried & ~ok
+            mass = jnp.where(miss, mass - pt, mass)
+            rejected = rejected.at[:, j].set(jnp.where(miss, tok, -1))
+            nxt = jnp.where(ok, kid, nxt)
+            took = took | ok
+        banned = jnp.where((alive & ~took)[:, None], rejected, banned)
+        accepted = accepted + took
+        alive = alive & took
+        cur = nxt
+        path.append(cur)
+    path_nodes = jnp.stack(path, axis=1)  # [B, D+1]; after a stop the last node repeats
+    return accepted, jnp.take_along_axis(tokens, path_nodes, axis=1), path_nodes, banned
 
 
 def compact_cache(cache: KVCache, lengths, path_nodes) -> KVCache:
@@ -142,10 +214,104 @@ def compact_cache(cache: KVCache, lengths, path_nodes) -> KVCache:
         )
         return jnp.take_along_axis(c, from_slot[None, :, :, None, None], axis=2)
 
+    if d1 == 1:  # root only: its K/V is already in place
+        return cache
     return KVCache(move(cache.k), move(cache.v))
 
 
-@functools.partial(jax.jit, static_argnums=(0, 1), donate_argnames=())
+def head_logits_at(cfg: ModelConfig, params, heads, hidden: jax.Array) -> jax.Array:
+    """hidden `[B, E]` -> `[K, B, V]` (K = 0 without heads: the loop is then plain autoregressive decoding)."""
+    if heads is None:
+        return jnp.zeros((0, hidden.shape[0], cfg.vocab_size), jnp.float32)
+    return heads_logits(heads, hidden, base_lm_head(params), cfg.jnp_dtype)
+
+
+def start_state(cfg, loop: MedusaLoop, params, heads, cache: KVCache, start, tokens, lengths, max_new, rng):
+    """Prefill `tokens` `[B, T]` (right-padded, `lengths` `[B]` real tokens) into `cache` at slots `start` `[B]` on
+    (0 for a new prompt; the conversation so far in a chat) and set up the loop carry."""
+    b, t = tokens.shape
+    positions = start[:, None] + jnp.arange(t)[None, :]
+    hidden, cache = Transformer(cfg).apply({"params": params}, tokens, positions, causal_mask(t), cache, start)
+    last_hidden = jnp.take_along_axis(hidden, (lengths - 1)[:, None, None], axis=1)[:, 0]
+    return MedusaState(
+        cache=cache,
+        lengths=start + lengths,
+        logits=lm_logits(cfg, params, last_hidden),
+        head_logits=head_logits_at(cfg, params, heads, last_hidden),
+        banned=jnp.full((b, tree_children(loop.tree).shape[1]), -1, jnp.int32),
+        out=jnp.full((b, loop.max_new), -1, jnp.int32),
+        num_out=jnp.zeros((b,), jnp.int32),
+        steps=jnp.zeros((b,), jnp.int32),
+        done=jnp.broadcast_to(max_new <= 0, (b,)),
+        rng=rng,
+    )
+
+
+def medusa_step(cfg, loop: MedusaLoop, params, heads, s: MedusaState, max_new, sp, th) -> MedusaState:
+    """One decoding step for every row: candidates -> verify -> accept -> cache update -> tokens."""
+    tree = loop.tree
+    rng, k_root, k_accept = jax.random.split(s.rng, 3)
+    # 1. candidates
+    root = choose_root(s.logits, s.banned, k_root, loop, sp, th)
+    cand = tree_candidates(root, s.head_logits, tree)  # [B, L]
+    # 2. verify the whole tree in one forward, at positions length + depth under the tree mask
+    model = Transformer(cfg)
+    positions = s.lengths[:, None] + jnp.asarray(tree.position_ids)[None, :]
+    mask = jnp.asarray(tree.attn_mask > 0)
+    hidden, cache = model.apply({"params": params}, cand, positions, mask, s.cache, s.lengths)
+    logits = model.apply({"params": params}, hidden, method=model.logits)  # [B, L, V]
+    # 3. accept
+    if loop.acceptance == "rejection":
+        acc, path_tokens, path_nodes, banned = rejection_paths(cand, logits, loop, sp, k_accept)
+    else:
+        acc, path_tokens, path_nodes, banned = evaluate_paths(cand, logits, loop, sp, th)
+    count = acc + 1  # the root is always kept
+    d1 = path_tokens.shape[1]
+    within = jnp.arange(d1)[None, :] < count[:, None]
+    eos = is_eos(path_tokens, loop.eos_ids) & within
+    first_eos = jnp.argmax(eos, axis=1)
+    count = jnp.where(eos.any(1), first_eos + 1, count)
+    count = jnp.minimum(count, max_new - s.num_out)
+    live = ~s.done
+    # 4. cache update and outputs
+    cache = compact_cache(cache, s.lengths, path_nodes)
+    out = append_tokens(s.out, s.num_out, path_tokens, count, live)
+    num_out = s.num_out + jnp.where(live, count, 0)
+    done = s.done | eos.any(1) | (num_out >= max_new)
+    # 5. the next step's logits at the last accepted node (heads run there only)
+    last_node = jnp.take_along_axis(path_nodes, (count - 1)[:, None], axis=1)[:, 0]
+    last_hidden = jnp.take_along_axis(hidden, last_node[:, None, None], axis=1)[:, 0]
+    return MedusaState(
+        cache=cache,
+        lengths=s.lengths + jnp.where(live, count, 0),
+        logits=jnp.take_along_axis(logits, last_node[:, None, None], axis=1)[:, 0],
+        head_logits=head_logits_at(cfg, params, heads, last_hidden),
+        banned=jnp.where((count == acc + 1)[:, None], banned, -1),  # a cut path continues from an accepted node
+        out=out,
+        num_out=num_out,
+        steps=s.steps + live,
+        done=done,
+        rng=rng,
+    )
+
+
+def run_steps(cfg, loop: MedusaLoop, params, heads, state: MedusaState, max_new, sp, th, limit=None) -> MedusaState:
+    """The while_loop: steps until every row is done (or `limit` steps, for streaming)."""
+
+    def cond(carry):
+        s, i = carry
+        more = ~jnp.all(s.done)
+        return more if limit is None else more & (i < limit)
+
+    def body(carry):
+        s, i = carry
+        return medusa_step(cfg, loop, params, heads, s, max_new, sp, th), i + 1
+
+    state, _ = jax.lax.while_loop(cond, body, (state, jnp.int32(0)))
+    return state
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1))
 def generate_medusa(
     cfg: ModelConfig,
     loop: MedusaLoop,
@@ -158,73 +324,27 @@ def generate_medusa(
     th: Thresholds,
     rng: jax.Array,
 ):
-    """Medusa generation. tokens `[B, P]` right-padded, lengths `[B]`, max_new scalar.
+    """Medusa generation, prefill and loop in one jitted call. tokens `[B, P]` right-padded, lengths `[B]`,
+    max_new scalar.
 
     Returns (out `[B, loop.max_new]` padded with -1, num_out `[B]`, steps `[B]`)."""
     b = tokens.shape[0]
-    tree = loop.tree
-    model = Transformer(cfg)
-    lm_head = base_lm_head(params)
-    mask = jnp.asarray(tree.attn_mask > 0)
-    depth = jnp.asarray(tree.position_ids)
-
-    last_hidden, cache = prefill(cfg, params, tokens, lengths, loop.slots)
-    state = MedusaState(
-        cache=cache,
-        lengths=lengths,
-        logits=lm_logits(cfg, params, last_hidden),
-        head_logits=heads_logits(heads, last_hidden, lm_head, cfg.jnp_dtype),
-        out=jnp.full((b, loop.max_new), -1, jnp.int32),
-        num_out=jnp.zeros((b,), jnp.int32),
-        steps=jnp.zeros((b,), jnp.int32),
-        done=jnp.broadcast_to(max_new <= 0, (b,)),
-        rng=rng,
-    )
-
-    def cond(s: MedusaState):
-        return ~jnp.all(s.done)
-
-    def body(s: MedusaState):
-        rng, key = jax.random.split(s.rng)
-        # 1. candidates
-        root = choose_root(s.logits, key, loop, sp, th)
-        cand = tree_candidates(root, s.head_logits, tree)  # [B, L]
-        # 2. verify the whole tree in one forward
-        positions = s.lengths[:, None] + depth[None, :]
-        hidden, cache = model.apply({"params": params}, cand, positions, mask, s.cache, s.lengths)
-        logits = model.apply({"params": params}, hidden, method=model.logits)  # [B, L, V]
-        # 3. accept
-        _, acc, path_tokens, path_nodes = evaluate_paths(cand, logits, loop, sp, th)
-        count = acc + 1  # the root is always kept
-        d1 = path_tokens.shape[1]
-        within = jnp.arange(d1)[None, :] < count[:, None]
-        eos = is_eos(path_tokens, loop.eos_ids) & within
-        first_eos = jnp.argmax(eos, axis=1)
-        count = jnp.where(eos.any(1), first_eos + 1, count)
-        count = jnp.minimum(count, max_new - s.num_out)
-        live = ~s.done
-        # 4. cache update and outputs
-        cache = compact_cache(cache, s.lengths, path_nodes)
-        out = append_tokens(s.out, s.num_out, path_tokens, count, live)
-        num_out = s.num_out + jnp.where(live, count, 0)
-        done = s.done | eos.any(1) | (num_out >= max_new)
-        last_node = jnp.take_along_axis(path_nodes, (count - 1)[:, None], axis=1)[:, 0]
-        last_hidden = jnp.take_along_axis(hidden, last_node[:, None, None], axis=1)[:, 0]
-        next_logits = jnp.take_along_axis(logits, last_node[:, None, None], axis=1)[:, 0]
-        return MedusaState(
-            cache=cache,
-            lengths=s.lengths + jnp.where(live, count, 0),
-            logits=next_logits,
-            head_logits=heads_logits(heads, last_hidden, lm_head, cfg.jnp_dtype),
-            out=out,
-            num_out=num_out,
-            steps=s.steps + live,
-            done=done,
-            rng=rng,
-        )
-
-    state = jax.lax.while_loop(cond, body, state)
+    cache = KVCache.zeros(cfg, b, loop.slots)
+    state = start_state(cfg, loop, params, heads, cache, jnp.zeros((b,), jnp.int32), tokens, lengths, max_new, rng)
+    state = run_steps(cfg, loop, params, heads, state, max_new, sp, th)
     return state.out, state.num_out, state.steps
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1), donate_argnames=("cache",))
+def start_medusa(cfg, loop: MedusaLoop, params, heads, cache, start, tokens, lengths, max_new, rng) -> MedusaState:
+    """Jitted `start_state` for streaming and chat (the cache is donated and comes back inside the state)."""
+    return start_state(cfg, loop, params, heads, cache, start, tokens, lengths, max_new, rng)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1), donate_argnames=("state",))
+def continue_medusa(cfg, loop: MedusaLoop, params, heads, state: MedusaState, max_new, sp, th, limit) -> MedusaState:
+    """Up to `limit` more steps (streaming: the host prints what the chunk accepted, then continues)."""
+    return run_steps(cfg, loop, params, heads, state, max_new, sp, th, limit)
 
 
 def default_tree_name() -> str:
@@ -261,11 +381,11 @@ def run_medusa(
     topk: int = 10,
 ):
     """Host wrapper used by `MedusaModel.generate(mode="medusa")`."""
-    acceptance = acceptance or ("greedy" if greedy else "typical")
+    acceptance = acceptance or ("greedy" if greedy else "rejection")
     if acceptance not in ACCEPTANCE:
         raise ValueError(f"acceptance must be one of {', '.join(ACCEPTANCE)}, got {acceptance!r}")
     if greedy:
-        acceptance = "greedy"  # T = 0: typical acceptance degenerates to greedy
+        acceptance = "greedy"  # T = 0: every acceptance rule degenerates to greedy
     k = model.heads_config.num_heads
     buffers = resolve_tree(tree if tree is not None else model.tree, k, topk)
     slots = model.check_fits(int(lengths.max()), max_new, extra=buffers.num_nodes + 1)
@@ -285,4 +405,13 @@ def run_medusa(
     )
 
 
-__all__ = ["MedusaLoop", "MedusaState", "Thresholds", "generate_medusa", "resolve_tree", "run_medusa", "bucket"]
+__all__ = [
+    "MedusaLoop",
+    "MedusaState",
+    "Thresholds",
+    "continue_medusa",
+    "generate_medusa",
+    "resolve_tree",
+    "run_medusa",
+    "start_medusa",
+]

@@ -19,7 +19,7 @@ SUMMARY = re.compile(
 )
 
 
-def run(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
+def run(*args: str, timeout: int = 300, input: str | None = None) -> subprocess.CompletedProcess:
     env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONWARNINGS="ignore")
     return subprocess.run(
         [sys.executable, str(REPO / "decode.py"), *args],
@@ -28,6 +28,7 @@ def run(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
         capture_output=True,
         text=True,
         timeout=timeout,
+        input=input if input is not None else "",
     )
 
 
@@ -239,3 +240,57 @@ def test_prompt_does_not_fit(tiny_ckpt):
 
 def test_medusa_mode_needs_heads(tiny_ckpt):
     assert_usage_error(run("--ckpt", tiny_ckpt, "--mode", "medusa", "--max-new-tokens", "4"), "--heads")
+
+
+def test_heads_from_another_model(tiny_ckpt, tmp_path):
+    """Heads trained for a bigger model (hidden 64 against the tiny model's 32): one line naming both sizes."""
+    import jax
+    import numpy as np
+
+    from medusa_jax.heads import HeadsConfig, init_heads
+    from medusa_jax.heads_io import save_heads
+
+    other = {"embed": {"embedding": np.zeros((300, 64), np.float32)}}
+    save_heads(jax.tree.map(np.asarray, init_heads(HeadsConfig(2, 1, True), other)), str(tmp_path / "h"))
+    assert_usage_error(run("--ckpt", tiny_ckpt, "--heads", str(tmp_path / "h"), "--max-new-tokens", "4"), "64", "32")
+
+
+def test_tree_deeper_than_heads(tiny_ckpt, tiny_heads, tmp_path):
+    tree = tmp_path / "deep.json"
+    tree.write_text("[[0], [0, 0], [0, 0, 0], [0, 0, 0, 0]]")
+    r = run("--ckpt", tiny_ckpt, "--heads", tiny_heads, "--tree", str(tree), "--max-new-tokens", "4")
+    assert_usage_error(r, "[0, 0, 0, 0]", "num_heads=3")
+
+
+def test_tokenizer_without_chat_template(tiny_ckpt, tmp_path):
+    import shutil
+
+    plain = tmp_path / "plain"
+    shutil.copytree(tiny_ckpt, plain)
+    (plain / "chat_template.jinja").unlink(missing_ok=True)
+    cfg = json.loads((plain / "tokenizer_config.json").read_text())
+    cfg.pop("chat_template", None)
+    (plain / "tokenizer_config.json").write_text(json.dumps(cfg))
+    assert_usage_error(run("--ckpt", str(plain), "--max-new-tokens", "4"), "chat template", "--raw")
+    assert run("--ckpt", str(plain), "--raw", "--max-new-tokens", "4").returncode == 0
+    assert_usage_error(run("--ckpt", str(plain), "--chat", input="hi\n"), "chat template")
+
+
+def test_stream_and_chat(tiny_ckpt, tiny_heads, tiny_model):
+    """One prompt streams by default; --chat keeps the cache between turns; reset and exit work."""
+    r = run("--ckpt", tiny_ckpt, "--prompt", "Name a color.", "--max-new-tokens", "6")
+    assert r.returncode == 0, r.stderr
+    expected = tiny_model.generate(["Name a color."], max_new_tokens=6, mode="ar")[0]
+    assert expected.text in r.stdout and SUMMARY.search(r.stdout)
+    r = run("--ckpt", tiny_ckpt, "--heads", tiny_heads, "--chat", "--max-new-tokens", "5",
+            input="hello\nand again\nreset\nhi\nexit\nnever read\n")  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    stats = re.findall(r"\((\d+) tokens, (\d+) steps, [\d.]+ tokens/s; prefilled (\d+), reused (\d+) from", r.stdout)
+    assert len(stats) == 3 and "(conversation reset)" in r.stdout, r.stdout
+    assert int(stats[0][3]) == 0 and int(stats[1][3]) > int(stats[1][2]) > 0  # turn 2 reuses turn 1's cache
+    assert int(stats[2][3]) == 0  # after reset
+
+
+def test_chat_flags_conflict():
+    assert_usage_error(run("--chat", "--prompt", "hi"), "--chat")
+    assert_usage_error(run("--acceptance", "typical", "--prompt", "hi"), "--temperature")

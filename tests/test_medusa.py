@@ -86,7 +86,7 @@ def test_typical_acceptance():
     # a near-zero temperature makes the typical set the argmax: the output equals greedy
     cold = m.generate(prompts, max_new_tokens=20, mode="medusa", temperature=1e-4, acceptance="typical", topk=8)
     assert [r.output_ids for r in cold] == [r.output_ids for r in ar]
-    kw = dict(max_new_tokens=20, mode="medusa", temperature=1.0, topk=8, tree=full_tree(8, 2))
+    kw = dict(max_new_tokens=20, mode="medusa", temperature=1.0, topk=8, tree=full_tree(8, 2), acceptance="typical")
     a = m.generate(prompts, seed=1, **kw)
     b = m.generate(prompts, seed=1, **kw)
     c = m.generate(prompts, seed=2, **kw)

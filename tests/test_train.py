@@ -13,7 +13,7 @@ import pytest
 from medusa_jax.train import lora as lora_lib
 from medusa_jax.train import sharding as sh
 from medusa_jax.train.config import ConfigError, load_config
-from medusa_jax.train.trainer import CRASH_ENV, TINY, SimulatedKill, train
+from medusa_jax.train.trainer import CRASH_ENV, NAN_ENV, SIGINT_ENV, TINY, SimulatedKill, train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY_YAML = os.path.join(ROOT, "configs", "tiny.yaml")
@@ -54,6 +54,63 @@ def test_resume_after_kill_matches_uninterrupted(tmp_path, monkeypatch):
     assert full.eval is not None and len(full.eval["top1"]) == 3
     with pytest.raises(ConfigError, match="lora.rank"):
         train(_cfg(tmp_path / "full", "lora.rank=2"), progress=False)
+
+    # Ctrl-C after step 5 (a real SIGINT): a checkpoint of step 5 is written, exit 130, and the rerun continues
+    import train as train_cli
+
+    cli = ["--config", TINY_YAML, "--no-progress", f"run_dir={tmp_path / 'ctrl_c'}", "data.synthetic_dev_rows=8"]
+    monkeypatch.setenv(SIGINT_ENV, "5")
+    assert train_cli.main(cli) == 130
+    assert sorted(os.listdir(tmp_path / "ctrl_c" / "checkpoints")) == ["4", "5"]
+    monkeypatch.delenv(SIGINT_ENV)
+    assert train_cli.main(cli) == 0
+    c = _losses(tmp_path / "ctrl_c")
+    assert [s for s, _ in c] == list(range(1, 9))
+    np.testing.assert_allclose([x for _, x in a], [x for _, x in c], rtol=1e-6)
+
+    # a corrupt latest checkpoint: one line naming it and what to do
+    for root, _, files in os.walk(tmp_path / "ctrl_c" / "checkpoints" / "8" / "trainable"):
+        for f in files:
+            if not f.startswith("_"):
+                open(os.path.join(root, f), "wb").close()
+    assert train_cli.main([*cli, "train.steps=8"]) == 2
+
+
+def test_nan_steps_are_skipped_then_bounded(tmp_path, monkeypatch, capsys):
+    import train as train_cli
+
+    monkeypatch.setenv(NAN_ENV, "3,5")
+    r = train(_cfg(tmp_path / "nan"), progress=False)
+    with open(tmp_path / "nan" / "metrics.jsonl") as f:
+        recs = [json.loads(line) for line in f]
+    assert [x["loss"] is None for x in recs] == [s in (3, 5) for s in range(1, 9)]
+    assert recs[-1]["skipped_steps"] == 2
+    assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(r.trainable))
+    capsys.readouterr()
+    cli = ["--config", TINY_YAML, "--no-progress", f"run_dir={tmp_path / 'bound'}", "train.max_bad_steps=1"]
+    assert train_cli.main(cli) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "train.max_bad_steps=1" in err and "step 5" in err, err
+    assert os.listdir(tmp_path / "bound" / "checkpoints") == ["4"]  # the last good checkpoint is kept
+
+
+def test_bad_training_data(tmp_path):
+    from medusa_jax.train import data as data_lib
+
+    d = tmp_path / "data"
+    d.mkdir()
+    rows = [
+        {"id": i, "input_ids": [5, 6, 7, 8], "loss_mask": [0, 0, 1, 1] if i % 2 else [0, 0, 0, 0]} for i in range(6)
+    ]
+    (d / "shard_00000.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    cfg = _cfg(tmp_path / "run", "data.kind=distill", f"data.path={d}", "data.dev_path=")
+    assert [r["id"] for r in data_lib.load_data_rows(cfg, 128)] == [1, 3, 5]  # empty answers are skipped
+    (d / "shard_00000.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows[::2]))
+    with pytest.raises(ValueError, match="all 3 rows have empty answers"):
+        data_lib.load_data_rows(cfg, 128)
+    (d / "shard_00001.jsonl").write_text('{"id": 9, "input_ids": [1, 2')  # truncated shard
+    with pytest.raises(ValueError, match="shard_00001.jsonl:1: not a distilled row"):
+        data_lib.load_data_rows(cfg, 128)
 
 
 def test_medusa1_export_and_run_dir(tmp_path):

@@ -75,6 +75,7 @@ class TrainSection:
     lambda0: float = 0.2  # medusa2: weight of the heads loss
     heads_warmup_steps: int = 0  # medusa2: sine ramp of lambda0 over these steps
     backbone_loss: str = "ce"  # medusa2: "ce" on the data or "kl" to the original model
+    max_bad_steps: int = 10  # steps whose loss or gradient is not finite are skipped; stop after this many
     seed: int = 0
 
 

@@ -39,7 +39,12 @@ def load_data_rows(cfg: Config, vocab: int, dev: bool = False) -> list[dict]:
         rows = rows[: cfg.data.num_rows]
     if not rows:
         raise ValueError(f"no rows in {path}")
-    return rows
+    kept = [r for r in rows if any(r["loss_mask"][: cfg.data.max_len])]
+    if not kept:
+        raise ValueError(f"{path}: all {len(rows)} rows have empty answers (no loss_mask=1 within data.max_len)")
+    if len(kept) < len(rows):
+        print(f"{path}: skipped {len(rows) - len(kept)} of {len(rows)} rows with empty answers")
+    return kept
 
 
 def pack(rows: list[dict], max_len: int) -> tuple[np.ndarray, np.ndarray]:

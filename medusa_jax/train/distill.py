@@ -65,10 +65,26 @@ def write_atomic(path: str, text: str) -> None:
 def load_rows(data_dir: str) -> list[dict]:
     """All rows of a distilled data directory, in prompt order."""
     names = sorted(n for n in os.listdir(data_dir) if n.startswith("shard_") and n.endswith(".jsonl"))
+    if not os.path.isdir(data_dir):
+        raise ValueError(f"data dir {data_dir} does not exist: make it with python -m medusa_jax.train.distill")
     rows = []
     for n in names:
-        with open(os.path.join(data_dir, n)) as f:
-            rows += [json.loads(line) for line in f if line.strip()]
+        path = os.path.join(data_dir, n)
+        with open(path) as f:
+            for i, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    row = json.loads(line)
+                    ok = len(row["input_ids"]) == len(row["loss_mask"])
+                except (ValueError, KeyError, TypeError):
+                    ok = False
+                if not ok:
+                    raise ValueError(
+                        f"{path}:{i}: not a distilled row (input_ids and loss_mask of equal length): delete the "
+                        "shard and rerun distill, which regenerates missing shards"
+                    )
+                rows.append(row)
     return rows
 
 

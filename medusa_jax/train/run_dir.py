@@ -50,7 +50,15 @@ def load_run(path: str, dtype: str = "float32", tokenizer: bool = True):
         step = mngr.latest_step() if step is None else step
         if step is None:
             raise ValueError(f"{run} has no checkpoint yet")
-        out = mngr.restore(step, args=ocp.args.Composite(trainable=ocp.args.StandardRestore()))
+        try:
+            out = mngr.restore(step, args=ocp.args.Composite(trainable=ocp.args.StandardRestore()))
+        except Exception as e:  # orbax / tensorstore: pages of spec; keep the gist
+            from medusa_jax.train.trainer import short_error
+
+            raise ValueError(
+                f"cannot read checkpoint {run}/checkpoints/{step} ({short_error(e)}): it is truncated or corrupt; "
+                "pass an earlier step's directory as --ckpt, or its export/ dir as --heads"
+            ) from None
     trainable = jax.tree.map(lambda a: np.asarray(a), out["trainable"])
     if "backbone" in trainable:
         backbone = trainable["backbone"]

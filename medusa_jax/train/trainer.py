@@ -26,16 +26,60 @@ from medusa_jax.train.config import Config, ConfigError, dump, from_dict
 
 # settings that may change between a run and its resumption (they do not change the trajectory)
 RESUME_FREE = {"train.save_every", "train.log_every", "train.eval_every", "train.keep_checkpoints",
-               "train.checkpoint", "data.dev_path"}  # fmt: skip
+               "train.checkpoint", "data.dev_path", "train.max_bad_steps"}  # fmt: skip
 TINY = ModelConfig(
     vocab_size=128, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=8,
     max_position_embeddings=512, eos_token_ids=(0,),
 )  # fmt: skip
 CRASH_ENV = "MEDUSA_JAX_TRAIN_CRASH_AT"  # tests: stop abruptly after this step (simulated kill)
+SIGINT_ENV = "MEDUSA_JAX_TRAIN_SIGINT_AT"  # tests: send ourselves SIGINT (Ctrl-C) after this step
+NAN_ENV = "MEDUSA_JAX_TRAIN_NAN_AT"  # tests: comma-separated steps whose loss is made NaN (fault injection)
 
 
 class SimulatedKill(SystemExit):
     pass
+
+
+class TrainingError(Exception):
+    """A run that cannot go on (bad data, diverged loss, unreadable checkpoint): one line for the user."""
+
+
+class TrainingInterrupted(KeyboardInterrupt):
+    """Ctrl-C: a checkpoint of the last finished step was written; rerunning the same command resumes."""
+
+    def __init__(self, step: int, run_dir: str):
+        super().__init__(
+            f"interrupted after step {step}: checkpoint saved in {run_dir}; rerun the same command to resume"
+        )
+        self.step = step
+
+
+class _SigintFlag:
+    """Turns the first Ctrl-C into a flag the loop checks between steps (a second one interrupts at once)."""
+
+    def __init__(self):
+        self.hit = False
+        self.prev = None
+
+    def __enter__(self):
+        import signal
+        import threading
+
+        if threading.current_thread() is threading.main_thread():
+            self.prev = signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        import signal
+
+        self.hit = True
+        signal.signal(signal.SIGINT, self.prev or signal.default_int_handler)
+
+    def __exit__(self, *exc):
+        import signal
+
+        if self.prev is not None:
+            signal.signal(signal.SIGINT, self.prev)
 
 
 # ---------------------------------------------------------------------------------------------- model
@@ -407,12 +451,17 @@ def _trajectory_key(cfg: Config) -> Config:
 def make_step(cfg: Config, mc: ModelConfig, flat: bool, tx):
     loss_fn = make_loss(cfg, mc, flat)
 
-    def step_fn(trainable, opt_state, frozen, batch, step):
+    def step_fn(trainable, opt_state, frozen, batch, step, poison):
         (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(trainable, frozen, batch, step)
-        updates, opt_state = tx.update(grads, opt_state, trainable)
-        trainable = optax.apply_updates(trainable, updates)
-        aux = dict(aux, loss=loss, grad_norm=optax.tree.norm(grads))
-        return trainable, opt_state, aux
+        loss = loss + poison  # 0, or NaN when a test injects a fault
+        grad_norm = optax.tree.norm(grads)
+        updates, new_opt = tx.update(grads, opt_state, trainable)
+        new_trainable = optax.apply_updates(trainable, updates)
+        # a non-finite loss or gradient skips the update (parameters and optimizer state stay as they were)
+        ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+        keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(ok, a, b), new, old)
+        aux = dict(aux, loss=loss, grad_norm=grad_norm, skipped=~ok)
+        return keep(new_trainable, trainable), keep(new_opt, opt_state), aux
 
     return step_fn
 
@@ -479,7 +528,7 @@ def train(cfg: Config, progress: bool = True) -> TrainResult:
     if jstep is None:
         jstep = _STEP_CACHE[key] = jax.jit(
             make_step(cfg, mc, flat, tx),
-            in_shardings=(trainable_sh, opt_sh, frozen_sh, batch_sh, rep),
+            in_shardings=(trainable_sh, opt_sh, frozen_sh, batch_sh, rep, rep),
             out_shardings=(trainable_sh, opt_sh, rep),
             donate_argnums=(0, 1),
         )
@@ -489,7 +538,13 @@ def train(cfg: Config, progress: bool = True) -> TrainResult:
     metrics_path = os.path.join(run_dir, "metrics.jsonl")
     if mngr is not None and mngr.latest_step() is not None:
         start = int(mngr.latest_step())
-        trainable, opt_state, meta = restore_checkpoint(mngr, start, trainable, trainable_sh, opt_state, opt_sh)
+        try:
+            trainable, opt_state, meta = restore_checkpoint(mngr, start, trainable, trainable_sh, opt_state, opt_sh)
+        except Exception as e:  # orbax / tensorstore errors carry pages of spec; keep the gist
+            raise TrainingError(
+                f"cannot restore {run_dir}/checkpoints/{start} ({short_error(e)}): delete that step directory to "
+                "resume from an earlier checkpoint, or use a new run_dir"
+            ) from None
         if meta.get("data_position") != start * per_step:
             raise RuntimeError(f"checkpoint {start}: data position {meta.get('data_position')} != {start * per_step}")
         if is_main:
@@ -509,21 +564,45 @@ def train(cfg: Config, progress: bool = True) -> TrainResult:
 
     sc = schedules(cfg)
     crash_at = int(os.environ.get(CRASH_ENV, "0") or 0)
+    sigint_at = int(os.environ.get(SIGINT_ENV, "0") or 0)
+    nan_at = {int(x) for x in os.environ.get(NAN_ENV, "").split(",") if x.strip()}
+    bad_steps = 0
     losses = []
     bar = tqdm(total=cfg.train.steps, initial=start, disable=not (progress and is_main), unit="step")
     mf = open(metrics_path, "a") if is_main else None  # noqa: SIM115
     t_last, tok_since = time.perf_counter(), 0
     eval_res = None
+
+    def save(step):
+        meta = {"step": step, "data_position": step * per_step, "rng_seed": cfg.train.seed}
+        save_checkpoint(mngr, step, trainable, opt_state, meta)
+
+    sigint = _SigintFlag()
     try:
+        sigint.__enter__()
         for step in range(start, cfg.train.steps):
             batch = get_batch(step)
-            trainable, opt_state, aux = jstep(trainable, opt_state, frozen, batch, jnp.int32(step))
+            poison = jnp.float32(np.nan if step + 1 in nan_at else 0.0)
+            trainable, opt_state, aux = jstep(trainable, opt_state, frozen, batch, jnp.int32(step), poison)
             tok_since += per_step if flat else int(per_step * ids.shape[1])
             done = step + 1
+            if bool(aux["skipped"]):
+                bad_steps += 1
+                if is_main:
+                    tqdm.write(f"step {done}: loss or gradient not finite; update skipped ({bad_steps} so far)")
+                if bad_steps > cfg.train.max_bad_steps:
+                    raise TrainingError(
+                        f"{bad_steps} steps with a non-finite loss or gradient (the latest at step {done}), more "
+                        f"than train.max_bad_steps={cfg.train.max_bad_steps}: lower the learning rates or check the "
+                        "data; the last checkpoint holds finite parameters"
+                    )
             if done % cfg.train.log_every == 0 or done == cfg.train.steps:
                 aux = jax.device_get(aux)
                 dt = time.perf_counter() - t_last
-                rec = {"step": done, "loss": float(aux["loss"]), "heads_loss": float(aux["heads_loss"])}
+                loss = float(aux["loss"])
+                rec = {"step": done, "loss": loss if np.isfinite(loss) else None,
+                       "heads_loss": float(aux["heads_loss"]) if np.isfinite(aux["heads_loss"]) else None,
+                       "skipped_steps": bad_steps}  # fmt: skip
                 for k in range(k_heads):
                     rec[f"head{k}_loss"] = float(aux["head_loss"][k])
                     rec[f"head{k}_top1"] = float(aux["head_acc"][k])
@@ -535,23 +614,30 @@ def train(cfg: Config, progress: bool = True) -> TrainResult:
                 if cfg.train.eval_every and done % cfg.train.eval_every == 0 and dev is not None:
                     ev = evaluate(cfg, mc, trainable, eval_frozen, dev, mesh, flat)
                     rec.update({f"dev_head{k}_top1": ev["top1"][k] for k in range(k_heads)})
-                losses.append(rec["loss"])
+                losses.append(loss)
                 if mf is not None:
                     mf.write(json.dumps(rec) + "\n")
                     mf.flush()
-                bar.set_postfix(loss=f"{rec['loss']:.3f}", top1=f"{rec['head0_top1']:.2f}")
+                bar.set_postfix(loss=f"{loss:.3f}", top1=f"{rec['head0_top1']:.2f}")
                 t_last, tok_since = time.perf_counter(), 0
             bar.update(1)
             if mngr is not None and cfg.train.save_every and done % cfg.train.save_every == 0:
-                save_checkpoint(mngr, done, trainable, opt_state, {"step": done, "data_position": done * per_step,
-                                                                   "rng_seed": cfg.train.seed})  # fmt: skip
+                save(done)
             if crash_at and done == crash_at:
                 raise SimulatedKill(3)
+            if sigint_at and done == sigint_at:
+                import signal
+
+                os.kill(os.getpid(), signal.SIGINT)
+            if sigint.hit:
+                if mngr is not None and mngr.latest_step() != done:
+                    save(done)
+                bar.close()
+                raise TrainingInterrupted(done, run_dir)
         bar.close()
         final = cfg.train.steps
         if mngr is not None and mngr.latest_step() != final:
-            save_checkpoint(mngr, final, trainable, opt_state, {"step": final, "data_position": final * per_step,
-                                                                "rng_seed": cfg.train.seed})  # fmt: skip
+            save(final)
         if dev is not None:
             eval_res = evaluate(cfg, mc, trainable, eval_frozen, dev, mesh, flat)
             if is_main:
@@ -563,11 +649,18 @@ def train(cfg: Config, progress: bool = True) -> TrainResult:
             extra = {"medusa_jax_train": {"mode": cfg.train.mode, "steps": final, "dev": eval_res}}
             export(cfg, run_dir, host, base_name, extra)
     finally:
+        sigint.__exit__()
         if mf is not None:
             mf.close()
         if mngr is not None:
-            mngr.close()
+            mngr.close()  # waits for an asynchronous save to finish
     return TrainResult(losses, cfg.train.steps, eval_res, run_dir, trainable)
+
+
+def short_error(e: BaseException, limit: int = 160) -> str:
+    """The first line of an exception's message, without tensorstore's spec dump, at most `limit` characters."""
+    msg = " ".join(str(e).split("[tensorstore_spec")[0].split()) or type(e).__name__
+    return msg if len(msg) <= limit else msg[: limit - 3] + "..."
 
 
 def _cached(path: str, compute, ids: np.ndarray):
