@@ -145,10 +145,10 @@ def generate(model, prompts: list[str], args) -> tuple[list, float]:
             model.check_fits(len(ids), args.max_new_tokens)
         except ValueError as e:
             raise InputError(f"prompt {n}: {e}") from None
-    mode = args.mode or ("medusa" if model.heads is not None else "ar")
+    mode = args.mode or default_mode(model, args, len(encoded))
     kw = medusa_kwargs(args) if mode == "medusa" else {}
     if stream_enabled(args, prompts):
-        return generate_streaming(model, prompts, encoded, mode, args)
+        return generate_streaming(model, prompts, encoded, args.mode, args)
     t0 = time.perf_counter()
     results = model.generate(
         encoded,
@@ -157,11 +157,21 @@ def generate(model, prompts: list[str], args) -> tuple[list, float]:
         top_p=args.top_p,
         top_k=args.top_k,
         seed=args.seed,
-        mode=mode,
+        mode=args.mode,
         batch_size=args.batch_size,
         **kw,
     )
     return results, time.perf_counter() - t0
+
+
+def default_mode(model, args, n_prompts: int) -> str:
+    """medusa when there are heads, unless the heads' calibration for this device found no tree worth verifying at
+    this batch size."""
+    if model.heads is None:
+        return "ar"
+    if args.tree is None and model.calibration is not None:
+        return "medusa" if model.default_tree(min(args.batch_size or 16, n_prompts)) else "ar"
+    return "medusa"
 
 
 def medusa_kwargs(args) -> dict:
@@ -177,14 +187,16 @@ def stream_enabled(args, prompts) -> bool:
     return args.stream if args.stream is not None else len(prompts) == 1
 
 
-def make_session(model, mode: str, args):
+def make_session(model, mode: str | None, args):
     from medusa_jax.session import Session
 
     return Session(model, mode=mode, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
-                   seed=args.seed, **(medusa_kwargs(args) if mode == "medusa" else {}))  # fmt: skip
+                   seed=args.seed, **medusa_kwargs(args))  # fmt: skip
 
 
-def generate_streaming(model, prompts: list[str], encoded: list[list[int]], mode: str, args) -> tuple[list, float]:
+def generate_streaming(
+    model, prompts: list[str], encoded: list[list[int]], mode: str | None, args
+) -> tuple[list, float]:
     """One prompt at a time, printing text as the decode loop accepts it."""
     from medusa_jax.api import GenerationResult
 
@@ -297,11 +309,11 @@ def main(argv: list[str] | None = None) -> int:
 
         heads = False if args.heads == "none" else args.heads
         model = medusa_jax.load(args.ckpt, dtype=args.dtype, heads=heads)  # CheckpointError
-        mode = args.mode or ("medusa" if model.heads is not None else "ar")
+        mode = args.mode or default_mode(model, args, 1 if args.chat else len(prompts))
         if mode == "medusa" and model.heads is None:
             raise InputError("--mode medusa needs Medusa heads: pass --heads PATH")
         if args.chat:
-            chat(model, mode, args)
+            chat(model, args.mode, args)
             return 0
         results, seconds = generate(model, prompts, args)
         report(prompts, results, seconds, mode, printed=stream_enabled(args, prompts))

@@ -14,7 +14,7 @@ import numpy as np
 from medusa_jax import checkpoint
 from medusa_jax.config import ModelConfig
 from medusa_jax.generation import LoopConfig, bucket, generate_ar
-from medusa_jax.heads import HeadsConfig, base_lm_head, heads_logits
+from medusa_jax.heads import HeadsConfig, attach_draft_vocab, base_lm_head, heads_logits
 from medusa_jax.model import Transformer, causal_mask
 from medusa_jax.sampling import SamplingParams
 
@@ -51,6 +51,7 @@ class MedusaModel:
         self.heads = heads
         self.name = name
         self.tree = tree  # default Medusa tree choices (list of paths) or None
+        self.calibration = None  # calibrate.py's result for this device and dtype: a tree per batch size
         self.max_cache = cfg.max_position_embeddings
 
     @property
@@ -105,7 +106,8 @@ class MedusaModel:
     ) -> list[GenerationResult]:
         """Generate for each prompt (a string, or a list of token ids). Returns one result per prompt, in order.
 
-        mode: "ar" or "medusa" (default: "medusa" when heads are loaded). Prompts run in batches of `batch_size`
+        mode: "ar" or "medusa" (default: "medusa" when heads are loaded, except for batch sizes whose calibrated
+        tree is empty, where verification costs more than it gains). Prompts run in batches of `batch_size`
         (default: all at once, up to 16)."""
         if isinstance(prompts, str) or (len(prompts) and isinstance(prompts[0], int | np.integer)):
             prompts = [prompts]
@@ -115,6 +117,7 @@ class MedusaModel:
             raise ValueError(
                 f"bad sampling values: temperature={temperature} (>= 0), top_p={top_p} (0, 1], top_k={top_k} (>= 0)"
             )
+        auto = mode is None
         mode = mode or ("medusa" if self.heads is not None else "ar")
         if mode not in ("ar", "medusa"):
             raise ValueError(f"mode must be 'ar' or 'medusa', got {mode!r}")
@@ -125,8 +128,22 @@ class MedusaModel:
         results = []
         for i in range(0, len(encoded), batch_size):
             chunk = encoded[i : i + batch_size]
-            results += self._generate_batch(chunk, max_new_tokens, temperature, top_p, top_k, seed + i, mode, medusa_kw)
+            kw, m = dict(medusa_kw), mode
+            if m == "medusa" and "tree" not in kw and self.calibration is not None:
+                kw["tree"] = self.default_tree(len(chunk))
+                if auto and not kw["tree"]:
+                    m = "ar"  # calibrated: no tree pays off at this batch size on this device
+            results += self._generate_batch(chunk, max_new_tokens, temperature, top_p, top_k, seed + i, m, kw)
         return results
+
+    def default_tree(self, batch: int):
+        """The tree used when none is named: the calibrated one for this batch size, else the heads' `tree.json`,
+        else the built-in default for the backend (None)."""
+        if self.calibration is not None:
+            from medusa_jax.calibrate import tree_for_batch
+
+            return tree_for_batch(self.calibration, batch)
+        return self.tree
 
     def check_fits(self, prompt_len: int, max_new_tokens: int, extra: int = 0) -> int:
         """The cache slots a batch needs; raises ValueError when it cannot fit the model's context."""
@@ -204,6 +221,7 @@ def load(
     param_dtype: str | None = None,
     heads: str | bool | None = None,
     tokenizer: bool = True,
+    draft_vocab: bool | int = True,
 ) -> MedusaModel:
     """Load a backbone (and optional Medusa heads).
 
@@ -211,7 +229,9 @@ def load(
     training run directory (or one step's checkpoint in it), or None for the embedded default
     (SmolLM2-135M-Instruct). heads: a heads directory/file/hub id, a shipped head set's name, False for none, or
     None: a Medusa-2 checkpoint's own heads, or the shipped default heads for the embedded model.
-    dtype: compute dtype ("float32" or "bfloat16"); param_dtype defaults to dtype."""
+    dtype: compute dtype ("float32" or "bfloat16"); param_dtype defaults to dtype. draft_vocab: use the reduced
+    draft vocabulary saved beside the heads (`draft_vocab.json`), if any: True (all of it), an int (its first N
+    tokens) or False (the heads draft from the full vocabulary)."""
     if dtype not in ("float32", "bfloat16", "float16"):
         raise ValueError(f"dtype must be float32, bfloat16 or float16, got {dtype!r}")
     if ckpt is not None and os.path.isdir(ckpt):
@@ -252,11 +272,21 @@ def load(
             from medusa_jax.train.lora import apply_adapter
 
             apply_adapter(model, heads)  # a Medusa-2 set: LoRA adapters for the backbone beside the heads
+        if draft_vocab is not False and os.path.isdir(heads):
+            from medusa_jax.draft_vocab import read
+
+            ids = read(heads, None if draft_vocab is True else int(draft_vocab))
+            if ids is not None:
+                model.heads = attach_draft_vocab(model.heads, base_lm_head(model.params), ids)
         tree_file = os.path.join(heads, "tree.json") if os.path.isdir(heads) else None
         if tree_file and os.path.exists(tree_file):
             from medusa_jax.tree import get_tree
 
-            model.tree = get_tree(tree_file)  # the tree calibrated for these heads
+            model.tree = get_tree(tree_file)  # a fixed tree shipped with these heads
+        if os.path.isdir(heads):
+            from medusa_jax.calibrate import read_calibration
+
+            model.calibration = read_calibration(heads, dtype)  # trees sized to this device, per batch size
     elif medusa2:
         from medusa_jax.heads_io import check_heads, heads_from_tensors
 

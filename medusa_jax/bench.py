@@ -2,6 +2,7 @@
 
   python -m medusa_jax.bench --prompts-file ../shared/data/dev_prompts.jsonl --num-prompts 8 --modes ar,hf
   python -m medusa_jax.bench --steps --batch-sizes 1,8 --tree-sizes 1,4,8,16,32,64
+  python -m medusa_jax.bench --calibrate --heads DIR --prompts-file held_out.jsonl --batch-sizes 1,8,32
 
 Each mode runs on the same prompts in one process after a warm-up (compile time reported apart). Numbers are
 medians over `--repeats` runs; ratios are taken within one run.
@@ -166,6 +167,35 @@ def step_costs(model, batch_sizes, tree_sizes, prefix: int = 128, iters: int = 2
     return out
 
 
+# ---------------------------------------------------------------------------------------------- calibration
+def calibrate_cli(args) -> int:
+    """--calibrate: accuracies on held-out prompts, cost curve per batch size, best tree per batch size."""
+    import medusa_jax
+    from medusa_jax import calibrate
+    from medusa_jax.prompts import read_prompts
+
+    if not args.heads or not os.path.isdir(args.heads):
+        print("--calibrate needs --heads DIR (a heads directory: the result is written there)", file=sys.stderr)
+        return 2
+    if not args.prompts_file:
+        print("--calibrate needs --prompts-file (held-out prompts, not the evaluation set)", file=sys.stderr)
+        return 2
+    model = medusa_jax.load(args.ckpt, dtype=args.dtype, heads=args.heads, draft_vocab=not args.no_draft_vocab)
+    prompts = read_prompts(args.prompts_file)[: args.num_prompts]
+    bs = [int(x) for x in args.batch_sizes.split(",")]
+    cal = calibrate.calibrate(model, prompts, batch_sizes=bs, max_new_tokens=args.max_new_tokens)
+    cal.update(machine=machine(), argv=sys.argv[1:])
+    path = calibrate.calibration_path(args.heads, args.dtype)
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(cal, f, indent=1)
+    os.replace(tmp, path)
+    png = args.png or path[: -len(".json")] + ".png"
+    drew = calibrate.plot(cal, png)
+    print(f"wrote {path}" + (f" and {png}" if drew else " (no PNG: pip install matplotlib)"))
+    return 0
+
+
 # ---------------------------------------------------------------------------------------------- CLI
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m medusa_jax.bench", description=__doc__.split("\n\n")[0])
@@ -183,13 +213,23 @@ def main(argv=None) -> int:
     ap.add_argument("--batch-sizes", default="1,8")
     ap.add_argument("--tree-sizes", default="1,4,8,16,32,64")
     ap.add_argument("--random-heads", type=int, default=0, help="attach N random heads (shared lm_head)")
+    ap.add_argument(
+        "--calibrate",
+        action="store_true",
+        help="measure head accuracies and this device's step costs, and write the best tree per batch size next to "
+        "the heads (calibration-<device>-<dtype>.json + .png), which load() then uses on this kind of device",
+    )
+    ap.add_argument("--no-draft-vocab", action="store_true", help="heads draft from the full vocabulary")
+    ap.add_argument("--png", default=None, help="plot tokens/s and tokens per step against tree size (--calibrate)")
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
+    if args.calibrate:
+        return calibrate_cli(args)
 
     import medusa_jax
     from medusa_jax.checkpoint import resolve
 
-    model = medusa_jax.load(args.ckpt, dtype=args.dtype, heads=args.heads)
+    model = medusa_jax.load(args.ckpt, dtype=args.dtype, heads=args.heads, draft_vocab=not args.no_draft_vocab)
     if args.random_heads:
         from medusa_jax.heads import HeadsConfig, init_heads
 
@@ -235,6 +275,9 @@ def main(argv=None) -> int:
                     print("medusa: no heads (--heads or --random-heads), skipped")
                     continue
                 kw = {"tree": args.tree} if mode == "medusa" and args.tree else {}
+                if mode == "medusa" and not args.tree and model.calibration is not None:
+                    kw["tree"] = model.default_tree(args.batch_size)
+                    report["tree"] = kw["tree"]
                 report["modes"][mode], _ = run_ours(
                     model, encoded, mode, args.max_new_tokens, args.batch_size, args.repeats, **kw
                 )

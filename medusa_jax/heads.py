@@ -85,3 +85,25 @@ def init_heads(hc: HeadsConfig, backbone_params: dict, seed: int = 0, scale: flo
     if not hc.shared_lm_head:
         params["proj"] = {"kernel": jnp.asarray(np.broadcast_to(lm, (hc.num_heads, *lm.shape)), dtype)}
     return params
+
+
+def attach_draft_vocab(params: dict, lm_head: jax.Array, ids) -> dict:
+    """Heads that draft from a reduced vocabulary `ids` `[Vd]` (the tokens the model emits most, as in FR-Spec): the
+    decode loop then projects the heads onto these Vd columns only. `heads_logits` (and `forward`) still cover the
+    full vocabulary. Greedy output is unchanged (the base model verifies every candidate); only which tokens can be
+    proposed changes."""
+    ids = np.asarray(ids, np.int32)
+    kernel = params["proj"]["kernel"][:, :, ids] if "proj" in params else jnp.asarray(lm_head)[:, ids]
+    return dict(params, draft={"ids": jnp.asarray(ids), "kernel": kernel})
+
+
+def draft_logits(params: dict, hidden: jax.Array, lm_head: jax.Array, dtype=None) -> tuple[jax.Array, jax.Array | None]:
+    """hidden `[..., E]` -> (float32 logits `[K, ..., Vd]`, token ids of the Vd columns `[Vd]` or None for the full
+    vocabulary)."""
+    if "draft" not in params:
+        return heads_logits(params, hidden, lm_head, dtype), None
+    dtype = dtype or hidden.dtype
+    x = heads_hidden(params, hidden, dtype)
+    kernel = params["draft"]["kernel"].astype(dtype)
+    spec = "k...e,kev->k...v" if kernel.ndim == 3 else "k...e,ev->k...v"
+    return jnp.einsum(spec, x, kernel).astype(jnp.float32), params["draft"]["ids"]

@@ -24,7 +24,7 @@ import numpy as np
 
 from medusa_jax.config import ModelConfig
 from medusa_jax.generation import append_tokens, is_eos, lm_logits
-from medusa_jax.heads import base_lm_head, heads_logits
+from medusa_jax.heads import base_lm_head, draft_logits
 from medusa_jax.model import KVCache, Transformer, causal_mask
 from medusa_jax.sampling import SamplingParams, process_logits
 from medusa_jax.tree import TreeBuffers, build_buffers, get_tree
@@ -93,12 +93,15 @@ def choose_root(logits, banned, rng, loop: MedusaLoop, sp: SamplingParams, th: T
     return jax.random.categorical(rng, jnp.where(keep, scaled, -jnp.inf), axis=-1).astype(jnp.int32)
 
 
-def tree_candidates(root: jax.Array, head_logits: jax.Array, tree: TreeBuffers) -> jax.Array:
-    """root `[B]`, head_logits `[K, B, V]` -> tree tokens `[B, L]` (node 0 = root)."""
+def tree_candidates(root: jax.Array, head_logits: jax.Array, tree: TreeBuffers, draft_ids=None) -> jax.Array:
+    """root `[B]`, head_logits `[K, B, V]` (or `[K, B, Vd]` over the draft vocabulary `draft_ids` `[Vd]`) -> tree
+    tokens `[B, L]` (node 0 = root)."""
     k, b, _ = head_logits.shape
     if tree.num_nodes == 1:
         return root[:, None]
     _, top = jax.lax.top_k(head_logits[: tree.depth], tree.topk)  # [D, B, topk]
+    if draft_ids is not None:
+        top = draft_ids[top]
     flat = jnp.concatenate([root[:, None], jnp.transpose(top, (1, 0, 2)).reshape(b, -1)], axis=1)
     return flat[:, jnp.asarray(tree.tree_indices)]
 
@@ -220,10 +223,15 @@ def compact_cache(cache: KVCache, lengths, path_nodes) -> KVCache:
 
 
 def head_logits_at(cfg: ModelConfig, params, heads, hidden: jax.Array) -> jax.Array:
-    """hidden `[B, E]` -> `[K, B, V]` (K = 0 without heads: the loop is then plain autoregressive decoding)."""
+    """hidden `[B, E]` -> `[K, B, V]`, or `[K, B, Vd]` with a draft vocabulary (K = 0 without heads: the loop is then
+    plain autoregressive decoding)."""
     if heads is None:
-        return jnp.zeros((0, hidden.shape[0], cfg.vocab_size), jnp.float32)
-    return heads_logits(heads, hidden, base_lm_head(params), cfg.jnp_dtype)
+        return jnp.zeros((0, hidden.shape[0], 1), jnp.float32)
+    return draft_logits(heads, hidden, base_lm_head(params), cfg.jnp_dtype)[0]
+
+
+def draft_ids_of(heads):
+    return heads["draft"]["ids"] if heads is not None and "draft" in heads else None
 
 
 def start_state(cfg, loop: MedusaLoop, params, heads, cache: KVCache, start, tokens, lengths, max_new, rng):
@@ -253,7 +261,7 @@ def medusa_step(cfg, loop: MedusaLoop, params, heads, s: MedusaState, max_new, s
     rng, k_root, k_accept = jax.random.split(s.rng, 3)
     # 1. candidates
     root = choose_root(s.logits, s.banned, k_root, loop, sp, th)
-    cand = tree_candidates(root, s.head_logits, tree)  # [B, L]
+    cand = tree_candidates(root, s.head_logits, tree, draft_ids_of(heads))  # [B, L]
     # 2. verify the whole tree in one forward, at positions length + depth under the tree mask
     model = Transformer(cfg)
     positions = s.lengths[:, None] + jnp.asarray(tree.position_ids)[None, :]

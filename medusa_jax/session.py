@@ -61,7 +61,9 @@ class Session:
         topk: int = 10,
         chunk_steps: int = 4,
     ):
-        mode = mode or ("medusa" if model.heads is not None else "ar")
+        if mode is None:
+            calibrated_ar = tree is None and model.calibration is not None and not model.default_tree(1)
+            mode = "medusa" if model.heads is not None and not calibrated_ar else "ar"
         if mode not in ("ar", "medusa"):
             raise ValueError(f"mode must be 'ar' or 'medusa', got {mode!r}")
         if mode == "medusa" and model.heads is None:
@@ -73,7 +75,8 @@ class Session:
         self.model = model
         self.heads = model.heads if mode == "medusa" else None
         if mode == "medusa":
-            self.tree = resolve_tree(tree if tree is not None else model.tree, model.heads_config.num_heads, topk)
+            tree = tree if tree is not None else model.default_tree(1)
+            self.tree = resolve_tree(tree, model.heads_config.num_heads, topk)
         else:
             self.tree = build_buffers([], topk=1)  # root only: autoregressive
         self.acceptance = acceptance

@@ -116,3 +116,29 @@ def test_smollm2_greedy_equals_ar(smollm2, dev_prompts, batch):
     md = m.generate(prompts, max_new_tokens=24, mode="medusa", tree="cpu_8")
     assert [r.output_ids for r in md] == [r.output_ids for r in ar]
     assert batch == 1 or len({len(r.prompt_ids) for r in md}) > 2  # mixed lengths
+
+
+def test_draft_vocabulary_keeps_greedy_output_and_only_proposes_its_tokens():
+    import jax.numpy as jnp
+
+    from medusa_jax.draft_vocab import build, token_counts
+    from medusa_jax.heads import attach_draft_vocab, base_lm_head, draft_logits
+    from medusa_jax.medusa_decode import tree_candidates
+
+    m = tiny_model(vocab=16, heads=2, seed=1)
+    prompts = random_prompts(4, 16, seed=3)
+    ar = m.generate(prompts, max_new_tokens=20, mode="ar")
+    rows = [{"input_ids": r.prompt_ids + r.output_ids, "loss_mask": [0] * len(r.prompt_ids) + [1] * r.new_tokens}
+            for r in ar]  # fmt: skip
+    info = build(token_counts(rows), 6)
+    assert info["size"] == 6 and 0 < info["coverage"] <= 1 and info["answer_tokens"] == 80
+    ids = info["ids"]
+    m.heads = attach_draft_vocab(m.heads, base_lm_head(m.params), ids)
+    md = m.generate(prompts, max_new_tokens=20, mode="medusa", tree=[[0], [1], [0, 0]], topk=2)
+    assert [r.output_ids for r in md] == [r.output_ids for r in ar]
+    logits, got_ids = draft_logits(m.heads, jnp.ones((3, 32)), base_lm_head(m.params))
+    assert logits.shape == (2, 3, 6) and got_ids.tolist() == ids
+    full = m.forward([[1, 2, 3]]).medusa_logits
+    assert full.shape == (2, 1, 3, 16)  # forward still covers the full vocabulary
+    cand = tree_candidates(jnp.array([15, 15, 15]), logits, build_buffers([[0], [1], [0, 0]], topk=2), got_ids)
+    assert set(np.asarray(cand[:, 1:]).ravel().tolist()) <= set(ids)

@@ -36,7 +36,7 @@ class HeadsSection:
 @dataclasses.dataclass(frozen=True)
 class DataSection:
     kind: str = "distill"  # "distill" (a medusa_jax.train.distill directory) or "synthetic" (tiny tests)
-    path: str = ""
+    path: str = ""  # distilled data dir(s), comma-separated
     dev_path: str = ""  # distilled dev answers, for evaluation only
     max_len: int = 256  # sequences are cut to this many tokens
     num_rows: int = 0  # use the first N rows (0: all)

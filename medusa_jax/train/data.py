@@ -32,9 +32,9 @@ def load_data_rows(cfg: Config, vocab: int, dev: bool = False) -> list[dict]:
     from medusa_jax.train.distill import load_rows
 
     path = cfg.data.dev_path if dev else cfg.data.path
-    if "dev_prompts" in path or (not dev and path and path == cfg.data.dev_path):
+    if "dev_prompts" in path or (not dev and cfg.data.dev_path and cfg.data.dev_path in path.split(",")):
         raise ValueError(f"data.path {path!r} looks like dev data: never train on it")
-    rows = load_rows(path)
+    rows = [row for part in path.split(",") if part.strip() for row in load_rows(part.strip())]
     if cfg.data.num_rows and not dev:
         rows = rows[: cfg.data.num_rows]
     if not rows:
