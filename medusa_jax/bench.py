@@ -19,7 +19,6 @@ import sys
 import time
 
 import jax
-import jax.numpy as jnp
 
 
 def machine() -> str:
@@ -117,53 +116,19 @@ def tree_of_size(n: int) -> list[list[int]]:
 
 
 def step_costs(model, batch_sizes, tree_sizes, prefix: int = 128, iters: int = 20, repeats: int = 3):
-    """Median seconds per decode step: an AR step, and a Medusa verify step (tree forward + base logits at every
-    node + heads at one node) for each tree size."""
-    from functools import partial
-
-    from medusa_jax.heads import base_lm_head, heads_logits
-    from medusa_jax.model import KVCache, Transformer, causal_mask
+    """Median seconds per step of the real decode loop (`calibrate.step_cost`: candidates, tree forward, acceptance,
+    cache compaction, heads at the accepted node) after a `prefix`-token prefill: "ar" is the loop without tree or
+    heads, n the first n-1 paths of mc_sim_7b_63."""
+    from medusa_jax.calibrate import step_cost
     from medusa_jax.tree import build_buffers
 
-    cfg, params, heads = model.cfg, model.params, model.heads
-    tf = Transformer(cfg)
-    slots = prefix + 128
-
-    @partial(jax.jit, static_argnums=(0,))
-    def loop(n_nodes, params, heads, mask, depth, tokens, cache, lengths):
-        def body(i, carry):
-            cache, acc = carry
-            pos = lengths[:, None] + depth[None, :]
-            h, cache = tf.apply({"params": params}, tokens, pos, mask, cache, lengths)
-            logits = tf.apply({"params": params}, h, method=tf.logits)
-            acc = acc + jnp.argmax(logits, -1).sum()
-            if heads is not None and n_nodes > 1:
-                acc = acc + jnp.argmax(heads_logits(heads, h[:, 0], base_lm_head(params), cfg.jnp_dtype), -1).sum()
-            return cache, acc
-
-        return jax.lax.fori_loop(0, iters, body, (cache, jnp.int32(0)))[1]
-
+    prompt = [1] * prefix
     out = {}
     for b in batch_sizes:
-        cache = KVCache.zeros(cfg, b, slots)
-        lengths = jnp.full((b,), prefix, jnp.int32)
-        for n in [1, *tree_sizes]:
-            if n == 1:
-                mask, depth = causal_mask(1), jnp.zeros((1,), jnp.int32)
-            else:
-                tb = build_buffers(tree_of_size(n))
-                mask, depth = jnp.asarray(tb.attn_mask > 0), jnp.asarray(tb.position_ids)
-            tokens = jnp.ones((b, mask.shape[0]), jnp.int32)
-            key = "ar" if n == 1 else n
-            jax.block_until_ready(loop(mask.shape[0], params, heads, mask, depth, tokens, cache, lengths))  # compile
-            times = []
-            for _ in range(repeats):
-                t0 = time.perf_counter()
-                jax.block_until_ready(loop(mask.shape[0], params, heads, mask, depth, tokens, cache, lengths))
-                times.append((time.perf_counter() - t0) / iters)
-            out.setdefault(b, {})[key] = statistics.median(times)
-            if n == 1 and 1 in tree_sizes:
-                out[b][1] = out[b]["ar"]
+        out[b] = {"ar": step_cost(model, prompt, b, build_buffers([], topk=1), None, iters, repeats)}
+        for n in tree_sizes:
+            tree = build_buffers(tree_of_size(n))
+            out[b][n] = step_cost(model, prompt, b, tree, model.heads, iters, repeats) if n > 1 else out[b]["ar"]
     return out
 
 

@@ -120,37 +120,54 @@ def tree_children(tree: TreeBuffers) -> np.ndarray:
     return table
 
 
+@functools.lru_cache(maxsize=64)
+def tree_parents(tree: TreeBuffers) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(parent `[L]` (the root's is 0), internal `[Li]` the nodes with children, slot `[L]` each node's index in
+    `internal` (0 for leaves)). Base logits are needed at internal nodes only (to judge their children)."""
+    kids = tree_children(tree)
+    parent = np.zeros(tree.num_nodes, np.int32)
+    for n, row in enumerate(kids):
+        parent[row[row >= 0]] = n
+    internal = np.flatnonzero(kids[:, 0] >= 0).astype(np.int32)
+    slot = np.zeros(tree.num_nodes, np.int32)
+    slot[internal] = np.arange(len(internal), dtype=np.int32)
+    return parent, internal, slot
+
+
 def evaluate_paths(tokens, logits, loop: MedusaLoop, sp: SamplingParams, th: Thresholds):
     """Greedy or typical acceptance: pick each row's best path.
 
-    tokens `[B, L]`, logits `[B, L, V]` (base logits at each tree node). Returns (accepted speculative tokens `[B]`
-    (0..D), path tokens `[B, D+1]`, path nodes `[B, D+1]`)."""
-    ri = np.asarray(loop.tree.retrieve_indices)  # [P, D+1], -1 padded
-    valid = jnp.asarray(ri >= 0)
-    nodes = jnp.asarray(np.maximum(ri, 0))
-    path_tokens = tokens[:, nodes]  # [B, P, D+1]
-    nxt = path_tokens[:, :, 1:]  # the speculative token after each path position  [B, P, D]
-    path_logits = logits[:, nodes[:, :-1]]  # logits that judge them  [B, P, D, V]
+    tokens `[B, L]`, logits `[B, Li, V]`: base logits at the internal nodes (`tree_parents`). Each node is judged
+    once, against its parent's distribution (`[B, L]`), then the per-node verdicts are gathered along the paths.
+    Returns (accepted speculative tokens `[B]` (0..D), path tokens `[B, D+1]`, path nodes `[B, D+1]`, banned)."""
+    parent, _, slot = tree_parents(loop.tree)
+    judge = jnp.asarray(slot[parent])  # [L] the logits row that judges each node
+    b = tokens.shape[0]
+    no_ban = jnp.full((b, tree_children(loop.tree).shape[1]), -1, jnp.int32)
+    if loop.tree.depth == 0:  # root only (autoregressive)
+        return jnp.zeros((b,), jnp.int32), tokens, jnp.zeros((b, 1), jnp.int32), no_ban
     if loop.acceptance == "greedy":
-        ok = jnp.argmax(path_logits, axis=-1) == nxt
-        score = jnp.zeros(ok.shape, jnp.float32)
+        node_ok = jnp.argmax(logits, axis=-1)[:, judge] == tokens  # [B, L]
+        node_score = jnp.zeros(tokens.shape, jnp.float32)
     else:
-        probs = jax.nn.softmax(process_logits(path_logits, sp), axis=-1)
-        p = jnp.take_along_axis(probs, nxt[..., None], axis=-1)[..., 0]
-        ok = p > typical_threshold(probs, th)
-        score = jnp.log(p + 1e-12)
-    ok = ok & valid[None, :, 1:]
-    run = jnp.cumprod(ok.astype(jnp.int32), axis=-1)  # [B, P, D]
+        probs = jax.nn.softmax(process_logits(logits, sp), axis=-1)  # [B, Li, V]
+        p = probs[jnp.arange(b)[:, None], judge[None, :], tokens]  # [B, L]
+        node_ok = p > typical_threshold(probs, th)[:, judge]
+        node_score = jnp.log(p + 1e-12)
+    ri = np.asarray(loop.tree.retrieve_indices)  # [P, D+1], -1 padded
+    valid = jnp.asarray(ri[:, 1:] >= 0)
+    nodes = jnp.asarray(np.maximum(ri, 0))
+    ok = node_ok[:, nodes[:, 1:]] & valid[None]  # [B, P, D]
+    score = node_score[:, nodes[:, 1:]]
+    run = jnp.cumprod(ok.astype(jnp.int32), axis=-1)
     accept = run.sum(-1)  # [B, P]
     best_len = accept.max(-1)  # [B]
     # ties: the highest summed log-probability of the accepted tokens
     ll = jnp.sum(score * run, axis=-1)
     ll = jnp.where(accept == best_len[:, None], ll, -jnp.inf)
     best = jnp.argmax(ll, axis=-1)
-    take = lambda a: jnp.take_along_axis(a, best[:, None, None], axis=1)[:, 0]
-    path_nodes = jnp.broadcast_to(nodes, path_tokens.shape)[jnp.arange(best.shape[0]), best]
-    no_ban = jnp.full((tokens.shape[0], tree_children(loop.tree).shape[1]), -1, jnp.int32)
-    return best_len, take(path_tokens), path_nodes, no_ban
+    path_nodes = nodes[best]  # [B, D+1]
+    return best_len, jnp.take_along_axis(tokens, path_nodes, axis=1), path_nodes, no_ban
 
 
 def rejection_paths(tokens, logits, loop: MedusaLoop, sp: SamplingParams, rng):
@@ -162,9 +179,10 @@ def rejection_paths(tokens, logits, loop: MedusaLoop, sp: SamplingParams, rng):
     p_res <- norm(p_res with x removed) and the next child is tried. When all are rejected, the next token is drawn
     from the final residual: the next step's root, with the rejected tokens returned as `banned`.
 
-    tokens `[B, L]`, logits `[B, L, V]`. Returns (accepted `[B]`, path tokens `[B, D+1]`, path nodes `[B, D+1]`,
-    banned `[B, C]`)."""
+    tokens `[B, L]`, logits `[B, Li, V]` at the internal nodes. Returns (accepted `[B]`, path tokens `[B, D+1]`, path
+    nodes `[B, D+1]`, banned `[B, C]`)."""
     children = jnp.asarray(tree_children(loop.tree))  # [L, C]
+    slot = jnp.asarray(tree_parents(loop.tree)[2])
     b, c = tokens.shape[0], children.shape[1]
     rows = jnp.arange(b)
     u = jax.random.uniform(rng, (max(loop.tree.depth, 1), c, b))
@@ -174,7 +192,7 @@ def rejection_paths(tokens, logits, loop: MedusaLoop, sp: SamplingParams, rng):
     accepted = jnp.zeros((b,), jnp.int32)
     path = [cur]
     for d in range(loop.tree.depth):
-        p = jax.nn.softmax(process_logits(logits[rows, cur], sp), axis=-1)  # [B, V]
+        p = jax.nn.softmax(process_logits(logits[rows, slot[cur]], sp), axis=-1)  # [B, V]
         kids = children[cur]  # [B, C]
         mass = jnp.ones((b,), jnp.float32)
         took = jnp.zeros((b,), bool)
@@ -267,7 +285,8 @@ def medusa_step(cfg, loop: MedusaLoop, params, heads, s: MedusaState, max_new, s
     positions = s.lengths[:, None] + jnp.asarray(tree.position_ids)[None, :]
     mask = jnp.asarray(tree.attn_mask > 0)
     hidden, cache = model.apply({"params": params}, cand, positions, mask, s.cache, s.lengths)
-    logits = model.apply({"params": params}, hidden, method=model.logits)  # [B, L, V]
+    internal = tree_parents(tree)[1]  # base logits only where a node has children to judge
+    logits = model.apply({"params": params}, hidden[:, internal], method=model.logits) if tree.depth else None
     # 3. accept
     if loop.acceptance == "rejection":
         acc, path_tokens, path_nodes, banned = rejection_paths(cand, logits, loop, sp, k_accept)
@@ -292,7 +311,7 @@ def medusa_step(cfg, loop: MedusaLoop, params, heads, s: MedusaState, max_new, s
     return MedusaState(
         cache=cache,
         lengths=s.lengths + jnp.where(live, count, 0),
-        logits=jnp.take_along_axis(logits, last_node[:, None, None], axis=1)[:, 0],
+        logits=lm_logits(cfg, params, last_hidden),
         head_logits=head_logits_at(cfg, params, heads, last_hidden),
         banned=jnp.where((count == acc + 1)[:, None], banned, -1),  # a cut path continues from an accepted node
         out=out,

@@ -294,3 +294,24 @@ def test_stream_and_chat(tiny_ckpt, tiny_heads, tiny_model):
 def test_chat_flags_conflict():
     assert_usage_error(run("--chat", "--prompt", "hi"), "--chat")
     assert_usage_error(run("--acceptance", "typical", "--prompt", "hi"), "--temperature")
+
+
+def test_truncated_gguf_and_corrupt_run_dir(tmp_path):
+    from medusa_jax.checkpoint import default_gguf
+    from medusa_jax.train.config import load_config
+    from medusa_jax.train.trainer import train
+
+    with open(default_gguf(), "rb") as f:
+        head = f.read(3_000_000)
+    (tmp_path / "cut.gguf").write_bytes(head)
+    assert_usage_error(run("--ckpt", str(tmp_path / "cut.gguf")), "cannot read GGUF", "cut.gguf")
+
+    run_dir = tmp_path / "run"
+    cfg = load_config(str(REPO / "configs" / "tiny.yaml"), [f"run_dir={run_dir}", "train.mode=medusa1",
+                      "train.steps=2", "train.save_every=2", "data.synthetic_dev_rows=0"])  # fmt: skip
+    train(cfg, progress=False)
+    for root, _, files in os.walk(run_dir / "checkpoints" / "2" / "trainable"):
+        for f in files:
+            if not f.startswith("_"):
+                Path(root, f).write_bytes(b"")
+    assert_usage_error(run("--ckpt", str(run_dir)), "cannot read checkpoint", "truncated or corrupt")

@@ -23,7 +23,16 @@ def main():
     ap.add_argument("--prompts", default=None)
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--hf", action="store_true")
+    ap.add_argument("--big", action="store_true", help="also the Llama-7B-shaped random model: bandwidth, tree step")
+    ap.add_argument("--only-big", action="store_true")
     args = ap.parse_args()
+    if args.big or args.only_big:
+        big = big_model_check(args.quick)
+        os.makedirs(args.out, exist_ok=True)
+        with open(os.path.join(args.out, "device_check_big.json"), "w") as f:
+            json.dump(big, f, indent=1)
+        if args.only_big:
+            return
 
     import jax
 
@@ -90,6 +99,57 @@ def main():
         )
     for b, c in rep["step_ms"].items():
         print(f"  steps b{b}: " + " ".join(f"{k}={v:.3f}" for k, v in c.items()))
+
+
+def big_model_check(quick: bool) -> dict:
+    """A Llama-2-7B-shaped model with random bf16 weights: does the AR step move weights + cache near the measured
+    copy bandwidth, and what does a 64-node tree step cost against it? (issue 5 targets: >= 70%, <= 1.2x)"""
+    import jax
+    import jax.numpy as jnp
+
+    from medusa_jax.api import MedusaModel
+    from medusa_jax.bench import step_costs
+    from medusa_jax.config import ModelConfig
+    from medusa_jax.heads import HeadsConfig, init_heads
+    from medusa_jax.model import Transformer, causal_mask
+
+    dims = dict(hidden_size=4096, intermediate_size=11008, num_layers=32, num_heads=32, num_kv_heads=32, head_dim=128)
+    if quick:
+        dims = dict(hidden_size=256, intermediate_size=512, num_layers=2, num_heads=4, num_kv_heads=4, head_dim=64)
+    cfg = ModelConfig(vocab_size=32000, max_position_embeddings=4096, dtype="bfloat16", param_dtype="bfloat16",
+                      tie_word_embeddings=False, **dims)  # fmt: skip
+    tokens = jnp.zeros((1, 4), jnp.int32)
+    init = lambda m: m.logits(m(tokens, tokens, causal_mask(4))[0])
+    t0 = time.perf_counter()
+    params = jax.jit(lambda k: Transformer(cfg).init(k, method=init)["params"])(jax.random.PRNGKey(0))
+    params = jax.tree.map(lambda a: (a * 0.02).astype(jnp.bfloat16) if a.ndim >= 2 else a, params)
+    jax.block_until_ready(params)
+    rep = {"init_s": time.perf_counter() - t0}
+    nbytes = sum(a.size * a.dtype.itemsize for a in jax.tree.leaves(params))
+    rep["param_gb"] = nbytes / 1e9
+    # copy bandwidth: read + write of a 4 GB buffer
+    x = jnp.ones((1 << 30,) if not quick else (1 << 22,), jnp.float32)
+    cp = jax.jit(lambda a: a + 1)
+    jax.block_until_ready(cp(x))
+    ts = []
+    for _ in range(5):
+        t0 = time.perf_counter()
+        jax.block_until_ready(cp(x))
+        ts.append(time.perf_counter() - t0)
+    rep["copy_gb_s"] = 2 * x.size * 4 / min(ts) / 1e9
+    del x
+    model = MedusaModel(cfg, params, heads=init_heads(HeadsConfig(4, 1, False), params, scale=0.02,
+                                                      dtype=jnp.bfloat16))  # fmt: skip
+    prefix = 512
+    costs = step_costs(model, [1], [64], prefix=prefix, iters=5 if quick else 30)[1]
+    cache_gb = 2 * cfg.num_layers * (prefix + 128) * cfg.num_kv_heads * cfg.head_dim * 2 / 1e9
+    rep["ar_step_ms"] = costs["ar"] * 1e3
+    rep["tree64_step_ms"] = costs[64] * 1e3
+    rep["tree64_vs_ar"] = costs[64] / costs["ar"]
+    rep["ar_gb_s"] = (nbytes + cache_gb * 1e9) / costs["ar"] / 1e9
+    rep["ar_fraction_of_copy_bw"] = rep["ar_gb_s"] / rep["copy_gb_s"]
+    print("BIG", json.dumps(rep), flush=True)
+    return rep
 
 
 if __name__ == "__main__":
