@@ -130,8 +130,10 @@ class MedusaModel:
             chunk = encoded[i : i + batch_size]
             kw, m = dict(medusa_kw), mode
             if m == "medusa" and "tree" not in kw and self.calibration is not None:
-                kw["tree"] = self.default_tree(len(chunk))
-                if auto and not kw["tree"]:
+                calibrated = self.default_tree(len(chunk))
+                if calibrated:
+                    kw["tree"] = calibrated
+                elif auto:
                     m = "ar"  # calibrated: no tree pays off at this batch size on this device
             results += self._generate_batch(chunk, max_new_tokens, temperature, top_p, top_k, seed + i, m, kw)
         return results
@@ -222,6 +224,7 @@ def load(
     heads: str | bool | None = None,
     tokenizer: bool = True,
     draft_vocab: bool | int = True,
+    scan_unroll: int = 1,
 ) -> MedusaModel:
     """Load a backbone (and optional Medusa heads).
 
@@ -231,7 +234,8 @@ def load(
     None: a Medusa-2 checkpoint's own heads, or the shipped default heads for the embedded model.
     dtype: compute dtype ("float32" or "bfloat16"); param_dtype defaults to dtype. draft_vocab: use the reduced
     draft vocabulary saved beside the heads (`draft_vocab.json`), if any: True (all of it), an int (its first N
-    tokens) or False (the heads draft from the full vocabulary)."""
+    tokens) or False (the heads draft from the full vocabulary). scan_unroll: layers per iteration of the layer loop;
+    `num_layers` removes the loop (on a 2-core CPU ~25% faster decode steps for SmolLM2, 2-3x longer compiles)."""
     if dtype not in ("float32", "bfloat16", "float16"):
         raise ValueError(f"dtype must be float32, bfloat16 or float16, got {dtype!r}")
     if ckpt is not None and os.path.isdir(ckpt):
@@ -256,7 +260,9 @@ def load(
             medusa2[name] = arr
 
     cfg, np_params = checkpoint.read_backbone(path, on_unknown=collect)
-    cfg = cfg.replace(dtype=dtype, param_dtype=param_dtype or dtype)
+    cfg = cfg.replace(
+        dtype=dtype, param_dtype=param_dtype or dtype, scan_unroll=max(1, min(scan_unroll, cfg.num_layers))
+    )
     params = jax.tree.map(lambda a: jnp.asarray(a, cfg.jnp_param_dtype), np_params)
     tok = None
     if tokenizer:

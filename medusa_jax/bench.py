@@ -28,22 +28,38 @@ def machine() -> str:
 
 
 # ---------------------------------------------------------------------------------------------- generation
-def run_ours(model, prompts, mode, max_new, batch_size, repeats, **kw):
-    t0 = time.perf_counter()
-    model.generate(prompts[:batch_size], max_new_tokens=max_new, mode=mode, batch_size=batch_size, **kw)
-    compile_s = time.perf_counter() - t0
-    runs = []
-    for _ in range(repeats):
+def _stats(res, dt, batch_size):
+    toks = sum(r.new_tokens for r in res)
+    steps = sum(r.steps for r in res)
+    # a batch runs as long as its slowest row: wall steps = the sum over batches of each batch's most steps
+    wall_steps = sum(max(r.steps for r in res[i : i + batch_size]) for i in range(0, len(res), batch_size))
+    return toks / dt, toks / max(steps, 1), dt / max(wall_steps, 1)
+
+
+def run_ours_interleaved(model, prompts, configs: dict, max_new, batch_size, repeats):
+    """configs: name -> (mode, kwargs). Each is compiled first, then the repeats alternate between them (so a noisy
+    neighbour slows every config alike); returns ({name: medians}, {name: per-repeat tokens/s})."""
+    out, per_rep = {}, {n: [] for n in configs}
+    runs = {n: [] for n in configs}
+    for name, (mode, kw) in configs.items():
         t0 = time.perf_counter()
-        res = model.generate(prompts, max_new_tokens=max_new, mode=mode, batch_size=batch_size, **kw)
-        dt = time.perf_counter() - t0
-        toks = sum(r.new_tokens for r in res)
-        steps = sum(r.steps for r in res)
-        # a batch runs as long as its slowest row: wall steps = the sum over batches of each batch's most steps
-        wall_steps = sum(max(r.steps for r in res[i : i + batch_size]) for i in range(0, len(res), batch_size))
-        runs.append((toks / dt, toks / max(steps, 1), dt / max(wall_steps, 1)))
-    tps, tpstep, step_s = (statistics.median(x) for x in zip(*runs))
-    return {"tokens_per_s": tps, "tokens_per_step": tpstep, "step_ms": step_s * 1e3, "compile_s": compile_s}, res
+        model.generate(prompts[:batch_size], max_new_tokens=max_new, mode=mode, batch_size=batch_size, **kw)
+        out[name] = {"compile_s": time.perf_counter() - t0}
+    for _ in range(repeats):
+        for name, (mode, kw) in configs.items():
+            t0 = time.perf_counter()
+            res = model.generate(prompts, max_new_tokens=max_new, mode=mode, batch_size=batch_size, **kw)
+            runs[name].append(_stats(res, time.perf_counter() - t0, batch_size))
+            per_rep[name].append(runs[name][-1][0])
+    for name, r in runs.items():
+        tps, tpstep, step_s = (statistics.median(x) for x in zip(*r))
+        out[name].update(tokens_per_s=tps, tokens_per_step=tpstep, step_ms=step_s * 1e3)
+    return out, per_rep
+
+
+def run_ours(model, prompts, mode, max_new, batch_size, repeats, **kw):
+    out, _ = run_ours_interleaved(model, prompts, {"x": (mode, kw)}, max_new, batch_size, repeats)
+    return out["x"], None
 
 
 def load_hf(ckpt_path: str, dtype: str):
@@ -145,7 +161,8 @@ def calibrate_cli(args) -> int:
     if not args.prompts_file:
         print("--calibrate needs --prompts-file (held-out prompts, not the evaluation set)", file=sys.stderr)
         return 2
-    model = medusa_jax.load(args.ckpt, dtype=args.dtype, heads=args.heads, draft_vocab=not args.no_draft_vocab)
+    model = medusa_jax.load(args.ckpt, dtype=args.dtype, heads=args.heads, draft_vocab=not args.no_draft_vocab,
+                            scan_unroll=args.unroll)  # fmt: skip
     prompts = read_prompts(args.prompts_file)[: args.num_prompts]
     bs = [int(x) for x in args.batch_sizes.split(",")]
     cal = calibrate.calibrate(model, prompts, batch_sizes=bs, max_new_tokens=args.max_new_tokens)
@@ -185,6 +202,7 @@ def main(argv=None) -> int:
         "the heads (calibration-<device>-<dtype>.json + .png), which load() then uses on this kind of device",
     )
     ap.add_argument("--no-draft-vocab", action="store_true", help="heads draft from the full vocabulary")
+    ap.add_argument("--unroll", type=int, default=1, help="layers per layer-loop iteration (load(scan_unroll=...))")
     ap.add_argument("--png", default=None, help="plot tokens/s and tokens per step against tree size (--calibrate)")
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
@@ -194,7 +212,8 @@ def main(argv=None) -> int:
     import medusa_jax
     from medusa_jax.checkpoint import resolve
 
-    model = medusa_jax.load(args.ckpt, dtype=args.dtype, heads=args.heads, draft_vocab=not args.no_draft_vocab)
+    model = medusa_jax.load(args.ckpt, dtype=args.dtype, heads=args.heads, draft_vocab=not args.no_draft_vocab,
+                            scan_unroll=args.unroll)  # fmt: skip
     if args.random_heads:
         from medusa_jax.heads import HeadsConfig, init_heads
 
@@ -223,33 +242,42 @@ def main(argv=None) -> int:
         modes = args.modes.split(",")
         report["modes"] = {}
         encoded = [model.encode(p) for p in prompts]
+        ours = {}
         for mode in modes:
             if mode == "hf":
-                try:
-                    hf = load_hf(resolve(args.ckpt), args.dtype)
-                except ImportError:
-                    print("hf: torch is not installed, skipped")
-                    continue
+                continue
+            if mode == "medusa" and model.heads is None:
+                print("medusa: no heads (--heads or --random-heads), skipped")
+                continue
+            kw = {"tree": args.tree} if mode == "medusa" and args.tree else {}
+            run_mode = mode
+            if mode == "medusa" and not args.tree and model.calibration is not None:
+                # the calibrated choice for this batch size: its tree, or plain AR when no tree pays off
+                report["calibrated_tree"] = model.default_tree(args.batch_size)
+                run_mode = None
+            ours[mode] = (run_mode, kw)
+        per_rep = {}
+        if ours:
+            res, per_rep = run_ours_interleaved(
+                model, encoded, ours, args.max_new_tokens, args.batch_size, args.repeats
+            )
+            report["modes"].update(res)
+            report["per_repeat_tokens_per_s"] = per_rep
+        if "hf" in modes:
+            try:
+                hf = load_hf(resolve(args.ckpt), args.dtype)
+            except ImportError:
+                print("hf: torch is not installed, skipped")
+            else:
                 pad = model.tokenizer.pad_token_id if model.tokenizer.pad_token_id is not None else 0
                 report["modes"]["hf"] = run_hf(
                     hf, encoded, args.max_new_tokens, args.batch_size, args.repeats, model.eos_ids, pad
                 )
                 del hf
-            else:
-                if mode == "medusa" and model.heads is None:
-                    print("medusa: no heads (--heads or --random-heads), skipped")
-                    continue
-                kw = {"tree": args.tree} if mode == "medusa" and args.tree else {}
-                if mode == "medusa" and not args.tree and model.calibration is not None:
-                    kw["tree"] = model.default_tree(args.batch_size)
-                    report["tree"] = kw["tree"]
-                report["modes"][mode], _ = run_ours(
-                    model, encoded, mode, args.max_new_tokens, args.batch_size, args.repeats, **kw
-                )
         m = report["modes"]
         sp = {}
-        if "medusa" in m and "ar" in m:
-            sp["medusa_vs_ar"] = m["medusa"]["tokens_per_s"] / m["ar"]["tokens_per_s"]
+        if "medusa" in m and "ar" in m:  # the median of the per-repeat ratios (interleaved runs)
+            sp["medusa_vs_ar"] = statistics.median(a / b for a, b in zip(per_rep["medusa"], per_rep["ar"]))
         if "medusa" in m and "hf" in m:
             sp["medusa_vs_hf"] = m["medusa"]["tokens_per_s"] / m["hf"]["tokens_per_s"]
         if "ar" in m and "hf" in m:
@@ -258,6 +286,12 @@ def main(argv=None) -> int:
         print(
             f"{len(prompts)} prompts, batch {args.batch_size}, {args.max_new_tokens} new tokens, {args.dtype}, {report['machine']}"
         )
+        if "calibrated_tree" in report:
+            t = report["calibrated_tree"]
+            print(
+                f"medusa = the calibrated choice at batch {args.batch_size}: "
+                + (f"a {len(t)}-node tree" if t else "no tree (AR)")
+            )
         print(f"{'mode':8s} {'tokens/s':>10s} {'tok/step':>9s} {'step ms':>9s} {'compile s':>10s} {'vs ar':>7s}")
         for k, v in m.items():
             vs = v["tokens_per_s"] / m["ar"]["tokens_per_s"] if "ar" in m else float("nan")

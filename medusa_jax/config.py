@@ -44,6 +44,7 @@ class ModelConfig:
     dtype: str = "float32"  # compute dtype
     param_dtype: str = "float32"
     remat: bool = False  # rematerialize each layer in the backward pass
+    scan_unroll: int = 1  # layers per while-loop iteration (num_layers: no loop; see Transformer)
 
     @property
     def jnp_dtype(self):

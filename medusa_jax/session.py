@@ -75,7 +75,7 @@ class Session:
         self.model = model
         self.heads = model.heads if mode == "medusa" else None
         if mode == "medusa":
-            tree = tree if tree is not None else model.default_tree(1)
+            tree = tree if tree is not None else (model.default_tree(1) or None)  # None: the backend's default
             self.tree = resolve_tree(tree, model.heads_config.num_heads, topk)
         else:
             self.tree = build_buffers([], topk=1)  # root only: autoregressive
@@ -133,11 +133,15 @@ class Session:
         self.ids = list(ids[:keep])  # the cache is being rewritten from here on
         cfg, params, heads = self.model.cfg, self.model.params, self.heads
         max_new = jnp.int32(max_new_tokens)
-        state = start_medusa(
-            cfg, loop, params, heads, self.cache, jnp.asarray([keep], jnp.int32), jnp.asarray(tokens),
-            jnp.asarray([len(new)], jnp.int32), max_new, key,
-        )  # fmt: skip
-        self.cache = None  # donated into the state
+        cache, self.cache = self.cache, None  # donated into the state
+        try:
+            state = start_medusa(
+                cfg, loop, params, heads, cache, jnp.asarray([keep], jnp.int32), jnp.asarray(tokens),
+                jnp.asarray([len(new)], jnp.int32), max_new, key,
+            )  # fmt: skip
+        except BaseException:
+            self.ids = []  # the cache buffer may be gone: start over next time
+            raise
         sent = 0
         try:
             while True:

@@ -151,12 +151,20 @@ def test_medusa_mode_with_tree(tiny_ckpt, tiny_heads, tmp_path):
 
 
 def test_default_model_no_flags():
-    """No flags: the embedded model with its shipped Medusa heads, in Medusa mode."""
+    """No flags: the embedded model with its shipped Medusa heads, in the mode their calibration for this device picks
+    at batch 1 (Medusa, or AR where no tree pays off), streaming; --mode medusa forces the heads' tree."""
+    import medusa_jax
+
+    model = medusa_jax.load(tokenizer=False)
+    assert model.heads is not None
+    expected = "medusa" if model.calibration is None or model.default_tree(1) else "ar"
     r = run("--max-new-tokens", "8", timeout=600)
     assert r.returncode == 0, r.stderr
     m = SUMMARY.search(r.stdout)
-    assert m and m.group(1) == "1" and 1 <= int(m.group(2)) <= 8 and m.group(3) == "medusa", r.stdout
+    assert m and m.group(1) == "1" and 1 <= int(m.group(2)) <= 8 and m.group(3) == expected, r.stdout
     assert "Traceback" not in r.stderr
+    r = run("--max-new-tokens", "8", "--mode", "medusa", timeout=600)
+    assert r.returncode == 0 and SUMMARY.search(r.stdout).group(3) == "medusa", r.stdout
 
 
 # ---------------------------------------------------------------------------------------------- bad input
