@@ -152,7 +152,7 @@ def test_medusa_mode_with_tree(tiny_ckpt, tiny_heads, tmp_path):
 
 def test_default_model_no_flags():
     """No flags: the embedded model with its shipped Medusa heads, in the mode their calibration for this device picks
-    at batch 1 (Medusa, or AR where no tree pays off), streaming; --mode medusa forces the heads' tree."""
+    at batch 1 (Medusa, or AR where no tree pays off), streaming."""
     import medusa_jax
 
     model = medusa_jax.load(tokenizer=False)
@@ -163,8 +163,6 @@ def test_default_model_no_flags():
     m = SUMMARY.search(r.stdout)
     assert m and m.group(1) == "1" and 1 <= int(m.group(2)) <= 8 and m.group(3) == expected, r.stdout
     assert "Traceback" not in r.stderr
-    r = run("--max-new-tokens", "8", "--mode", "medusa", timeout=600)
-    assert r.returncode == 0 and SUMMARY.search(r.stdout).group(3) == "medusa", r.stdout
 
 
 # ---------------------------------------------------------------------------------------------- bad input
@@ -280,7 +278,6 @@ def test_tokenizer_without_chat_template(tiny_ckpt, tmp_path):
     cfg.pop("chat_template", None)
     (plain / "tokenizer_config.json").write_text(json.dumps(cfg))
     assert_usage_error(run("--ckpt", str(plain), "--max-new-tokens", "4"), "chat template", "--raw")
-    assert run("--ckpt", str(plain), "--raw", "--max-new-tokens", "4").returncode == 0
     assert_usage_error(run("--ckpt", str(plain), "--chat", input="hi\n"), "chat template")
 
 
