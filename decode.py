@@ -321,7 +321,12 @@ def main(argv: list[str] | None = None) -> int:
             write_output(args.output, prompts, results)
     except (InputError, ValueError, OSError) as e:  # CheckpointError is a ValueError
         msg = " ".join(str(e).split()) or type(e).__name__
-        parser.exit(2, f"{parser.prog}: error: {msg}\n")
+        sys.stderr.write(f"{parser.prog}: error: {msg}\n")
+        sys.stderr.flush()
+        sys.stdout.flush()
+        # skip interpreter teardown: a failed orbax restore leaves a background event loop that prints a traceback
+        # at exit; nothing is pending (outputs are written atomically before this point)
+        os._exit(2)
     return 0
 
 
