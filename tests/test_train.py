@@ -3,6 +3,7 @@ sharding rules, resumable self-distillation. All on the tiny random Llama (confi
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 
@@ -111,6 +112,49 @@ def test_bad_training_data(tmp_path):
     (d / "shard_00001.jsonl").write_text('{"id": 9, "input_ids": [1, 2')  # truncated shard
     with pytest.raises(ValueError, match="shard_00001.jsonl:1: not a distilled row"):
         data_lib.load_data_rows(cfg, 128)
+
+
+def test_hidden_state_cache_per_part_and_block(tmp_path, monkeypatch):
+    """Frozen-backbone hidden states are cached per data directory in blocks: adding a directory (or a killed
+    precompute's rerun) computes only the missing blocks, and cached blocks give what a fresh computation gives."""
+    from medusa_jax.model import init_params
+    from medusa_jax.train import data as data_lib
+    from medusa_jax.train import trainer as tr
+
+    dirs = []
+    for p in range(2):
+        d = tmp_path / f"data{p}"
+        d.mkdir()
+        rows = [
+            {"id": i, "input_ids": list(range(3 + p, 9 + i + p)), "loss_mask": [0, 0] + [1] * (4 + i)} for i in range(5)
+        ]
+        (d / "shard_00000.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+        dirs.append(str(d))
+    cfg = _cfg(tmp_path / "run", "data.kind=distill", f"data.path={dirs[0]}", "data.dev_path=", "data.max_len=16")
+    parts_a = data_lib.load_data_parts(cfg, 128)
+    cfg_ab = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, path=",".join(dirs)))
+    parts_ab = data_lib.load_data_parts(cfg_ab, 128)
+    assert [len(p) for p in parts_a] == [5] and [len(p) for p in parts_ab] == [5, 5]
+    cut = dataclasses.replace(cfg_ab, data=dataclasses.replace(cfg_ab.data, num_rows=7))
+    assert [len(p) for p in data_lib.load_data_parts(cut, 128)] == [5, 2]
+
+    calls = []
+    real = tr.precompute_flat
+    monkeypatch.setattr(tr, "precompute_flat", lambda *a, **k: calls.append(len(a[2])) or real(*a, **k))
+    mesh = sh.make_mesh(1, 1, 1)
+    params = init_params(TINY, seed=0)
+    hidden = lambda parts: tr.cached_hidden(str(tmp_path / "cache"), TINY, params, 3, mesh, 16, "train", parts, block_rows=2)  # fmt: skip
+    a = hidden(parts_a)
+    assert calls == [2, 2, 1]
+    ab = hidden(parts_ab)
+    assert calls == [2, 2, 1, 2, 2, 1]  # only the new directory's blocks
+    for x, y in zip(ab, tr.precompute_flat(TINY, params, *data_lib.pack(parts_ab[1], 16), 3, mesh)):
+        assert len(x) == len(a[0]) + len(y)
+    os.remove(sorted((tmp_path / "cache").glob("train-*.npz"))[0])  # a lost block is recomputed alone
+    again = hidden(parts_ab)
+    assert calls[6] == 5 and calls[7:] in ([2], [1])
+    for x, y in zip(ab, again):
+        np.testing.assert_allclose(np.sort(x, axis=0), np.sort(y, axis=0), rtol=1e-6)
 
 
 def test_medusa1_export_and_run_dir(tmp_path):

@@ -26,25 +26,38 @@ def synthetic_rows(n: int, length: int, vocab: int, seed: int = 0) -> list[dict]
 
 
 def load_data_rows(cfg: Config, vocab: int, dev: bool = False) -> list[dict]:
+    """All training (or dev) rows, the parts of `data.path` concatenated in order."""
+    return [row for part in load_data_parts(cfg, vocab, dev) for row in part]
+
+
+def load_data_parts(cfg: Config, vocab: int, dev: bool = False) -> list[list[dict]]:
+    """The rows of each comma-separated directory of `data.path` (one part for synthetic data), rows with empty
+    answers skipped, `data.num_rows` applied to the concatenation."""
     if cfg.data.kind == "synthetic":
         n = cfg.data.synthetic_rows if not dev else cfg.data.synthetic_dev_rows
-        return synthetic_rows(n, cfg.data.synthetic_len, vocab, seed=cfg.train.seed + (1000 if dev else 0))
+        return [synthetic_rows(n, cfg.data.synthetic_len, vocab, seed=cfg.train.seed + (1000 if dev else 0))]
     from medusa_jax.train.distill import load_rows
 
     path = cfg.data.dev_path if dev else cfg.data.path
     if "dev_prompts" in path or (not dev and cfg.data.dev_path and cfg.data.dev_path in path.split(",")):
         raise ValueError(f"data.path {path!r} looks like dev data: never train on it")
-    rows = [row for part in path.split(",") if part.strip() for row in load_rows(part.strip())]
+    parts = [load_rows(part.strip()) for part in path.split(",") if part.strip()]
     if cfg.data.num_rows and not dev:
-        rows = rows[: cfg.data.num_rows]
-    if not rows:
+        left, cut = cfg.data.num_rows, []
+        for rows in parts:
+            cut.append(rows[:left])
+            left -= len(cut[-1])
+        parts = [rows for rows in cut if rows]
+    total = sum(len(rows) for rows in parts)
+    if not total:
         raise ValueError(f"no rows in {path}")
-    kept = [r for r in rows if any(r["loss_mask"][: cfg.data.max_len])]
+    parts = [[r for r in rows if any(r["loss_mask"][: cfg.data.max_len])] for rows in parts]
+    kept = sum(len(rows) for rows in parts)
     if not kept:
-        raise ValueError(f"{path}: all {len(rows)} rows have empty answers (no loss_mask=1 within data.max_len)")
-    if len(kept) < len(rows):
-        print(f"{path}: skipped {len(rows) - len(kept)} of {len(rows)} rows with empty answers")
-    return kept
+        raise ValueError(f"{path}: all {total} rows have empty answers (no loss_mask=1 within data.max_len)")
+    if kept < total:
+        print(f"{path}: skipped {total - kept} of {total} rows with empty answers")
+    return [rows for rows in parts if rows]
 
 
 def pack(rows: list[dict], max_len: int) -> tuple[np.ndarray, np.ndarray]:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import hashlib
 import json
 import math
 import os
@@ -477,16 +478,16 @@ def train(cfg: Config, progress: bool = True) -> TrainResult:
     flat = cfg.train.mode == "medusa1" and cfg.train.precompute_hidden
     k_heads = cfg.heads.num_heads
 
-    rows = data_lib.load_data_rows(cfg, mc.vocab_size)
-    ids, mask = data_lib.pack(rows, cfg.data.max_len)
+    parts = data_lib.load_data_parts(cfg, mc.vocab_size)
+    ids, mask = data_lib.pack([row for part in parts for row in part], cfg.data.max_len)
     dev_rows = data_lib.load_data_rows(cfg, mc.vocab_size, dev=True) if (cfg.data.dev_path if cfg.data.kind == "distill" else cfg.data.synthetic_dev_rows) else None  # fmt: skip
     dev = None
     if flat:
         cache = os.path.join(run_dir, "cache")
-        ftrain = _cached(os.path.join(cache, "train.npz"), lambda: precompute_flat(mc, backbone, ids, mask, k_heads, mesh), ids)  # fmt: skip
+        hidden_of = functools.partial(cached_hidden, cache, mc, backbone, k_heads, mesh, cfg.data.max_len)
+        ftrain = hidden_of("train", parts)
         if dev_rows is not None:
-            dids, dmask = data_lib.pack(dev_rows, cfg.data.max_len)
-            dev = _cached(os.path.join(cache, "dev.npz"), lambda: precompute_flat(mc, backbone, dids, dmask, k_heads, mesh), dids)  # fmt: skip
+            dev = hidden_of("dev", [dev_rows])
         lm = base_lm_head(backbone)
         if cfg.train.vocab_subset:  # softmax over the tokens that occur as training targets only (cheaper)
             subset = np.unique(ftrain[1][ftrain[2] > 0])
@@ -541,6 +542,7 @@ def train(cfg: Config, progress: bool = True) -> TrainResult:
         try:
             trainable, opt_state, meta = restore_checkpoint(mngr, start, trainable, trainable_sh, opt_state, opt_sh)
         except Exception as e:  # orbax / tensorstore errors carry pages of spec; keep the gist
+            mngr.close()  # its background threads would otherwise report at interpreter exit
             raise TrainingError(
                 f"cannot restore {run_dir}/checkpoints/{start} ({short_error(e)}): delete that step directory to "
                 "resume from an earlier checkpoint, or use a new run_dir"
@@ -663,9 +665,31 @@ def short_error(e: BaseException, limit: int = 160) -> str:
     return msg if len(msg) <= limit else msg[: limit - 3] + "..."
 
 
-def _cached(path: str, compute, ids: np.ndarray):
-    """A precomputed (hidden, targets, weights) triple cached in the run dir, keyed by a fingerprint of the data."""
-    key = f"{ids.shape}:{int(np.asarray(ids, np.int64).sum() % (1 << 61))}"
+HIDDEN_BLOCK_ROWS = 2048
+
+
+def cached_hidden(cache_dir, mc, backbone, k_heads, mesh, max_len, name, parts, block_rows=None):
+    """`precompute_flat` over the rows of each data part, in blocks of at most `block_rows` rows, each block cached
+    as `cache_dir/NAME-<fingerprint>.npz`: adding a data directory computes only its rows, and a killed precompute
+    resumes at the first missing block. Returns the concatenated (hidden, targets, weights)."""
+    block_rows = block_rows or HIDDEN_BLOCK_ROWS
+    out = []
+    for rows in parts:
+        ids, mask = data_lib.pack(rows, max_len)
+        for i in range(0, len(ids), block_rows):
+            bi, bm = ids[i : i + block_rows], mask[i : i + block_rows]
+            key = data_fingerprint(bi)
+            path = os.path.join(cache_dir, f"{name}-{hashlib.sha1(key.encode()).hexdigest()[:16]}.npz")
+            out.append(_cached(path, lambda bi=bi, bm=bm: precompute_flat(mc, backbone, bi, bm, k_heads, mesh), key))
+    return tuple(np.concatenate([o[j] for o in out]) for j in range(3))
+
+
+def data_fingerprint(ids: np.ndarray) -> str:
+    return f"{ids.shape}:{int(np.asarray(ids, np.int64).sum() % (1 << 61))}"
+
+
+def _cached(path: str, compute, key: str):
+    """A precomputed (hidden, targets, weights) triple cached at `path`, valid while its stored key matches."""
     if os.path.exists(path):
         z = np.load(path)
         if str(z["key"]) == key:
