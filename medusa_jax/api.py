@@ -108,7 +108,8 @@ class MedusaModel:
 
         mode: "ar" or "medusa" (default: "medusa" when heads are loaded, except for batch sizes whose calibrated
         tree is empty, where verification costs more than it gains). Prompts run in batches of `batch_size`
-        (default: all at once, up to 16)."""
+        (default: all at once, up to 16); with more prompts than one batch, prompts of similar length share a batch.
+        Sampling (T > 0) is seeded per batch."""
         if isinstance(prompts, str) or (len(prompts) and isinstance(prompts[0], int | np.integer)):
             prompts = [prompts]
         if max_new_tokens < 1:
@@ -125,6 +126,10 @@ class MedusaModel:
             raise ValueError("mode='medusa' needs Medusa heads: load(ckpt, heads=PATH)")
         encoded = [self.encode(p, raw) for p in prompts]
         batch_size = batch_size or min(len(encoded), 16)
+        # more prompts than one batch: batch them by length (less padding in prefill, cache and attention)
+        order = sorted(range(len(encoded)), key=lambda j: len(encoded[j])) if len(encoded) > batch_size else None
+        if order is not None:
+            encoded = [encoded[j] for j in order]
         results = []
         for i in range(0, len(encoded), batch_size):
             chunk = encoded[i : i + batch_size]
@@ -136,6 +141,8 @@ class MedusaModel:
                 elif auto:
                     m = "ar"  # calibrated: no tree pays off at this batch size on this device
             results += self._generate_batch(chunk, max_new_tokens, temperature, top_p, top_k, seed + i, m, kw)
+        if order is not None:
+            results = [r for _, r in sorted(zip(order, results), key=lambda t: t[0])]
         return results
 
     def default_tree(self, batch: int):

@@ -65,6 +65,9 @@ def test_batch_matches_batch1_and_ar_with_chain_and_branchy_trees():
         assert [r.output_ids for r in batched] == [r.output_ids for r in ar]
         assert [r.output_ids for r in single] == [r.output_ids for r in ar[:2]]
         assert all(1 <= r.steps <= r.new_tokens for r in batched)
+    # more prompts than one batch: batched by length internally, results in the caller's order
+    by2 = m.generate(prompts, max_new_tokens=25, mode="medusa", tree=tree, topk=4, batch_size=2)
+    assert [r.prompt_ids for r in by2] == prompts and [r.output_ids for r in by2] == [r.output_ids for r in ar]
 
 
 def test_eos_stops_each_row():
