@@ -410,7 +410,9 @@ def gather_to_host(tree):
 
 
 def evaluate(cfg, mc, trainable, frozen, dev, mesh, flat: bool, batch_rows: int = 8) -> dict:
-    """Per-head top-1 / top-5 accuracy on the dev answers (dev arrays are replicated on every device)."""
+    """Per-head top-1 / top-5 accuracy on the dev answers (dev arrays are replicated on every device); for Medusa-2
+    also `kl`, the mean KL(p_original ‖ p_trained) of the next-token distributions over the answer positions, and
+    `agree`, the fraction of those positions where both models' greedy token is the same."""
     rep = sh.replicated(mesh)
     dev = tuple(sh.shard_global(np.asarray(x), rep) for x in dev)
     k = cfg.heads.num_heads
@@ -426,6 +428,8 @@ def evaluate(cfg, mc, trainable, frozen, dev, mesh, flat: bool, batch_rows: int 
     else:
         ids, mask = dev
         backbone = current_backbone(cfg, trainable, frozen)
+        # Medusa-2: how far the trained backbone moved from the original on the dev answers
+        teacher = frozen.get("backbone") if cfg.train.mode == "medusa2" else None
 
         @jax.jit
         def fn(bb, hd, x, m):
@@ -433,11 +437,33 @@ def evaluate(cfg, mc, trainable, frozen, dev, mesh, flat: bool, batch_rows: int 
             t, w = jnp_targets(x, m, k)
             return eval_counts(hd, hidden, base_lm_head(bb), t, w, dtype)
 
-        tot = np.zeros((3, k))
+        tot, drift = np.zeros((3, k)), np.zeros(3)
         for i in range(0, len(ids), batch_rows):
-            tot += np.asarray(jax.device_get(fn(backbone, heads, ids[i : i + batch_rows], mask[i : i + batch_rows])))
+            x, m = ids[i : i + batch_rows], mask[i : i + batch_rows]
+            tot += np.asarray(jax.device_get(fn(backbone, heads, x, m)))
+            if teacher is not None:
+                drift += np.asarray(jax.device_get(_drift_fn(mc)(backbone, teacher, x, m)))
     n = np.maximum(tot[2], 1)
-    return {"top1": (tot[0] / n).round(4).tolist(), "top5": (tot[1] / n).round(4).tolist(), "positions": int(tot[2][0])}
+    out = {"top1": (tot[0] / n).round(4).tolist(), "top5": (tot[1] / n).round(4).tolist(), "positions": int(tot[2][0])}
+    if not flat and teacher is not None:
+        out.update(kl=round(float(drift[0] / max(drift[2], 1)), 5), agree=round(float(drift[1] / max(drift[2], 1)), 4))
+    return out
+
+
+@functools.lru_cache(maxsize=8)
+def _drift_fn(mc: ModelConfig):
+    """(Σ KL(p_original ‖ p_trained), Σ [argmax equal], count) over the answer positions' next-token predictions."""
+
+    @jax.jit
+    def fn(student, teacher, x, m):
+        w = m[:, 1:].astype(jnp.float32)
+        logp = jax.nn.log_softmax(base_logits(mc, student, forward_hidden(mc, student, x))[:, :-1])
+        tlogp = jax.nn.log_softmax(base_logits(mc, teacher, forward_hidden(mc, teacher, x))[:, :-1])
+        kl = (jnp.exp(tlogp) * (tlogp - logp)).sum(-1)
+        same = jnp.argmax(logp, -1) == jnp.argmax(tlogp, -1)
+        return jnp.stack([(kl * w).sum(), (same * w).sum(), w.sum()])
+
+    return fn
 
 
 _STEP_CACHE: dict = {}  # compiled train steps, reused by runs of the same settings in one process (tests)
@@ -616,6 +642,7 @@ def train(cfg: Config, progress: bool = True) -> TrainResult:
                 if cfg.train.eval_every and done % cfg.train.eval_every == 0 and dev is not None:
                     ev = evaluate(cfg, mc, trainable, eval_frozen, dev, mesh, flat)
                     rec.update({f"dev_head{k}_top1": ev["top1"][k] for k in range(k_heads)})
+                    rec.update({f"dev_{key}": ev[key] for key in ("kl", "agree") if key in ev})
                 losses.append(loss)
                 if mf is not None:
                     mf.write(json.dumps(rec) + "\n")
@@ -646,6 +673,8 @@ def train(cfg: Config, progress: bool = True) -> TrainResult:
                 with open(os.path.join(run_dir, "eval.json"), "w") as f:
                     json.dump(eval_res, f, indent=1)
                 print("dev accuracy per head: top1", eval_res["top1"], "top5", eval_res["top5"])
+                if "kl" in eval_res:
+                    print(f"dev KL(original || trained) {eval_res['kl']}, same greedy token {eval_res['agree']:.2%}")
         host = gather_to_host(trainable)  # a collective: every process takes part
         if is_main:
             extra = {"medusa_jax_train": {"mode": cfg.train.mode, "steps": final, "dev": eval_res}}
