@@ -301,6 +301,31 @@ def test_chat_flags_conflict():
     assert_usage_error(run("--acceptance", "typical", "--prompt", "hi"), "--temperature")
 
 
+def test_closed_event_loop_report_is_dropped_after_failed_restore(monkeypatch):
+    """orbax's thread may report "Event loop is closed" after a failed restore (printed with a traceback after the
+    one-line error); exactly that report is dropped, others still reach the previous hook."""
+    import sys
+    import threading
+    import types
+
+    from medusa_jax.train.trainer import quiet_closed_event_loop
+
+    seen, seen_t = [], []
+    monkeypatch.setattr(sys, "unraisablehook", seen.append)
+    monkeypatch.setattr(threading, "excepthook", seen_t.append)
+    quiet_closed_event_loop()
+    quiet_closed_event_loop()  # installed once
+    report = lambda e: types.SimpleNamespace(
+        exc_type=type(e), exc_value=e, exc_traceback=None, err_msg=None, object=None
+    )  # noqa: E731
+    sys.unraisablehook(report(RuntimeError("Event loop is closed")))
+    sys.unraisablehook(report(RuntimeError("something else")))
+    assert [str(u.exc_value) for u in seen] == ["something else"]
+    threading.excepthook(report(RuntimeError("Event loop is closed")))
+    threading.excepthook(report(ValueError("other")))
+    assert [str(u.exc_value) for u in seen_t] == ["other"]
+
+
 def test_truncated_gguf_and_corrupt_run_dir(tmp_path):
     from medusa_jax.checkpoint import default_gguf
     from medusa_jax.train.config import load_config

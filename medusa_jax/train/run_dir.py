@@ -41,7 +41,7 @@ def load_run(path: str, dtype: str = "float32", tokenizer: bool = True):
     from medusa_jax.api import MedusaModel
     from medusa_jax.train import lora as lora_lib
     from medusa_jax.train.config import dump
-    from medusa_jax.train.trainer import build_backbone, config_from_run
+    from medusa_jax.train.trainer import build_backbone, config_from_run, quiet_closed_event_loop
 
     run, step = _split(path)
     cfg = config_from_run(run)
@@ -50,6 +50,7 @@ def load_run(path: str, dtype: str = "float32", tokenizer: bool = True):
         step = mngr.latest_step() if step is None else step
         if step is None:
             raise ValueError(f"{run} has no checkpoint yet")
+        quiet_closed_event_loop()
         try:
             out = mngr.restore(step, args=ocp.args.Composite(trainable=ocp.args.StandardRestore()))
         except Exception as e:  # orbax / tensorstore: pages of spec; keep the gist

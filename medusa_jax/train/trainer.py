@@ -565,10 +565,11 @@ def train(cfg: Config, progress: bool = True) -> TrainResult:
     metrics_path = os.path.join(run_dir, "metrics.jsonl")
     if mngr is not None and mngr.latest_step() is not None:
         start = int(mngr.latest_step())
+        quiet_closed_event_loop()
         try:
             trainable, opt_state, meta = restore_checkpoint(mngr, start, trainable, trainable_sh, opt_state, opt_sh)
         except Exception as e:  # orbax / tensorstore errors carry pages of spec; keep the gist
-            mngr.close()  # its background threads would otherwise report at interpreter exit
+            mngr.close()
             raise TrainingError(
                 f"cannot restore {run_dir}/checkpoints/{start} ({short_error(e)}): delete that step directory to "
                 "resume from an earlier checkpoint, or use a new run_dir"
@@ -686,6 +687,37 @@ def train(cfg: Config, progress: bool = True) -> TrainResult:
         if mngr is not None:
             mngr.close()  # waits for an asynchronous save to finish
     return TrainResult(losses, cfg.train.steps, eval_res, run_dir, trainable)
+
+
+def quiet_closed_event_loop() -> None:
+    """When an orbax restore fails, a background callback may still post to its closed asyncio loop, and Python
+    prints that "RuntimeError: Event loop is closed" with a traceback around our one-line error. Called before a
+    restore: drops exactly that report (process-wide, installed once) from the unraisable-exception and thread
+    hooks; every other report still shows."""
+    import sys
+    import threading
+
+    def closed(e):
+        return isinstance(e, RuntimeError) and "Event loop is closed" in str(e)
+
+    if not getattr(sys.unraisablehook, "_medusa_quiet", False):
+        prev_u = sys.unraisablehook
+
+        def unraisable(u):
+            if not closed(u.exc_value):
+                prev_u(u)
+
+        unraisable._medusa_quiet = True
+        sys.unraisablehook = unraisable
+    if not getattr(threading.excepthook, "_medusa_quiet", False):
+        prev_t = threading.excepthook
+
+        def thread_hook(a):
+            if not closed(a.exc_value):
+                prev_t(a)
+
+        thread_hook._medusa_quiet = True
+        threading.excepthook = thread_hook
 
 
 def short_error(e: BaseException, limit: int = 160) -> str:
