@@ -700,24 +700,17 @@ def quiet_closed_event_loop() -> None:
     def closed(e):
         return isinstance(e, RuntimeError) and "Event loop is closed" in str(e)
 
-    if not getattr(sys.unraisablehook, "_medusa_quiet", False):
-        prev_u = sys.unraisablehook
+    for module, name in ((sys, "unraisablehook"), (threading, "excepthook")):
+        prev = getattr(module, name)
+        if getattr(prev, "_medusa_quiet", False):
+            continue
 
-        def unraisable(u):
-            if not closed(u.exc_value):
-                prev_u(u)
+        def hook(report, prev=prev):
+            if not closed(report.exc_value):
+                prev(report)
 
-        unraisable._medusa_quiet = True
-        sys.unraisablehook = unraisable
-    if not getattr(threading.excepthook, "_medusa_quiet", False):
-        prev_t = threading.excepthook
-
-        def thread_hook(a):
-            if not closed(a.exc_value):
-                prev_t(a)
-
-        thread_hook._medusa_quiet = True
-        threading.excepthook = thread_hook
+        hook._medusa_quiet = True
+        setattr(module, name, hook)
 
 
 def short_error(e: BaseException, limit: int = 160) -> str:
