@@ -14,7 +14,15 @@ import numpy as np
 from medusa_jax import checkpoint
 from medusa_jax.config import ModelConfig
 from medusa_jax.generation import LoopConfig, bucket, generate_ar
-from medusa_jax.heads import HeadsConfig, attach_draft_vocab, base_lm_head, heads_logits
+from medusa_jax.heads import (
+    HeadsConfig,
+    attach_draft_vocab,
+    base_lm_head,
+    heads_logits,
+    root_embedding,
+    sequence_roots,
+    uses_root,
+)
 from medusa_jax.model import Transformer, causal_mask
 from medusa_jax.sampling import SamplingParams
 
@@ -70,7 +78,9 @@ class MedusaModel:
 
     # ------------------------------------------------------------------ forward
     def forward(self, token_ids) -> ForwardResult:
-        """Full causal forward without cache. token_ids `[B, T]` ints."""
+        """Full causal forward without cache. token_ids `[B, T]` ints -> base logits `[B, T, V]`, head logits
+        `[K, B, T, V]` (None without heads; root_token heads at t see token t+1, at the last position the base
+        argmax), final hidden states `[B, T, E]`."""
         tokens = jnp.asarray(token_ids, jnp.int32)
         if tokens.ndim == 1:
             tokens = tokens[None]
@@ -210,7 +220,10 @@ def _forward(cfg, params, heads, tokens):
     b, t = tokens.shape
     hidden, _ = model.apply({"params": params}, tokens, jnp.broadcast_to(jnp.arange(t), (b, t)), causal_mask(t))
     logits = model.apply({"params": params}, hidden, method=model.logits)
-    medusa = None if heads is None else heads_logits(heads, hidden, base_lm_head(params))
+    medusa = None
+    if heads is not None:  # root_token heads see the next input token (the base argmax after the last one)
+        root_emb = root_embedding(params, sequence_roots(tokens, logits)) if uses_root(heads) else None
+        medusa = heads_logits(heads, hidden, base_lm_head(params), root_emb=root_emb)
     return logits, medusa, hidden
 
 

@@ -42,7 +42,7 @@ def calibration_path(heads_dir: str, dtype: str) -> str:
 # ---------------------------------------------------------------------------------------------- accuracy
 def rank_accuracy(model, prompts: list, max_new_tokens: int = 64, topk: int = 10, batch_size: int = 8) -> dict:
     """acc `[K, topk]`: P(head k's rank-r candidate = the token k+2 ahead) on the model's own greedy answers."""
-    from medusa_jax.heads import base_lm_head, draft_logits
+    from medusa_jax.heads import base_lm_head, draft_logits, root_embedding, uses_root
 
     res = model.generate(prompts, max_new_tokens=max_new_tokens, mode="ar", batch_size=batch_size)
     k = model.heads_config.num_heads
@@ -53,8 +53,11 @@ def rank_accuracy(model, prompts: list, max_new_tokens: int = 64, topk: int = 10
         col = jnp.full((model.cfg.vocab_size,), -1, jnp.int32).at[ids].set(jnp.arange(ids.shape[0], dtype=jnp.int32))
 
     @jax.jit
-    def ranks(hidden, targets):  # hidden [T, E], targets [K, T] -> rank [K, T] (large when not proposable)
-        logits, _ = draft_logits(model.heads, hidden, lm, model.cfg.jnp_dtype)  # [K, T, Vd]
+    def ranks(heads, lm, embed, hidden, targets, roots):
+        """hidden [T, E], targets [K, T], roots [T] -> rank [K, T] (large when not proposable). The weights are
+        arguments, not closed-over constants of the compiled function."""
+        root_emb = root_embedding({"embed": embed}, roots) if uses_root(heads) else None
+        logits, _ = draft_logits(heads, hidden, lm, model.cfg.jnp_dtype, root_emb)  # [K, T, Vd]
         t = targets if col is None else col[targets]
         tl = jnp.take_along_axis(logits, jnp.maximum(t, 0)[..., None], axis=-1)
         r = (logits > tl).sum(-1)
@@ -73,7 +76,8 @@ def rank_accuracy(model, prompts: list, max_new_tokens: int = 64, topk: int = 10
             s = h + 2
             targets[h, : n - s] = seq[s:]
             valid[h, n_p - 1 : n - s] = True
-        rk = np.asarray(ranks(hidden, jnp.asarray(targets)))
+        roots = np.asarray(seq[1:] + [0], np.int32)  # the token after t (greedy answers: the root at t)
+        rk = np.asarray(ranks(model.heads, lm, model.params["embed"], hidden, jnp.asarray(targets), jnp.asarray(roots)))
         for h in range(k):
             v = rk[h][valid[h]]
             total[h] += len(v)

@@ -5,8 +5,13 @@ the base lm_head's next-token guess. Each head is `num_layers` ResBlocks `h + Si
 then a vocabulary projection: its own (`proj`, initialized from the base lm_head) or the base lm_head itself
 (`shared_lm_head`, the reference implementation's "version 2" layout).
 
+`root_token` heads (our extension, after Hydra's sequentially dependent heads) also see the root token: the base
+model's next token x_{t+1}, which the decode loop knows before the heads run. Its input embedding enters the first
+ResBlock, `h + SiLU(W h + U e(x_{t+1}) + b)` (U zero at init, so a new head starts as a plain Medusa head). Head k
+then predicts x_{t+k+2} knowing x_{t+1}; on SmolLM2 this lifts head 1's top-1 accuracy by about a third.
+
 Params (stacked over heads): `blocks/kernel` `[K, NL, E, E]`, `blocks/bias` `[K, NL, E]`, `proj/kernel` `[K, E, V]`
-(absent when shared).
+(absent when shared), `root/kernel` `[K, E, E]` (root_token heads only).
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ class HeadsConfig:
     num_heads: int = 5
     num_layers: int = 1
     shared_lm_head: bool = False
+    root_token: bool = False
 
     def to_dict(self):
         return dataclasses.asdict(self)
@@ -30,7 +36,7 @@ class HeadsConfig:
 
 def heads_config_of(params: dict) -> HeadsConfig:
     k, nl = params["blocks"]["kernel"].shape[:2]
-    return HeadsConfig(int(k), int(nl), "proj" not in params)
+    return HeadsConfig(int(k), int(nl), "proj" not in params, "root" in params)
 
 
 def base_lm_head(backbone_params: dict) -> jax.Array:
@@ -40,22 +46,45 @@ def base_lm_head(backbone_params: dict) -> jax.Array:
     return backbone_params["embed"]["embedding"].T
 
 
-def heads_hidden(params: dict, hidden: jax.Array, dtype=None) -> jax.Array:
-    """hidden `[..., E]` -> per-head features after the ResBlocks `[K, ..., E]`."""
+def uses_root(params: dict | None) -> bool:
+    """Whether these heads take the root token's embedding (`root_token` heads)."""
+    return params is not None and "root" in params
+
+
+def heads_hidden(params: dict, hidden: jax.Array, dtype=None, root_emb: jax.Array | None = None) -> jax.Array:
+    """hidden `[..., E]` (and for root_token heads the root token's input embedding `root_emb` `[..., E]`) ->
+    per-head features after the ResBlocks `[K, ..., E]`."""
     dtype = dtype or hidden.dtype
     w = params["blocks"]["kernel"].astype(dtype)
     bias = params["blocks"]["bias"].astype(dtype)
+    if uses_root(params) and root_emb is None:
+        raise ValueError("these Medusa heads take the root token (root_token heads): pass its embedding as root_emb")
     x = jnp.broadcast_to(hidden.astype(dtype), (w.shape[0], *hidden.shape))
     for j in range(w.shape[1]):
         y = jnp.einsum("k...e,kef->k...f", x, w[:, j]) + bias[:, j].reshape((w.shape[0],) + (1,) * (x.ndim - 2) + (-1,))
+        if j == 0 and uses_root(params):
+            y = y + jnp.einsum("...e,kef->k...f", root_emb.astype(dtype), params["root"]["kernel"].astype(dtype))
         x = x + jax.nn.silu(y)
     return x
 
 
-def heads_logits(params: dict, hidden: jax.Array, lm_head: jax.Array, dtype=None) -> jax.Array:
-    """hidden `[..., E]` -> float32 head logits `[K, ..., V]`. `lm_head` `[E, V]` is used when the heads share it."""
+def root_embedding(backbone_params: dict, root: jax.Array) -> jax.Array:
+    """Root token ids `[...]` -> their input embeddings `[..., E]` (what root_token heads take)."""
+    return jnp.take(backbone_params["embed"]["embedding"], root, axis=0)
+
+
+def sequence_roots(tokens: jax.Array, logits: jax.Array) -> jax.Array:
+    """The root token at every position of a teacher-forced sequence: the next input token, and at the last position
+    the base model's argmax. tokens `[..., T]`, base logits `[..., T, V]` -> `[..., T]`."""
+    last = jnp.argmax(logits[..., -1:, :], axis=-1).astype(tokens.dtype)
+    return jnp.concatenate([tokens[..., 1:], last], axis=-1)
+
+
+def heads_logits(params: dict, hidden: jax.Array, lm_head: jax.Array, dtype=None, root_emb=None) -> jax.Array:
+    """hidden `[..., E]` -> float32 head logits `[K, ..., V]`. `lm_head` `[E, V]` is used when the heads share it;
+    `root_emb` `[..., E]`: the root token's embedding, for root_token heads (ignored by plain heads)."""
     dtype = dtype or hidden.dtype
-    x = heads_hidden(params, hidden, dtype)
+    x = heads_hidden(params, hidden, dtype, root_emb)
     if "proj" in params:
         out = jnp.einsum("k...e,kev->k...v", x, params["proj"]["kernel"].astype(dtype))
     else:
@@ -84,6 +113,9 @@ def init_heads(hc: HeadsConfig, backbone_params: dict, seed: int = 0, scale: flo
     }
     if not hc.shared_lm_head:
         params["proj"] = {"kernel": jnp.asarray(np.broadcast_to(lm, (hc.num_heads, *lm.shape)), dtype)}
+    if hc.root_token:
+        root = rng.normal(0.0, scale, (hc.num_heads, e, e)) if scale else np.zeros((hc.num_heads, e, e))
+        params["root"] = {"kernel": jnp.asarray(root, dtype)}
     return params
 
 
@@ -97,13 +129,15 @@ def attach_draft_vocab(params: dict, lm_head: jax.Array, ids) -> dict:
     return dict(params, draft={"ids": jnp.asarray(ids), "kernel": kernel})
 
 
-def draft_logits(params: dict, hidden: jax.Array, lm_head: jax.Array, dtype=None) -> tuple[jax.Array, jax.Array | None]:
-    """hidden `[..., E]` -> (float32 logits `[K, ..., Vd]`, token ids of the Vd columns `[Vd]` or None for the full
-    vocabulary)."""
+def draft_logits(
+    params: dict, hidden: jax.Array, lm_head: jax.Array, dtype=None, root_emb=None
+) -> tuple[jax.Array, jax.Array | None]:
+    """hidden `[..., E]` (+ `root_emb` `[..., E]` for root_token heads) -> (float32 logits `[K, ..., Vd]`, token ids
+    of the Vd columns `[Vd]` or None for the full vocabulary)."""
     if "draft" not in params:
-        return heads_logits(params, hidden, lm_head, dtype), None
+        return heads_logits(params, hidden, lm_head, dtype, root_emb), None
     dtype = dtype or hidden.dtype
-    x = heads_hidden(params, hidden, dtype)
+    x = heads_hidden(params, hidden, dtype, root_emb)
     kernel = params["draft"]["kernel"].astype(dtype)
     spec = "k...e,kev->k...v" if kernel.ndim == 3 else "k...e,ev->k...v"
     return jnp.einsum(spec, x, kernel).astype(jnp.float32), params["draft"]["ids"]

@@ -7,8 +7,12 @@ state dict of an `nn.ModuleList` of `nn.Sequential(ResBlock * NL, nn.Linear(E, V
 for head i's projection. The "version 2" layout has no projection: the heads share the base lm_head. Medusa-2 full
 checkpoints are a Hugging Face model directory whose weights also hold the same tensors prefixed `medusa_head.`.
 
+Our extension, root_token heads (`medusa_jax.heads`), adds `{i}.root.weight` `[E, E]` per head (torch layout)
+and `"medusa_root_token": true` in config.json; the reference implementation cannot run them.
+
 Our params (see `medusa_jax.heads`) stack the heads: `blocks/kernel` `[K, NL, E, E]` ([in, out], the transpose of
-torch's Linear weight), `blocks/bias` `[K, NL, E]`, `proj/kernel` `[K, E, V]` (absent when shared).
+torch's Linear weight), `blocks/bias` `[K, NL, E]`, `proj/kernel` `[K, E, V]` (absent when shared), `root/kernel`
+`[K, E, E]` (root_token heads only).
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ HUB_PATTERNS = ["*.json", "medusa_lm_head.*"]
 
 # `{prefix}{head}.{layer}.linear.weight|bias` (ResBlock) or `{prefix}{head}.{layer}.weight` (projection)
 _KEY = re.compile(r"^(.*?)(\d+)\.(\d+)\.(linear\.)?(weight|bias)$")
+_ROOT_KEY = re.compile(r"^(\d+)\.root\.weight$")  # root_token heads: `{prefix}{head}.root.weight`
 
 
 # ---------------------------------------------------------------------------------------------- tensors -> params
@@ -42,9 +47,14 @@ def heads_from_tensors(named_tensors: dict[str, np.ndarray], prefix: str = "") -
     lm_head (no `proj` in the result)."""
     blocks: dict[tuple[int, int], dict[str, np.ndarray]] = {}
     projs: dict[tuple[int, int], np.ndarray] = {}
+    roots: dict[int, np.ndarray] = {}
     ignored = []
     for name, arr in named_tensors.items():
         if not name.startswith(prefix):
+            continue
+        r = _ROOT_KEY.match(name[len(prefix) :])
+        if r:
+            roots[int(r.group(1))] = np.asarray(arr)
             continue
         m = _KEY.match(name[len(prefix) :])
         if not m or m.group(1):
@@ -122,6 +132,17 @@ def heads_from_tensors(named_tensors: dict[str, np.ndarray], prefix: str = "") -
             check(f"{i}.{j}.weight", w, (vocab, hidden))
             proj[i] = w.T
         params["proj"] = {"kernel": proj}
+    if roots:
+        if sorted(roots) != list(range(num_heads)) or not num_layers:
+            raise CheckpointError(
+                f"root_token heads need {prefix}{{i}}.root.weight for every head 0..{num_heads - 1} and at least one "
+                f"ResBlock layer; found it for heads {sorted(roots)} with {num_layers} layer(s)"
+            )
+        root = np.zeros((num_heads, hidden, hidden), kernel.dtype)
+        for i, w in roots.items():
+            check(f"{i}.root.weight", w, (hidden, hidden))
+            root[i] = w.T
+        params["root"] = {"kernel": root}
     return params
 
 
@@ -284,6 +305,7 @@ def read_heads(path: str) -> tuple[dict, dict]:
         "num_heads": k,
         "num_layers": nl,
         "shared_lm_head": shared,
+        "root_token": "root" in params,
         "source": source,
     }
     return params, meta
@@ -365,11 +387,16 @@ def heads_to_tensors(params: dict) -> dict[str, np.ndarray]:
             out[f"{i}.{j}.linear.bias"] = np.ascontiguousarray(bias[i, j])
         if "proj" in params:
             out[f"{i}.{nl}.weight"] = np.ascontiguousarray(np.asarray(params["proj"]["kernel"][i]).T)
+        if "root" in params:
+            out[f"{i}.root.weight"] = np.ascontiguousarray(np.asarray(params["root"]["kernel"][i]).T)
     return out
 
 
-def save_heads(params: dict, out_dir: str, base_model_name_or_path: str = "", extra_config: dict | None = None):
-    """Write `config.json` + `medusa_lm_head.safetensors` in the reference layout into `out_dir`.
+def save_heads(
+    params: dict, out_dir: str, base_model_name_or_path: str = "", extra_config: dict | None = None, dtype=None
+):
+    """Write `config.json` + `medusa_lm_head.safetensors` in the reference layout into `out_dir`, in the params'
+    dtype or `dtype` (e.g. "float16" halves a float32 head set; loading casts to the model's param dtype).
 
     Atomic: the files are written under temporary names first and moved into place with `os.replace`, so a crash
     never leaves a half-written file. `extra_config` adds keys to config.json (it cannot override the head counts,
@@ -383,7 +410,13 @@ def save_heads(params: dict, out_dir: str, base_model_name_or_path: str = "", ex
         config["version"] = "2"
     else:
         config.pop("version", None)
+    if "root" in params:
+        config["medusa_root_token"] = True
+    else:
+        config.pop("medusa_root_token", None)
     tensors = heads_to_tensors(params)
+    if dtype is not None:
+        tensors = {name: np.ascontiguousarray(t.astype(dtype)) for name, t in tensors.items()}
 
     out_dir = os.path.abspath(out_dir)
     parent = os.path.dirname(out_dir)
@@ -395,6 +428,7 @@ def save_heads(params: dict, out_dir: str, base_model_name_or_path: str = "", ex
     try:
         st_tmp = os.path.join(work, HEADS_FILES[0])
         save_file(tensors, st_tmp, metadata={"format": "pt"})
+        chmod_default(st_tmp)  # safetensors writes 0600; give it the mode a plain open() would
         cfg_tmp = os.path.join(work, "config.json")
         with open(cfg_tmp, "w") as f:
             json.dump(config, f, indent=2, sort_keys=True)
@@ -419,6 +453,13 @@ def save_heads(params: dict, out_dir: str, base_model_name_or_path: str = "", ex
             stacklevel=2,
         )
     return out_dir
+
+
+def chmod_default(path: str) -> None:
+    """Give `path` the mode a plain `open()` would (0666 minus the umask); safetensors writes 0600."""
+    mask = os.umask(0)
+    os.umask(mask)
+    os.chmod(path, 0o666 & ~mask)
 
 
 def _fsync(path: str) -> None:

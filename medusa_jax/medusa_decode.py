@@ -1,15 +1,16 @@
 """The jitted Medusa decode loop: one `jax.lax.while_loop`, static tree buffers, nothing per step on the host.
 
 Each step, for every row b of the batch (rows accept different lengths):
-  candidates: root = the base model's next token (argmax, or sampled), plus each head's top-k, gathered by
-              `tree_indices` into L tree tokens;
+  candidates: root = the base model's next token (argmax, or sampled); the heads run on the last accepted
+              node's hidden state (root_token heads also on the root's embedding), and their top-k tokens are
+              gathered by `tree_indices` into L tree tokens;
   verify:     one forward of the L tokens at positions `lengths[b] + depth`, tree mask over the cached prefix
               (their K/V land in slots `lengths[b] .. lengths[b] + L`);
   accept:     the longest path whose tokens the base model agrees with (greedy), finds typical enough (typical),
               or keeps under recursive rejection sampling (rejection: the output is distributed as the base model's
               own samples at the temperature);
   update:     the accepted path's K/V move to contiguous slots, its tokens go to the output, and the next step's
-              base and head logits are taken at the last accepted node.
+              base logits and hidden state are taken at the last accepted node.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ import numpy as np
 
 from medusa_jax.config import ModelConfig
 from medusa_jax.generation import append_tokens, is_eos, lm_logits
-from medusa_jax.heads import base_lm_head, draft_logits
+from medusa_jax.heads import base_lm_head, draft_logits, root_embedding, uses_root
 from medusa_jax.model import KVCache, Transformer, causal_mask
 from medusa_jax.sampling import SamplingParams, process_logits
 from medusa_jax.tree import TreeBuffers, build_buffers, get_tree
@@ -50,7 +51,7 @@ class MedusaState:
     cache: KVCache
     lengths: jax.Array  # [B] tokens in the cache
     logits: jax.Array  # [B, V] base logits for the next token (at the last accepted node)
-    head_logits: jax.Array  # [K, B, V]
+    hidden: jax.Array  # [B, E] the last accepted node's hidden state (the heads' input)
     banned: jax.Array  # [B, C] tokens rejected at the last accepted node (-1 pad): the next root avoids them
     out: jax.Array  # [B, max_new] new tokens (pad -1)
     num_out: jax.Array  # [B]
@@ -96,9 +97,9 @@ def choose_root(logits, banned, rng, loop: MedusaLoop, sp: SamplingParams, th: T
 def tree_candidates(root: jax.Array, head_logits: jax.Array, tree: TreeBuffers, draft_ids=None) -> jax.Array:
     """root `[B]`, head_logits `[K, B, V]` (or `[K, B, Vd]` over the draft vocabulary `draft_ids` `[Vd]`) -> tree
     tokens `[B, L]` (node 0 = root)."""
-    k, b, _ = head_logits.shape
     if tree.num_nodes == 1:
         return root[:, None]
+    k, b, _ = head_logits.shape
     _, top = jax.lax.top_k(head_logits[: tree.depth], tree.topk)  # [D, B, topk]
     if draft_ids is not None:
         top = draft_ids[top]
@@ -240,12 +241,13 @@ def compact_cache(cache: KVCache, lengths, path_nodes) -> KVCache:
     return KVCache(move(cache.k), move(cache.v))
 
 
-def head_logits_at(cfg: ModelConfig, params, heads, hidden: jax.Array) -> jax.Array:
-    """hidden `[B, E]` -> `[K, B, V]`, or `[K, B, Vd]` with a draft vocabulary (K = 0 without heads: the loop is then
-    plain autoregressive decoding)."""
+def head_logits_at(cfg: ModelConfig, params, heads, hidden: jax.Array, root: jax.Array) -> jax.Array:
+    """hidden `[B, E]`, root `[B]` -> `[K, B, V]`, or `[K, B, Vd]` with a draft vocabulary (K = 0 without heads: the
+    loop is then plain autoregressive decoding)."""
     if heads is None:
         return jnp.zeros((0, hidden.shape[0], 1), jnp.float32)
-    return draft_logits(heads, hidden, base_lm_head(params), cfg.jnp_dtype)[0]
+    root_emb = root_embedding(params, root) if uses_root(heads) else None
+    return draft_logits(heads, hidden, base_lm_head(params), cfg.jnp_dtype, root_emb)[0]
 
 
 def draft_ids_of(heads):
@@ -263,7 +265,7 @@ def start_state(cfg, loop: MedusaLoop, params, heads, cache: KVCache, start, tok
         cache=cache,
         lengths=start + lengths,
         logits=lm_logits(cfg, params, last_hidden),
-        head_logits=head_logits_at(cfg, params, heads, last_hidden),
+        hidden=last_hidden,
         banned=jnp.full((b, tree_children(loop.tree).shape[1]), -1, jnp.int32),
         out=jnp.full((b, loop.max_new), -1, jnp.int32),
         num_out=jnp.zeros((b,), jnp.int32),
@@ -279,7 +281,8 @@ def medusa_step(cfg, loop: MedusaLoop, params, heads, s: MedusaState, max_new, s
     rng, k_root, k_accept = jax.random.split(s.rng, 3)
     # 1. candidates
     root = choose_root(s.logits, s.banned, k_root, loop, sp, th)
-    cand = tree_candidates(root, s.head_logits, tree, draft_ids_of(heads))  # [B, L]
+    head_logits = head_logits_at(cfg, params, heads, s.hidden, root) if tree.depth else None
+    cand = tree_candidates(root, head_logits, tree, draft_ids_of(heads))  # [B, L]
     # 2. verify the whole tree in one forward, at positions length + depth under the tree mask
     model = Transformer(cfg)
     positions = s.lengths[:, None] + jnp.asarray(tree.position_ids)[None, :]
@@ -305,14 +308,14 @@ def medusa_step(cfg, loop: MedusaLoop, params, heads, s: MedusaState, max_new, s
     out = append_tokens(s.out, s.num_out, path_tokens, count, live)
     num_out = s.num_out + jnp.where(live, count, 0)
     done = s.done | eos.any(1) | (num_out >= max_new)
-    # 5. the next step's logits at the last accepted node (heads run there only)
+    # 5. the next step's logits and heads' input at the last accepted node
     last_node = jnp.take_along_axis(path_nodes, (count - 1)[:, None], axis=1)[:, 0]
     last_hidden = jnp.take_along_axis(hidden, last_node[:, None, None], axis=1)[:, 0]
     return MedusaState(
         cache=cache,
         lengths=s.lengths + jnp.where(live, count, 0),
         logits=lm_logits(cfg, params, last_hidden),
-        head_logits=head_logits_at(cfg, params, heads, last_hidden),
+        hidden=last_hidden,
         banned=jnp.where((count == acc + 1)[:, None], banned, -1),  # a cut path continues from an accepted node
         out=out,
         num_out=num_out,

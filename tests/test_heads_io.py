@@ -14,7 +14,14 @@ from medusa_jax.api import MedusaModel
 from medusa_jax.checkpoint import CheckpointError
 from medusa_jax.config import ModelConfig
 from medusa_jax.heads import HeadsConfig, base_lm_head, heads_config_of, heads_logits, init_heads
-from medusa_jax.heads_io import heads_from_tensors, load_heads, read_full_medusa2, read_heads, save_heads
+from medusa_jax.heads_io import (
+    heads_from_tensors,
+    heads_to_tensors,
+    load_heads,
+    read_full_medusa2,
+    read_heads,
+    save_heads,
+)
 from medusa_jax.model import init_params
 
 torch = pytest.importorskip("torch")
@@ -170,6 +177,8 @@ def test_save_read_round_trip_and_torch_strict_load(tmp_path, model, shared):
     out = tmp_path / "saved"
     save_heads(params, str(out), base_model_name_or_path="tiny-llama", extra_config={"note": "test"})
     assert sorted(os.listdir(out)) == ["config.json", "medusa_lm_head.safetensors"]
+    mode = lambda name: (out / name).stat().st_mode & 0o777  # noqa: E731
+    assert mode("medusa_lm_head.safetensors") == mode("config.json")  # readable like any file, not 0600
     config = json.loads((out / "config.json").read_text())
     assert config["medusa_num_heads"] == 3 and config["medusa_num_layers"] == 2
     assert config["base_model_name_or_path"] == "tiny-llama" and config["note"] == "test"
@@ -193,6 +202,33 @@ def test_save_read_round_trip_and_torch_strict_load(tmp_path, model, shared):
         atol=1e-5,
         rtol=0,
     )
+
+
+def test_root_token_heads_round_trip(tmp_path, model):
+    """root_token heads (our extension) write `{i}.root.weight` and a config flag, and read back the same; their
+    logits depend on the root embedding, which they require."""
+    from medusa_jax.heads import root_embedding
+
+    params = init_heads(HeadsConfig(2, 1, True, root_token=True), model.params, seed=5, scale=0.2)
+    save_heads(params, str(tmp_path / "r"))
+    assert json.loads((tmp_path / "r" / "config.json").read_text())["medusa_root_token"] is True
+    back, meta = read_heads(str(tmp_path / "r"))
+    assert meta["root_token"] and heads_config_of(back) == HeadsConfig(2, 1, True, True)
+    np.testing.assert_array_equal(back["root"]["kernel"], np.asarray(params["root"]["kernel"]))
+    save_heads(params, str(tmp_path / "half"), dtype="float16")  # half the bytes, loaded back in float32
+    half = load_heads(str(tmp_path / "half"), model)
+    assert half["root"]["kernel"].dtype == jnp.float32
+    np.testing.assert_allclose(half["root"]["kernel"], params["root"]["kernel"], rtol=1e-3, atol=1e-4)
+    hidden, lm = jnp.asarray(random_hidden(seed=6, shape=(3, E))), base_lm_head(model.params)
+    a, b = (
+        heads_logits(back, hidden, lm, root_emb=root_embedding(model.params, jnp.array(r))) for r in ([1] * 3, [2] * 3)
+    )
+    assert np.abs(np.asarray(a) - np.asarray(b)).max() > 1e-3
+    with pytest.raises(ValueError, match="root_emb"):
+        heads_logits(back, hidden, lm)
+    torn = {k: v for k, v in heads_to_tensors(back).items() if k != "1.root.weight"}
+    with pytest.raises(CheckpointError, match="root.weight for every head"):
+        heads_from_tensors(torn)
 
 
 def test_save_is_atomic(tmp_path, model, monkeypatch):

@@ -14,7 +14,7 @@ from medusa_jax.model import init_params
 from medusa_jax.tree import build_buffers
 
 
-def tiny_model(vocab=8, heads=2, seed=0):
+def tiny_model(vocab=8, heads=2, seed=0, root_token=False):
     cfg = ModelConfig(
         vocab_size=vocab,
         hidden_size=32,
@@ -28,7 +28,7 @@ def tiny_model(vocab=8, heads=2, seed=0):
     )
     params = init_params(cfg, seed)
     params = jax.tree.map(lambda a: a * 8 if a.ndim >= 2 else a, params)  # sharper, less repetitive logits
-    hp = init_heads(HeadsConfig(heads, 1, False), params, seed=seed, scale=0.3)
+    hp = init_heads(HeadsConfig(heads, 1, False, root_token), params, seed=seed, scale=0.3)
     return MedusaModel(cfg, params, heads=hp)
 
 
@@ -68,6 +68,29 @@ def test_batch_matches_batch1_and_ar_with_chain_and_branchy_trees():
     # more prompts than one batch: batched by length internally, results in the caller's order
     by2 = m.generate(prompts, max_new_tokens=25, mode="medusa", tree=tree, topk=4, batch_size=2)
     assert [r.prompt_ids for r in by2] == prompts and [r.output_ids for r in by2] == [r.output_ids for r in ar]
+
+
+def test_root_token_heads_see_the_chosen_root():
+    """root_token heads: greedy output still equals AR, and each step accepts exactly what the heads' top-1 guesses
+    predict when they are computed offline by `forward` (which feeds token t+1 as the root): the loop gives the
+    heads the root it chose, at the last accepted node."""
+    m = tiny_model(vocab=8, heads=2, seed=2, root_token=True)
+    m.heads["root"]["kernel"] = m.heads["root"]["kernel"] * 10  # let the root dominate the heads' guesses
+    prompts = random_prompts(4, 8, seed=5)
+    ar = m.generate(prompts, max_new_tokens=30, mode="ar")
+    md = m.generate(prompts, max_new_tokens=30, mode="medusa", tree=[[0], [0, 0]], topk=1)
+    assert [r.output_ids for r in md] == [r.output_ids for r in ar]
+    for r in md:
+        seq = r.prompt_ids + r.output_ids
+        guess = np.asarray(jax.numpy.argmax(m.forward([seq]).medusa_logits[:, 0], -1))  # [K, T]: tokens t+2, t+3
+        pos, steps = len(r.prompt_ids) - 1, 0  # the last accepted position; its next token is the root
+        while pos < len(seq) - 1:
+            n = 1  # the root, then each head's guess while it matches
+            while n < 3 and pos + n + 1 < len(seq) and guess[n - 1, pos] == seq[pos + n + 1]:
+                n += 1
+            pos, steps = pos + n, steps + 1
+        assert r.steps == steps
+    assert sum(r.new_tokens for r in md) > sum(r.steps for r in md)  # the heads were right some of the time
 
 
 def test_eos_stops_each_row():

@@ -58,7 +58,8 @@ for r in (1, 2, 3, 6, 17):
 
 @jax.jit
 def hd(h):
-    lg, ids = draft_logits(heads, h, lm, cfg.jnp_dtype)
+    root_emb = jnp.ones_like(h) if "root" in heads else None
+    lg, ids = draft_logits(heads, h, lm, cfg.jnp_dtype, root_emb)
     return jax.lax.top_k(lg, 10)
 
 

@@ -30,6 +30,7 @@ class HeadsSection:
     num_heads: int = 4
     num_layers: int = 1
     shared_lm_head: bool = True  # the reference "version 2" layout: the heads use the base lm_head
+    root_token: bool = False  # heads also see the root token x_{t+1} (medusa_jax.heads; not the reference layout)
     init: str = ""  # start from exported heads (reference layout), e.g. a Medusa-1 run's export/
 
 

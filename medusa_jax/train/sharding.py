@@ -54,6 +54,7 @@ PARAM_RULES: list[tuple[str, tuple[str | None, ...]]] = [
     (r"blocks/kernel$", ("medusa", "medusa_layers", "embed", "embed_out")),
     (r"blocks/bias$", ("medusa", "medusa_layers", "embed_out")),
     (r"proj/kernel$", ("medusa", "embed", "vocab")),
+    (r"root/kernel$", ("medusa", "embed", "embed_out")),
 ]
 
 

@@ -18,7 +18,7 @@ import numpy as np
 import optax
 
 from medusa_jax.config import ModelConfig
-from medusa_jax.heads import HeadsConfig, base_lm_head, heads_logits, init_heads
+from medusa_jax.heads import HeadsConfig, base_lm_head, heads_logits, init_heads, root_embedding, uses_root
 from medusa_jax.model import Transformer, causal_mask, init_params
 from medusa_jax.train import data as data_lib
 from medusa_jax.train import lora as lora_lib
@@ -106,7 +106,8 @@ def build_backbone(cfg: Config, tokenizer: bool = False):
 
 
 def heads_config(cfg: Config) -> HeadsConfig:
-    return HeadsConfig(cfg.heads.num_heads, cfg.heads.num_layers, cfg.heads.shared_lm_head)
+    h = cfg.heads
+    return HeadsConfig(h.num_heads, h.num_layers, h.shared_lm_head, h.root_token)
 
 
 def init_trainable(cfg: Config, backbone: dict) -> dict:
@@ -116,6 +117,11 @@ def init_trainable(cfg: Config, backbone: dict) -> dict:
 
         heads, _ = read_heads(cfg.heads.init)
         heads = jax.tree.map(lambda a: jnp.asarray(a, jnp.float32), heads)
+        if hc.root_token and "root" not in heads:  # plain heads -> root_token heads (zero U: the same outputs)
+            e = heads["blocks"]["kernel"].shape[-1]
+            heads["root"] = {"kernel": jnp.zeros((heads["blocks"]["kernel"].shape[0], e, e), jnp.float32)}
+        elif "root" in heads and not hc.root_token:
+            raise ValueError(f"heads.init {cfg.heads.init} holds root_token heads: set heads.root_token=true")
     else:
         heads = init_heads(hc, backbone, seed=cfg.train.seed)
     out = {"heads": heads}
@@ -134,6 +140,11 @@ def current_backbone(cfg: Config, trainable: dict, frozen: dict) -> dict:
 
 
 # ---------------------------------------------------------------------------------------------- losses
+def jnp_roots(ids):
+    """ids `[B, L]` -> the root token at each position `[B, L]` (teacher forcing: token t+1; 0 after the end)."""
+    return jnp.concatenate([ids[:, 1:], jnp.zeros_like(ids[:, :1])], axis=1)
+
+
 def jnp_targets(ids, mask, k_heads):
     """ids, mask `[B, L]` -> head targets `[B, L, K]` (token t+k+2) and weights (1 where it is an answer token)."""
     b, length = ids.shape
@@ -146,9 +157,10 @@ def jnp_targets(ids, mask, k_heads):
     return jnp.stack(tg, -1), jnp.stack(ws, -1).astype(jnp.float32)
 
 
-def heads_loss(heads, hidden, lm_head, tgt, w, decay, dtype):
-    """Σ_k decay^k CE(head_k(h_t), y_{t+k+2}) averaged over weighted positions; also per-head loss and top-1."""
-    logits = heads_logits(heads, hidden, lm_head, dtype)  # [K, ..., V]
+def heads_loss(heads, hidden, lm_head, tgt, w, decay, dtype, root_emb=None):
+    """Σ_k decay^k CE(head_k(h_t), y_{t+k+2}) averaged over weighted positions; also per-head loss and top-1.
+    root_emb `[..., E]`: embeddings of the tokens t+1, for root_token heads."""
+    logits = heads_logits(heads, hidden, lm_head, dtype, root_emb)  # [K, ..., V]
     k = logits.shape[0]
     tgt_k, w_k = jnp.moveaxis(tgt, -1, 0), jnp.moveaxis(w, -1, 0)
     logz = jax.nn.logsumexp(logits, axis=-1)
@@ -162,9 +174,9 @@ def heads_loss(heads, hidden, lm_head, tgt, w, decay, dtype):
     return (lam * per_head).sum(), per_head, acc
 
 
-def eval_counts(heads, hidden, lm_head, tgt, w, dtype, topk=5):
+def eval_counts(heads, hidden, lm_head, tgt, w, dtype, topk=5, root_emb=None):
     """Per-head (top-1 hits, top-5 hits, count) over weighted positions."""
-    logits = heads_logits(heads, hidden, lm_head, dtype)
+    logits = heads_logits(heads, hidden, lm_head, dtype, root_emb)
     tgt_k, w_k = jnp.moveaxis(tgt, -1, 0), jnp.moveaxis(w, -1, 0)
     picked = jnp.take_along_axis(logits, tgt_k[..., None], axis=-1)
     rank = (logits > picked).sum(-1)  # how many tokens score above the target (cheaper than a top-k sort)
@@ -199,8 +211,9 @@ def make_loss(cfg: Config, mc: ModelConfig, flat: bool):
     def loss_fn(trainable, frozen, batch, step):
         heads = trainable["heads"]
         if flat:
+            root_emb = root_embedding(frozen, batch["roots"]) if uses_root(heads) else None
             hl, per, acc = heads_loss(heads, batch["hidden"], frozen["lm_head"]["kernel"], batch["targets"],
-                                      batch["weights"], decay, dtype)  # fmt: skip
+                                      batch["weights"], decay, dtype, root_emb)  # fmt: skip
             return hl, {"heads_loss": hl, "head_loss": per, "head_acc": acc}
         ids, mask = batch["input_ids"], batch["loss_mask"]
         if cfg.train.mode == "medusa1":
@@ -209,7 +222,8 @@ def make_loss(cfg: Config, mc: ModelConfig, flat: bool):
             backbone = current_backbone(cfg, trainable, frozen)
         hidden = forward_hidden(mc, backbone, ids)
         tgt, w = jnp_targets(ids, mask, k_heads)
-        hl, per, acc = heads_loss(heads, hidden, base_lm_head(backbone), tgt, w, decay, dtype)
+        root_emb = root_embedding(backbone, jnp_roots(ids)) if uses_root(heads) else None
+        hl, per, acc = heads_loss(heads, hidden, base_lm_head(backbone), tgt, w, decay, dtype, root_emb)
         aux = {"heads_loss": hl, "head_loss": per, "head_acc": acc}
         if cfg.train.mode == "medusa1":
             return hl, aux
@@ -266,35 +280,51 @@ def make_optimizer(cfg: Config):
 
 
 # ---------------------------------------------------------------------------------------------- precompute
-def precompute_flat(mc, backbone, ids, mask, k_heads, mesh, rows_per_batch=16):
-    """Frozen backbone over all rows -> flat arrays of the positions with at least one answer target:
-    hidden `[M, E]` (float32), targets `[M, K]`, weights `[M, K]`."""
-    tgt, w = data_lib.head_targets(ids, mask, k_heads)
+def flat_chunks(ids: np.ndarray, mask: np.ndarray, rows_per_batch: int = 16):
+    """The forward batches of `precompute_flat`, in order: (row indices, padded length); rows sorted by length."""
     lengths = np.maximum((ids != 0).cumsum(1).argmax(1) + 1, (mask > 0).cumsum(1).argmax(1) + 1)
     order = np.argsort(lengths, kind="stable")
-    fwd = jax.jit(functools.partial(forward_hidden, mc), out_shardings=sh.replicated(mesh))
-    params = jax.device_put(backbone, sh.param_shardings(backbone, mesh))
-    hid, tg, ws = [], [], []
-    from tqdm import tqdm
-
-    bar = tqdm(total=len(order), desc="hidden states", unit="row", disable=jax.process_index() != 0)
-    n_dev = mesh.shape["data"] * mesh.shape["fsdp"]
     for i in range(0, len(order), rows_per_batch):
         idx = order[i : i + rows_per_batch]
-        length = int(-(-int(lengths[idx].max()) // 32) * 32)
-        length = min(length, ids.shape[1])
+        yield idx, min(int(-(-int(lengths[idx].max()) // 32) * 32), ids.shape[1])
+
+
+def flat_tokens(ids: np.ndarray, mask: np.ndarray, k_heads: int, rows_per_batch: int = 16):
+    """The token side of `precompute_flat` (no backbone): targets `[M, K]`, weights `[M, K]` and root tokens `[M]`
+    (token t+1, what root_token heads see) of the positions with at least one answer target, in its order."""
+    tgt, w = data_lib.head_targets(ids, mask, k_heads)
+    nxt = np.zeros_like(ids)
+    nxt[:, :-1] = ids[:, 1:]
+    tg, ws, rt = [], [], []
+    for idx, length in flat_chunks(ids, mask, rows_per_batch):
+        sel = w[idx, :length].sum(-1) > 0
+        tg.append(tgt[idx, :length][sel])
+        ws.append(w[idx, :length][sel])
+        rt.append(nxt[idx, :length][sel])
+    return np.concatenate(tg), np.concatenate(ws), np.concatenate(rt)
+
+
+def precompute_flat(mc, backbone, ids, mask, k_heads, mesh, rows_per_batch=16):
+    """Frozen backbone over all rows -> flat arrays of the positions with at least one answer target:
+    hidden `[M, E]` (float32), targets `[M, K]`, weights `[M, K]`, root tokens `[M]` (see `flat_tokens`)."""
+    fwd = jax.jit(functools.partial(forward_hidden, mc), out_shardings=sh.replicated(mesh))
+    params = jax.device_put(backbone, sh.param_shardings(backbone, mesh))
+    _, w = data_lib.head_targets(ids, mask, k_heads)
+    hid = []
+    from tqdm import tqdm
+
+    bar = tqdm(total=len(ids), desc="hidden states", unit="row", disable=jax.process_index() != 0)
+    n_dev = mesh.shape["data"] * mesh.shape["fsdp"]
+    for idx, length in flat_chunks(ids, mask, rows_per_batch):
         rows = -(-len(idx) // n_dev) * n_dev
         x = np.zeros((rows, length), np.int32)
         x[: len(idx)] = ids[idx, :length]
         xg = sh.shard_global(x, sh.batch_sharding(mesh, 2))
         h = np.asarray(fwd(params, xg).addressable_data(0), np.float32)[: len(idx)]
-        sel = w[idx, :length].sum(-1) > 0
-        hid.append(h[sel])
-        tg.append(tgt[idx, :length][sel])
-        ws.append(w[idx, :length][sel])
+        hid.append(h[w[idx, :length].sum(-1) > 0])
         bar.update(len(idx))
     bar.close()
-    return np.concatenate(hid), np.concatenate(tg), np.concatenate(ws)
+    return (np.concatenate(hid), *flat_tokens(ids, mask, k_heads, rows_per_batch))
 
 
 # ---------------------------------------------------------------------------------------------- checkpoints
@@ -376,17 +406,22 @@ def trim_metrics(path: str, last_step: int) -> None:
 def export(cfg: Config, run_dir: str, trainable: dict, base_name: str, extra: dict) -> str:
     from safetensors.numpy import save_file
 
-    from medusa_jax.heads_io import save_heads
+    from medusa_jax.heads_io import chmod_default, save_heads
 
     out = os.path.join(run_dir, "export")
     heads = jax.tree.map(lambda a: np.asarray(a, np.float32), trainable["heads"])
     save_heads(heads, out, base_name, extra_config=extra)
-    if "lora" in trainable:
+    if "lora" in trainable:  # the adapter in the PEFT layout, each file written under a temporary name first
         lora = jax.tree.map(np.asarray, trainable["lora"])
-        save_file(lora_lib.to_peft_tensors(lora), os.path.join(out, "adapter_model.safetensors"))
-        with open(os.path.join(out, "adapter_config.json"), "w") as f:
+        st = os.path.join(out, "adapter_model.safetensors")
+        save_file(lora_lib.to_peft_tensors(lora), st + ".tmp")
+        chmod_default(st + ".tmp")
+        os.replace(st + ".tmp", st)
+        cfg_path = os.path.join(out, "adapter_config.json")
+        with open(cfg_path + ".tmp", "w") as f:
             json.dump({"peft_type": "LORA", "r": cfg.lora.rank, "lora_alpha": cfg.lora.alpha,
                        "target_modules": list(cfg.lora.targets), "base_model_name_or_path": base_name}, f, indent=2)  # fmt: skip
+        os.replace(cfg_path + ".tmp", cfg_path)
     return out
 
 
@@ -419,12 +454,19 @@ def evaluate(cfg, mc, trainable, frozen, dev, mesh, flat: bool, batch_rows: int 
     heads = trainable["heads"]
     dtype = mc.jnp_dtype
     if flat:
-        h, tg, ws = dev
-        fn = jax.jit(lambda hd, lm, x, t, w: eval_counts(hd, x, lm, t, w, dtype))
+        h, tg, ws, rt = dev
+
+        @jax.jit
+        def fn(hd, lm, emb, x, t, w, r):
+            root_emb = root_embedding({"embed": emb}, r) if uses_root(hd) else None
+            return eval_counts(hd, x, lm, t, w, dtype, root_emb=root_emb)
+
         lm = sh.shard_global(np.asarray(base_lm_head(frozen["backbone"])), rep)
+        emb = frozen["backbone"]["embed"]
         tot = np.zeros((3, k))
         for i in range(0, len(h), 512):
-            tot += np.asarray(jax.device_get(fn(heads, lm, h[i : i + 512], tg[i : i + 512], ws[i : i + 512])))
+            sl = slice(i, i + 512)
+            tot += np.asarray(jax.device_get(fn(heads, lm, emb, h[sl], tg[sl], ws[sl], rt[sl])))
     else:
         ids, mask = dev
         backbone = current_backbone(cfg, trainable, frozen)
@@ -435,7 +477,8 @@ def evaluate(cfg, mc, trainable, frozen, dev, mesh, flat: bool, batch_rows: int 
         def fn(bb, hd, x, m):
             hidden = forward_hidden(mc, bb, x)
             t, w = jnp_targets(x, m, k)
-            return eval_counts(hd, hidden, base_lm_head(bb), t, w, dtype)
+            root_emb = root_embedding(bb, jnp_roots(x)) if uses_root(hd) else None
+            return eval_counts(hd, hidden, base_lm_head(bb), t, w, dtype, root_emb=root_emb)
 
         tot, drift = np.zeros((3, k)), np.zeros(3)
         for i in range(0, len(ids), batch_rows):
@@ -520,12 +563,14 @@ def train(cfg: Config, progress: bool = True) -> TrainResult:
             ftrain = (
                 ftrain[0],
                 np.searchsorted(subset, ftrain[1]).clip(0, len(subset) - 1).astype(np.int32),
-                ftrain[2],
+                *ftrain[2:],
             )
             lm = lm[:, subset]
             if is_main:
                 print(f"vocab subset: {len(subset)} of {mc.vocab_size} tokens")
         frozen = {"lm_head": {"kernel": lm}}
+        if cfg.heads.root_token:
+            frozen["embed"] = backbone["embed"]
         eval_frozen = {"backbone": {k: v for k, v in backbone.items() if k in ("embed", "lm_head")}}
         n_items, per_step = len(ftrain[0]), cfg.train.batch_tokens
     else:
@@ -548,7 +593,7 @@ def train(cfg: Config, progress: bool = True) -> TrainResult:
     opt_state = jax.device_put(opt_state, opt_sh)
     rep = sh.replicated(mesh)
 
-    batch_dims = {"hidden": 2, "targets": 2, "weights": 2} if flat else {"input_ids": 2, "loss_mask": 2}
+    batch_dims = {"hidden": 2, "targets": 2, "weights": 2, "roots": 1} if flat else {"input_ids": 2, "loss_mask": 2}
     batch_sh = {k: sh.batch_sharding(mesh, d) for k, d in batch_dims.items()}
     key = (_trajectory_key(cfg), mc, flat, mesh, jax.tree.structure(trainable), jax.tree.structure(frozen))
     jstep = _STEP_CACHE.get(key)
@@ -586,7 +631,8 @@ def train(cfg: Config, progress: bool = True) -> TrainResult:
     def get_batch(step):
         idx = data_lib.batch_indices(step, per_step, n_items, cfg.train.seed)[rows_slice]
         if flat:
-            local = {"hidden": ftrain[0][idx], "targets": ftrain[1][idx], "weights": ftrain[2][idx]}
+            local = {"hidden": ftrain[0][idx], "targets": ftrain[1][idx], "weights": ftrain[2][idx],
+                     "roots": ftrain[3][idx]}  # fmt: skip
         else:
             local = {"input_ids": ids[idx], "loss_mask": mask[idx]}
         return sh.batch_from_local(local, mesh)
@@ -725,7 +771,8 @@ HIDDEN_BLOCK_ROWS = 2048
 def cached_hidden(cache_dir, mc, backbone, k_heads, mesh, max_len, name, parts, block_rows=None):
     """`precompute_flat` over the rows of each data part, in blocks of at most `block_rows` rows, each block cached
     as `cache_dir/NAME-<fingerprint>.npz`: adding a data directory computes only its rows, and a killed precompute
-    resumes at the first missing block. Returns the concatenated (hidden, targets, weights)."""
+    resumes at the first missing block. Only the hidden states are cached; the tokens come from the data. Returns the
+    concatenated (hidden, targets, weights, roots) of `precompute_flat`."""
     block_rows = block_rows or HIDDEN_BLOCK_ROWS
     out = []
     for rows in parts:
@@ -734,8 +781,9 @@ def cached_hidden(cache_dir, mc, backbone, k_heads, mesh, max_len, name, parts, 
             bi, bm = ids[i : i + block_rows], mask[i : i + block_rows]
             key = data_fingerprint(bi)
             path = os.path.join(cache_dir, f"{name}-{hashlib.sha1(key.encode()).hexdigest()[:16]}.npz")
-            out.append(_cached(path, lambda bi=bi, bm=bm: precompute_flat(mc, backbone, bi, bm, k_heads, mesh), key))
-    return tuple(np.concatenate([o[j] for o in out]) for j in range(3))
+            hidden = _cached(path, lambda bi=bi, bm=bm: precompute_flat(mc, backbone, bi, bm, k_heads, mesh)[0], key)
+            out.append((hidden, *flat_tokens(bi, bm, k_heads)))
+    return tuple(np.concatenate([o[j] for o in out]) for j in range(4))
 
 
 def data_fingerprint(ids: np.ndarray) -> str:
@@ -743,16 +791,16 @@ def data_fingerprint(ids: np.ndarray) -> str:
 
 
 def _cached(path: str, compute, key: str):
-    """A precomputed (hidden, targets, weights) triple cached at `path`, valid while its stored key matches."""
+    """Precomputed hidden states `[M, E]` cached at `path`, valid while its stored key matches."""
     if os.path.exists(path):
         z = np.load(path)
         if str(z["key"]) == key:
-            return z["hidden"], z["targets"], z["weights"]
+            return z["hidden"]
     out = compute()
     if jax.process_index() == 0:
         os.makedirs(os.path.dirname(path), exist_ok=True)
         tmp = path + ".tmp.npz"
-        np.savez(tmp, hidden=out[0], targets=out[1], weights=out[2], key=key)
+        np.savez(tmp, hidden=out, key=key)
         os.replace(tmp, path)
     return out
 

@@ -1,0 +1,87 @@
+"""A/B of Medusa head layouts on cached hidden states (docs/TRAINING.md §4): plain heads, root-token heads, more
+ResBlock layers, each trained from scratch for the same steps on the same batches, dev top-1/top-5 over the full
+vocabulary. Reuses a Medusa-1 run's hidden-state cache (`RUN_DIR/cache`, see `trainer.cached_hidden`).
+
+    PYTHONPATH=. python tools/head_variants.py --run runs/m1_v3 --steps 600 --variants plain:1,root:1,plain:2
+"""
+
+import argparse
+import json
+import os
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from medusa_jax.heads import HeadsConfig, init_heads, root_embedding
+from medusa_jax.train import data as data_lib
+from medusa_jax.train import sharding as sh
+from medusa_jax.train import trainer
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--run", required=True, help="a Medusa-1 run dir with precomputed hidden states")
+    ap.add_argument("--steps", type=int, default=600)
+    ap.add_argument("--variants", default="plain:1,root:1,plain:2", help="LAYOUT:LAYERS, comma-separated")
+    args = ap.parse_args()
+    cfg = trainer.config_from_run(args.run)
+    k = cfg.heads.num_heads
+    mc, backbone, _, _ = trainer.build_backbone(cfg)
+    mesh = sh.make_mesh(1, 1, 1)
+    cached = lambda name, parts: trainer.cached_hidden(  # noqa: E731
+        os.path.join(args.run, "cache"), mc, backbone, k, mesh, cfg.data.max_len, name, parts
+    )
+    tr = cached("train", data_lib.load_data_parts(cfg, mc.vocab_size))
+    dv = cached("dev", [data_lib.load_data_rows(cfg, mc.vocab_size, dev=True)])
+    subset = np.unique(tr[1][tr[2] > 0])  # training softmax over the training targets' tokens, as vocab_subset
+    tr_t = np.searchsorted(subset, tr[1]).clip(0, len(subset) - 1).astype(np.int32)
+    lm = trainer.base_lm_head(backbone)
+    lm_s = lm[:, subset]
+    print(f"train positions {len(tr[0])}, dev positions {len(dv[0])}", flush=True)
+
+    for variant in args.variants.split(","):
+        layout, layers = variant.split(":")
+        print(
+            json.dumps(run_variant(layout, int(layers), args.steps, cfg, backbone, tr, tr_t, dv, lm, lm_s)), flush=True
+        )
+
+
+def run_variant(layout, layers, steps, cfg, backbone, tr, tr_t, dv, lm, lm_s) -> dict:
+    """Train one head layout from scratch for `steps` on the cached training positions; dev top-1/top-5."""
+    k = cfg.heads.num_heads
+    root = layout == "root"
+    heads = init_heads(HeadsConfig(k, layers, True, root), backbone, seed=0)
+    sched = optax.warmup_cosine_decay_schedule(0, cfg.train.lr_heads, 20, steps, cfg.train.lr_heads / 10)
+    tx = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(sched, weight_decay=0.0))
+    opt = tx.init(heads)
+    embed = backbone["embed"]
+
+    def loss(hd, emb, proj, h, t, w, r):
+        re = root_embedding({"embed": emb}, r) if root else None
+        return trainer.heads_loss(hd, h, proj, t, w, cfg.train.decay, jnp.float32, re)[0]
+
+    @jax.jit
+    def step(hd, opt, emb, proj, h, t, w, r):
+        g = jax.grad(loss)(hd, emb, proj, h, t, w, r)
+        u, opt = tx.update(g, opt, hd)
+        return optax.apply_updates(hd, u), opt
+
+    @jax.jit
+    def counts(hd, emb, proj, h, t, w, r):
+        re = root_embedding({"embed": emb}, r) if root else None
+        return jnp.stack(trainer.eval_counts(hd, h, proj, t, w, jnp.float32, root_emb=re))
+
+    t0 = time.time()
+    for s in range(steps):
+        idx = data_lib.batch_indices(s, cfg.train.batch_tokens, len(tr[0]), 0)
+        heads, opt = step(heads, opt, embed, lm_s, tr[0][idx], tr_t[idx], tr[2][idx], tr[3][idx])
+    tot = sum(np.asarray(counts(heads, embed, lm, *(a[i : i + 512] for a in dv))) for i in range(0, len(dv[0]), 512))
+    return {"layout": layout, "layers": layers, "steps": steps, "top1": (tot[0] / tot[2]).round(4).tolist(),
+            "top5": (tot[1] / tot[2]).round(4).tolist(), "train_s": round(time.time() - t0)}  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()
