@@ -99,7 +99,7 @@ def tree_candidates(root: jax.Array, head_logits: jax.Array, tree: TreeBuffers, 
     tokens `[B, L]` (node 0 = root)."""
     if tree.num_nodes == 1:
         return root[:, None]
-    k, b, _ = head_logits.shape
+    b = head_logits.shape[1]
     _, top = jax.lax.top_k(head_logits[: tree.depth], tree.topk)  # [D, B, topk]
     if draft_ids is not None:
         top = draft_ids[top]
