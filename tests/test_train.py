@@ -178,7 +178,8 @@ def test_medusa1_export_and_run_dir(tmp_path):
 @pytest.mark.parametrize("mode", ["medusa1", "medusa2"])
 def test_root_token_heads_train_from_plain_heads(tmp_path, mode):
     """heads.root_token=true starting from plain exported heads (U = 0: the same outputs at step 0) trains U on
-    both paths (precomputed hidden states, and the backbone forward of Medusa-2) and exports root_token heads."""
+    both paths (precomputed hidden states, and the backbone forward of Medusa-2) and exports root_token heads;
+    with soft labels (train.distill_weight), whose batches carry the teacher positions' hidden states."""
     from medusa_jax.heads import HeadsConfig, init_heads
     from medusa_jax.heads_io import read_heads, save_heads
     from medusa_jax.model import init_params
@@ -187,8 +188,8 @@ def test_root_token_heads_train_from_plain_heads(tmp_path, mode):
     plain = tmp_path / "plain"
     save_heads(init_heads(HeadsConfig(3, 1, False), init_params(TINY), seed=1, scale=0.1), str(plain))
     run = tmp_path / "root"
-    r = train(_cfg(run, f"train.mode={mode}", "train.steps=3", "heads.root_token=true", f"heads.init={plain}"),
-              progress=False)  # fmt: skip
+    r = train(_cfg(run, f"train.mode={mode}", "train.steps=3", "heads.root_token=true", f"heads.init={plain}",
+                   "train.distill_weight=0.5"), progress=False)  # fmt: skip
     assert np.isfinite(r.losses).all()
     heads, meta = read_heads(str(run / "export"))
     assert meta["root_token"] and np.abs(heads["root"]["kernel"]).max() > 0
@@ -196,6 +197,50 @@ def test_root_token_heads_train_from_plain_heads(tmp_path, mode):
     assert model.heads_config.root_token
     out = model.generate([[1, 2, 3, 4]], max_new_tokens=6, mode="medusa", tree=[[0], [1], [0, 0]])
     assert out[0].output_ids == model.generate([[1, 2, 3, 4]], max_new_tokens=6, mode="ar")[0].output_ids
+
+
+def test_soft_labels_same_on_both_training_paths():
+    """train.distill_weight: the loss on cached hidden states (teacher = the hidden state k+1 positions later in the
+    flat arrays) equals the loss on whole sequences (teacher = the shifted base logits), and differs from hard CE."""
+    import jax.numpy as jnp
+
+    from medusa_jax.heads import HeadsConfig, init_heads
+    from medusa_jax.model import init_params
+    from medusa_jax.train import data as data_lib
+    from medusa_jax.train import trainer as tr
+
+    params = init_params(TINY, seed=1)
+    rows = data_lib.synthetic_rows(6, 20, TINY.vocab_size, seed=3)
+    for i, r in enumerate(rows):  # answers of different lengths and starts
+        r["input_ids"], r["loss_mask"] = (
+            r["input_ids"][: 12 + i],
+            [0] * (4 + i % 3) + r["loss_mask"][4 + i % 3 : 12 + i],
+        )
+    ids, mask = data_lib.pack(rows, 24)
+    mesh = sh.make_mesh(1, 1, 1)
+    hid, tgt, w, roots, teach = tr.precompute_flat(TINY, params, ids, mask, 3, mesh)
+    assert 0.7 < teach[w > 0].mean() < 1.0  # all but each row's last answer token
+    heads = {"heads": init_heads(HeadsConfig(3, 1, True, True), params, seed=0, scale=0.3)}
+    losses = {}
+    for soft in (0.0, 0.5):
+        base = _cfg("unused", "train.mode=medusa1", f"train.distill_weight={soft}", "heads.num_heads=3",
+                    "heads.shared_lm_head=true", "heads.root_token=true")  # fmt: skip
+        nxt = tr.teacher_index(np.arange(len(hid)), 3, len(hid))
+        frozen = {"lm_head": {"kernel": tr.base_lm_head(params)}, "embed": params["embed"]}
+        batch = {
+            "hidden": hid,
+            "targets": tgt,
+            "weights": w,
+            "roots": roots,
+            "teacher_hidden": hid[nxt],
+            "teach": teach,
+        }
+        flat = tr.make_loss(base, TINY, True)(heads, frozen, batch, jnp.int32(0))[0]
+        seq = tr.make_loss(base, TINY, False)(heads, {"backbone": params}, {"input_ids": ids, "loss_mask": mask},
+                                              jnp.int32(0))[0]  # fmt: skip
+        np.testing.assert_allclose(float(flat), float(seq), rtol=2e-5)
+        losses[soft] = float(flat)
+    assert abs(losses[0.5] - losses[0.0]) > 1e-3
 
 
 def test_lora_merge_and_peft_roundtrip():
@@ -276,3 +321,17 @@ def test_distill_resumes_without_duplicates(tmp_path, monkeypatch):
     dev = tmp_path / "dev_prompts.jsonl"
     dev.write_text(prompts.read_text())
     assert distill.main(["--prompts", str(dev), "--out", str(tmp_path / "d")]) == 2  # never train on dev
+    # --extend: answers continued to 10 tokens equal those of a run made with 10 from the start
+    assert distill.main([*args[2:], "--max-new-tokens", "4", "--extend", str(tmp_path / "a"), "--out", str(tmp_path / "e")]) == 0  # fmt: skip
+    assert distill.main([*args[:2], "--max-new-tokens", "10", "--batch-size", "2", "--out", str(tmp_path / "f")]) == 0
+    longer = distill.load_rows(str(tmp_path / "f"))
+    assert distill.load_rows(str(tmp_path / "e")) == longer
+    assert max(sum(r["loss_mask"]) for r in longer) == 10
+    assert distill.main(["--extend", str(tmp_path / "a"), "--out", str(tmp_path / "a")]) == 2  # in place: refused
+    # answers to the dev prompts stay evaluation data through --extend, and the trainer refuses them
+    assert distill.main(["--prompts", str(dev), "--out", str(tmp_path / "d"), "--allow-dev", *args[2:]]) == 0
+    assert distill.main(["--extend", str(tmp_path / "d"), "--out", str(tmp_path / "d2")]) == 2
+    assert distill.main(["--extend", str(tmp_path / "d"), "--out", str(tmp_path / "d2"), "--allow-dev"]) == 0
+    cfg = _cfg(tmp_path / "run", "data.kind=distill", f"data.path={tmp_path / 'a'},{tmp_path / 'd2'}", "data.dev_path=")
+    with pytest.raises(ValueError, match="holds answers to dev_prompts"):
+        train(cfg, progress=False)

@@ -7,6 +7,8 @@ Targets are derived in the loss: the base model at position t predicts token t+1
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 
 from medusa_jax.train.config import Config
@@ -36,11 +38,14 @@ def load_data_parts(cfg: Config, vocab: int, dev: bool = False) -> list[list[dic
     if cfg.data.kind == "synthetic":
         n = cfg.data.synthetic_rows if not dev else cfg.data.synthetic_dev_rows
         return [synthetic_rows(n, cfg.data.synthetic_len, vocab, seed=cfg.train.seed + (1000 if dev else 0))]
-    from medusa_jax.train.distill import load_rows
+    from medusa_jax.train.distill import load_rows, prompts_of
 
     path = cfg.data.dev_path if dev else cfg.data.path
     if "dev_prompts" in path or (not dev and cfg.data.dev_path and cfg.data.dev_path in path.split(",")):
         raise ValueError(f"data.path {path!r} looks like dev data: never train on it")
+    made_from_dev = [p for p in path.split(",") if "dev_prompts" in os.path.basename(prompts_of(p.strip()))]
+    if made_from_dev and not dev:
+        raise ValueError(f"data.path {made_from_dev[0]!r} holds answers to dev_prompts: never train on it")
     parts = [load_rows(part.strip()) for part in path.split(",") if part.strip()]
     if cfg.data.num_rows and not dev:
         left, cut = cfg.data.num_rows, []

@@ -8,6 +8,13 @@ derived from the shards present, so a killed run continues where it stopped with
 
     python -m medusa_jax.train.distill --prompts ../shared/data/train_prompts.jsonl --out runs/data \
         --num-prompts 1000 --max-new-tokens 192 --batch-size 16
+
+`--extend DIR` makes longer answers from an existing data directory instead of starting over: each answer that
+reached DIR's cap without an end token is continued greedily by `--max-new-tokens` more tokens (the same tokens a
+longer first run would have made); answers that ended are copied. The result is again a resumable data directory
+(its cap: DIR's plus the new tokens), so answers can grow in rounds.
+
+    python -m medusa_jax.train.distill --extend runs/data --out runs/data_128 --max-new-tokens 64 --batch-size 32
 """
 
 from __future__ import annotations
@@ -62,6 +69,15 @@ def write_atomic(path: str, text: str) -> None:
     os.replace(tmp, path)
 
 
+def prompts_of(data_dir: str) -> str:
+    """The prompts file a data directory answers (from its meta.json; "" when unknown)."""
+    try:
+        with open(os.path.join(data_dir, "meta.json")) as f:
+            return str(json.load(f).get("prompts") or "")
+    except (OSError, ValueError):
+        return ""
+
+
 def load_rows(data_dir: str) -> list[dict]:
     """All rows of a distilled data directory, in prompt order."""
     names = sorted(n for n in os.listdir(data_dir) if n.startswith("shard_") and n.endswith(".jsonl"))
@@ -90,7 +106,8 @@ def load_rows(data_dir: str) -> list[dict]:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--prompts", required=True, help="JSONL of {id, prompt}")
+    ap.add_argument("--prompts", help="JSONL of {id, prompt}")
+    ap.add_argument("--extend", default=None, help="a data dir whose unfinished answers to continue (see above)")
     ap.add_argument("--out", required=True, help="output directory (resumable)")
     ap.add_argument("--ckpt", default=None, help="base model (default: embedded SmolLM2-135M-Instruct)")
     ap.add_argument("--num-prompts", type=int, default=0, help="first N prompts (0: all)")
@@ -102,6 +119,11 @@ def main(argv=None) -> int:
     ap.add_argument("--dtype", default="float32")
     ap.add_argument("--allow-dev", action="store_true", help="allow dev_prompts (evaluation data only)")
     args = ap.parse_args(argv)
+    if bool(args.prompts) == bool(args.extend):
+        print("give either --prompts (new answers) or --extend DATA_DIR (longer answers)", file=sys.stderr)
+        return 2
+    if args.extend:
+        return extend(args)
     if "dev_prompts" in os.path.basename(args.prompts) and not args.allow_dev:
         print("refusing dev_prompts.jsonl without --allow-dev: it is for evaluation only", file=sys.stderr)
         return 2
@@ -124,17 +146,8 @@ def main(argv=None) -> int:
         "dtype": args.dtype,
         "greedy": True,
     }
-    os.makedirs(args.out, exist_ok=True)
-    meta_path = os.path.join(args.out, "meta.json")
-    if os.path.exists(meta_path):
-        with open(meta_path) as f:
-            old = json.load(f)
-        diff = {k: (old.get(k), v) for k, v in meta.items() if old.get(k) != v}
-        if diff:
-            print(f"{args.out} holds data made with other settings {diff}: use another --out", file=sys.stderr)
-            return 2
-    else:
-        write_atomic(meta_path, json.dumps(meta, indent=1) + "\n")
+    if not start_out(args.out, meta):
+        return 2
 
     num_shards = (len(rows) + chunk - 1) // chunk
     have = set(done_shards(args.out, num_shards))
@@ -171,6 +184,97 @@ def main(argv=None) -> int:
         bar.update(len(part))
         dt = time.perf_counter() - t0
         bar.set_postfix(tok_s=f"{new_tokens / dt:.0f}", skipped=len(part) - len(keep))
+    bar.close()
+    dt = time.perf_counter() - t0
+    print(f"{args.out}: {len(todo)} shards, {new_tokens} new tokens in {dt:.0f}s ({new_tokens / dt:.1f} tok/s)")
+    return 0
+
+
+def start_out(out: str, meta: dict) -> bool:
+    """Create `out` with its meta.json, or check that an existing one was made with the same settings."""
+    os.makedirs(out, exist_ok=True)
+    meta_path = os.path.join(out, "meta.json")
+    if os.path.exists(meta_path):
+        with open(meta_path) as f:
+            old = json.load(f)
+        diff = {k: (old.get(k), v) for k, v in meta.items() if old.get(k) != v}
+        if diff:
+            print(f"{out} holds data made with other settings {diff}: use another --out", file=sys.stderr)
+            return False
+    else:
+        write_atomic(meta_path, json.dumps(meta, indent=1) + "\n")
+    return True
+
+
+def extend(args) -> int:
+    """`--extend SRC`: continue SRC's answers that reached its cap without an end token (see the module doc)."""
+    src = args.extend
+    try:
+        with open(os.path.join(src, "meta.json")) as f:
+            src_meta = json.load(f)
+        cap = int(src_meta.get("answer_cap", src_meta["max_new_tokens"]))
+        src_rows = load_rows(src)
+    except (OSError, ValueError, KeyError) as e:
+        print(f"--extend {src}: not a distilled data dir ({e}): make one with --prompts first", file=sys.stderr)
+        return 2
+    if "dev_prompts" in os.path.basename(str(src_meta.get("prompts", ""))) and not args.allow_dev:
+        print(
+            f"refusing to extend {src} (answers to dev_prompts) without --allow-dev: evaluation only", file=sys.stderr
+        )
+        return 2
+    if os.path.abspath(src) == os.path.abspath(args.out):
+        print("--extend writes a new data dir: give another --out", file=sys.stderr)
+        return 2
+    if args.ckpt and args.ckpt != src_meta.get("ckpt"):
+        print(f"--ckpt {args.ckpt} is not {src}'s model ({src_meta.get('ckpt')}): leave --ckpt out", file=sys.stderr)
+        return 2
+    from tqdm import tqdm
+
+    chunk = args.chunk_size or args.batch_size
+    meta = {
+        "prompts": src_meta.get("prompts"),
+        "extend": os.path.abspath(src),
+        "ckpt": src_meta.get("ckpt", "default"),
+        "num_prompts": len(src_rows),
+        "max_new_tokens": args.max_new_tokens,
+        "answer_cap": cap + args.max_new_tokens,
+        "chunk_size": chunk,
+        "dtype": args.dtype,
+        "greedy": True,
+    }
+    if not start_out(args.out, meta):
+        return 2
+    num_shards = (len(src_rows) + chunk - 1) // chunk
+    have = set(done_shards(args.out, num_shards))
+    todo = [i for i in range(num_shards) if i not in have]
+    if not todo:
+        print(f"{args.out}: all {num_shards} shards present")
+        return 0
+    from medusa_jax.api import load
+
+    ckpt = None if meta["ckpt"] == "default" else meta["ckpt"]
+    model = load(ckpt, dtype=args.dtype)
+    eos = set(model.eos_ids)
+    bar = tqdm(total=len(src_rows), initial=sum(min(chunk, len(src_rows) - i * chunk) for i in have), unit="row")
+    t0, new_tokens = time.perf_counter(), 0
+    for i in todo:
+        part = [dict(r) for r in src_rows[i * chunk : (i + 1) * chunk]]
+        open_rows = [r for r in part if sum(r["loss_mask"]) >= cap and r["input_ids"][-1] not in eos]
+        if open_rows:
+            res = model.generate(
+                [r["input_ids"] for r in open_rows],
+                max_new_tokens=args.max_new_tokens,
+                temperature=0.0,
+                batch_size=args.batch_size,
+                mode="ar",
+            )
+            for r, g in zip(open_rows, res):
+                r["input_ids"] = list(r["input_ids"]) + list(g.output_ids)
+                r["loss_mask"] = list(r["loss_mask"]) + [1] * len(g.output_ids)
+                new_tokens += len(g.output_ids)
+        write_atomic(shard_path(args.out, i), "".join(json.dumps(r) + "\n" for r in part))
+        bar.update(len(part))
+        bar.set_postfix(tok_s=f"{new_tokens / (time.perf_counter() - t0):.0f}", continued=len(open_rows))
     bar.close()
     dt = time.perf_counter() - t0
     print(f"{args.out}: {len(todo)} shards, {new_tokens} new tokens in {dt:.0f}s ({new_tokens / dt:.1f} tok/s)")

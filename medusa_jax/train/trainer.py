@@ -157,15 +157,23 @@ def jnp_targets(ids, mask, k_heads):
     return jnp.stack(tg, -1), jnp.stack(ws, -1).astype(jnp.float32)
 
 
-def heads_loss(heads, hidden, lm_head, tgt, w, decay, dtype, root_emb=None):
+def heads_loss(heads, hidden, lm_head, tgt, w, decay, dtype, root_emb=None, teacher=None, soft=None):
     """Σ_k decay^k CE(head_k(h_t), y_{t+k+2}) averaged over weighted positions; also per-head loss and top-1.
-    root_emb `[..., E]`: embeddings of the tokens t+1, for root_token heads."""
+    root_emb `[..., E]`: embeddings of the tokens t+1, for root_token heads. With `teacher` (the base model's logits
+    `[K, ..., V]` at position t+k+1, i.e. its distribution over y_{t+k+2}) and `soft` `[..., K]` (the weight of the
+    teacher's distribution per target, 0 where it is not available), each target's loss is
+    (1 - soft) · CE(one-hot y) + soft · CE(softmax(teacher)): self-distillation with soft labels."""
     logits = heads_logits(heads, hidden, lm_head, dtype, root_emb)  # [K, ..., V]
     k = logits.shape[0]
     tgt_k, w_k = jnp.moveaxis(tgt, -1, 0), jnp.moveaxis(w, -1, 0)
     logz = jax.nn.logsumexp(logits, axis=-1)
     picked = jnp.take_along_axis(logits, tgt_k[..., None], axis=-1)[..., 0]
     nll = logz - picked
+    if teacher is not None:
+        p_t = jax.nn.softmax(jax.lax.stop_gradient(teacher).astype(jnp.float32), axis=-1)
+        soft_ce = logz - (p_t * logits).sum(-1)
+        s_k = jnp.moveaxis(soft, -1, 0)
+        nll = (1.0 - s_k) * nll + s_k * soft_ce
     axes = tuple(range(1, nll.ndim))
     denom = jnp.maximum(w_k.sum(axes), 1.0)
     per_head = (nll * w_k).sum(axes) / denom
@@ -205,15 +213,41 @@ def lambda0_at(cfg: Config, step):
     return t.lambda0 * jnp.sin(0.5 * math.pi * frac)
 
 
+def jnp_teach(w):
+    """Target weights `[B, L, K]` -> where the heads get soft labels `[B, L, K]`: the rule of `flat_tokens` (every
+    target but each row's last answer token), so that both training paths compute the same loss."""
+    sel = w.sum(-1) > 0
+    b, length = sel.shape
+    cols = [jnp.concatenate([sel[:, k + 1 :], jnp.zeros((b, min(k + 1, length)), bool)], 1) for k in range(w.shape[-1])]
+    return jnp.stack(cols, -1) & (w > 0)
+
+
+def shifted_teacher(logits, k_heads):
+    """Base logits `[B, L, V]` -> head k's soft labels at position t, the base distribution at t+k+1 `[K, B, L, V]`
+    (zeros past the end, where no head has a target)."""
+    b, length, v = logits.shape
+    out = []
+    for k in range(k_heads):
+        s = min(k + 1, length)
+        out.append(jnp.concatenate([logits[:, s:], jnp.zeros((b, s, v), logits.dtype)], axis=1))
+    return jnp.stack(out)
+
+
 def make_loss(cfg: Config, mc: ModelConfig, flat: bool):
     k_heads, decay, dtype = cfg.heads.num_heads, cfg.train.decay, mc.jnp_dtype
+    soft = cfg.train.distill_weight
 
     def loss_fn(trainable, frozen, batch, step):
         heads = trainable["heads"]
         if flat:
             root_emb = root_embedding(frozen, batch["roots"]) if uses_root(heads) else None
-            hl, per, acc = heads_loss(heads, batch["hidden"], frozen["lm_head"]["kernel"], batch["targets"],
-                                      batch["weights"], decay, dtype, root_emb)  # fmt: skip
+            lm = frozen["lm_head"]["kernel"]
+            teacher, sw = None, None
+            if soft:  # the base model's distribution at t+k+1, from that position's cached hidden state
+                teacher = jnp.einsum("bke,ev->kbv", batch["teacher_hidden"].astype(dtype), lm.astype(dtype))
+                sw = soft * batch["teach"].astype(jnp.float32)
+            hl, per, acc = heads_loss(heads, batch["hidden"], lm, batch["targets"], batch["weights"], decay, dtype,
+                                      root_emb, teacher, sw)  # fmt: skip
             return hl, {"heads_loss": hl, "head_loss": per, "head_acc": acc}
         ids, mask = batch["input_ids"], batch["loss_mask"]
         if cfg.train.mode == "medusa1":
@@ -223,11 +257,15 @@ def make_loss(cfg: Config, mc: ModelConfig, flat: bool):
         hidden = forward_hidden(mc, backbone, ids)
         tgt, w = jnp_targets(ids, mask, k_heads)
         root_emb = root_embedding(backbone, jnp_roots(ids)) if uses_root(heads) else None
-        hl, per, acc = heads_loss(heads, hidden, base_lm_head(backbone), tgt, w, decay, dtype, root_emb)
+        logits = base_logits(mc, backbone, hidden) if soft or cfg.train.mode == "medusa2" else None
+        # soft labels: the (current) backbone's own distribution, which the decode loop verifies against
+        teacher = shifted_teacher(logits, k_heads) if soft else None
+        hl, per, acc = heads_loss(heads, hidden, base_lm_head(backbone), tgt, w, decay, dtype, root_emb, teacher,
+                                  soft * jnp_teach(w) if soft else None)  # fmt: skip
         aux = {"heads_loss": hl, "head_loss": per, "head_acc": acc}
         if cfg.train.mode == "medusa1":
             return hl, aux
-        logits = base_logits(mc, backbone, hidden)[:, :-1]
+        logits = logits[:, :-1]
         w1 = mask[:, 1:].astype(jnp.float32)
         denom = jnp.maximum(w1.sum(), 1.0)
         logp = jax.nn.log_softmax(logits)
@@ -290,23 +328,37 @@ def flat_chunks(ids: np.ndarray, mask: np.ndarray, rows_per_batch: int = 16):
 
 
 def flat_tokens(ids: np.ndarray, mask: np.ndarray, k_heads: int, rows_per_batch: int = 16):
-    """The token side of `precompute_flat` (no backbone): targets `[M, K]`, weights `[M, K]` and root tokens `[M]`
-    (token t+1, what root_token heads see) of the positions with at least one answer target, in its order."""
+    """The token side of `precompute_flat` (no backbone), for the positions with at least one answer target, in its
+    order: targets `[M, K]`, weights `[M, K]`, root tokens `[M]` (token t+1, what root_token heads see) and
+    `teach` `[M, K]` bool: position t+k+1 (where the base model predicts head k's target) is flat index i+k+1.
+    Each row's positions are contiguous, so that holds for every target but a row's last token (its predictor,
+    two before the end, has no target of its own)."""
     tgt, w = data_lib.head_targets(ids, mask, k_heads)
     nxt = np.zeros_like(ids)
     nxt[:, :-1] = ids[:, 1:]
-    tg, ws, rt = [], [], []
+    tg, ws, rt, te = [], [], [], []
     for idx, length in flat_chunks(ids, mask, rows_per_batch):
-        sel = w[idx, :length].sum(-1) > 0
+        wc = w[idx, :length]
+        sel = wc.sum(-1) > 0
+        teach = np.zeros(wc.shape, bool)
+        for k in range(k_heads):
+            teach[:, : length - k - 1, k] = sel[:, k + 1 :]
         tg.append(tgt[idx, :length][sel])
-        ws.append(w[idx, :length][sel])
+        ws.append(wc[sel])
         rt.append(nxt[idx, :length][sel])
-    return np.concatenate(tg), np.concatenate(ws), np.concatenate(rt)
+        te.append((teach & (wc > 0))[sel])
+    return np.concatenate(tg), np.concatenate(ws), np.concatenate(rt), np.concatenate(te)
+
+
+def teacher_index(idx: np.ndarray, k_heads: int, n: int) -> np.ndarray:
+    """Flat indices `[B]` -> `[B, K]` of the positions whose base distribution is head k's soft label (i+k+1; valid
+    where `flat_tokens`' `teach` says so)."""
+    return np.minimum(idx[:, None] + np.arange(1, k_heads + 1), n - 1)
 
 
 def precompute_flat(mc, backbone, ids, mask, k_heads, mesh, rows_per_batch=16):
     """Frozen backbone over all rows -> flat arrays of the positions with at least one answer target:
-    hidden `[M, E]` (float32), targets `[M, K]`, weights `[M, K]`, root tokens `[M]` (see `flat_tokens`)."""
+    hidden `[M, E]` (float32), then targets, weights, root tokens and teacher positions (see `flat_tokens`)."""
     fwd = jax.jit(functools.partial(forward_hidden, mc), out_shardings=sh.replicated(mesh))
     params = jax.device_put(backbone, sh.param_shardings(backbone, mesh))
     _, w = data_lib.head_targets(ids, mask, k_heads)
@@ -556,7 +608,7 @@ def train(cfg: Config, progress: bool = True) -> TrainResult:
         hidden_of = functools.partial(cached_hidden, cache, mc, backbone, k_heads, mesh, cfg.data.max_len)
         ftrain = hidden_of("train", parts)
         if dev_rows is not None:
-            dev = hidden_of("dev", [dev_rows])
+            dev = hidden_of("dev", [dev_rows])[:4]  # hidden, targets, weights, roots
         lm = base_lm_head(backbone)
         if cfg.train.vocab_subset:  # softmax over the tokens that occur as training targets only (cheaper)
             subset = np.unique(ftrain[1][ftrain[2] > 0])
@@ -594,6 +646,8 @@ def train(cfg: Config, progress: bool = True) -> TrainResult:
     rep = sh.replicated(mesh)
 
     batch_dims = {"hidden": 2, "targets": 2, "weights": 2, "roots": 1} if flat else {"input_ids": 2, "loss_mask": 2}
+    if flat and cfg.train.distill_weight:
+        batch_dims.update(teacher_hidden=3, teach=2)
     batch_sh = {k: sh.batch_sharding(mesh, d) for k, d in batch_dims.items()}
     key = (_trajectory_key(cfg), mc, flat, mesh, jax.tree.structure(trainable), jax.tree.structure(frozen))
     jstep = _STEP_CACHE.get(key)
@@ -633,6 +687,8 @@ def train(cfg: Config, progress: bool = True) -> TrainResult:
         if flat:
             local = {"hidden": ftrain[0][idx], "targets": ftrain[1][idx], "weights": ftrain[2][idx],
                      "roots": ftrain[3][idx]}  # fmt: skip
+            if cfg.train.distill_weight:  # hidden states at t+k+1 (the same row's, see flat_tokens)
+                local.update(teacher_hidden=ftrain[0][teacher_index(idx, k_heads, n_items)], teach=ftrain[4][idx])
         else:
             local = {"input_ids": ids[idx], "loss_mask": mask[idx]}
         return sh.batch_from_local(local, mesh)
@@ -772,7 +828,7 @@ def cached_hidden(cache_dir, mc, backbone, k_heads, mesh, max_len, name, parts, 
     """`precompute_flat` over the rows of each data part, in blocks of at most `block_rows` rows, each block cached
     as `cache_dir/NAME-<fingerprint>.npz`: adding a data directory computes only its rows, and a killed precompute
     resumes at the first missing block. Only the hidden states are cached; the tokens come from the data. Returns the
-    concatenated (hidden, targets, weights, roots) of `precompute_flat`."""
+    concatenated (hidden, targets, weights, roots, teach) of `precompute_flat`."""
     block_rows = block_rows or HIDDEN_BLOCK_ROWS
     out = []
     for rows in parts:
@@ -783,7 +839,7 @@ def cached_hidden(cache_dir, mc, backbone, k_heads, mesh, max_len, name, parts, 
             path = os.path.join(cache_dir, f"{name}-{hashlib.sha1(key.encode()).hexdigest()[:16]}.npz")
             hidden = _cached(path, lambda bi=bi, bm=bm: precompute_flat(mc, backbone, bi, bm, k_heads, mesh)[0], key)
             out.append((hidden, *flat_tokens(bi, bm, k_heads)))
-    return tuple(np.concatenate([o[j] for o in out]) for j in range(4))
+    return tuple(np.concatenate([o[j] for o in out]) for j in range(5))
 
 
 def data_fingerprint(ids: np.ndarray) -> str:
