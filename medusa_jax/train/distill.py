@@ -149,14 +149,11 @@ def main(argv=None) -> int:
     if not start_out(args.out, meta):
         return 2
 
-    num_shards = (len(rows) + chunk - 1) // chunk
-    have = set(done_shards(args.out, num_shards))
-    todo = [i for i in range(num_shards) if i not in have]
+    todo, done_rows = pending_shards(args.out, len(rows), chunk)
     if not todo:
-        print(f"{args.out}: all {num_shards} shards present")
         return 0
     model = load(args.ckpt, dtype=args.dtype)
-    bar = tqdm(total=len(rows), initial=sum(min(chunk, len(rows) - i * chunk) for i in have), unit="prompt")
+    bar = tqdm(total=len(rows), initial=done_rows, unit="prompt")
     t0, new_tokens = time.perf_counter(), 0
     for i in todo:
         part = rows[i * chunk : (i + 1) * chunk]
@@ -188,6 +185,16 @@ def main(argv=None) -> int:
     dt = time.perf_counter() - t0
     print(f"{args.out}: {len(todo)} shards, {new_tokens} new tokens in {dt:.0f}s ({new_tokens / dt:.1f} tok/s)")
     return 0
+
+
+def pending_shards(out: str, n_rows: int, chunk: int) -> tuple[list[int], int]:
+    """The shards of `out` (`n_rows` rows, `chunk` per shard) still to write, and the rows the others hold; says so
+    when none is left."""
+    num = (n_rows + chunk - 1) // chunk
+    have = set(done_shards(out, num))
+    if len(have) == num:
+        print(f"{out}: all {num} shards present")
+    return [i for i in range(num) if i not in have], sum(min(chunk, n_rows - i * chunk) for i in have)
 
 
 def start_out(out: str, meta: dict) -> bool:
@@ -244,18 +251,15 @@ def extend(args) -> int:
     }
     if not start_out(args.out, meta):
         return 2
-    num_shards = (len(src_rows) + chunk - 1) // chunk
-    have = set(done_shards(args.out, num_shards))
-    todo = [i for i in range(num_shards) if i not in have]
+    todo, done_rows = pending_shards(args.out, len(src_rows), chunk)
     if not todo:
-        print(f"{args.out}: all {num_shards} shards present")
         return 0
     from medusa_jax.api import load
 
     ckpt = None if meta["ckpt"] == "default" else meta["ckpt"]
     model = load(ckpt, dtype=args.dtype)
     eos = set(model.eos_ids)
-    bar = tqdm(total=len(src_rows), initial=sum(min(chunk, len(src_rows) - i * chunk) for i in have), unit="row")
+    bar = tqdm(total=len(src_rows), initial=done_rows, unit="row")
     t0, new_tokens = time.perf_counter(), 0
     for i in todo:
         part = [dict(r) for r in src_rows[i * chunk : (i + 1) * chunk]]
