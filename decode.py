@@ -21,6 +21,7 @@ import tempfile
 import time
 
 from medusa_jax.api import shipped_heads
+from medusa_jax.lookup import DEFAULT_LOOKUP
 from medusa_jax.prompts import read_prompts
 
 DEFAULT_PROMPT = "Explain in three sentences why the sky is blue."
@@ -60,6 +61,13 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--mode", choices=("ar", "medusa"), help="default: medusa when the model has heads, else ar")
     g.add_argument("--tree", metavar="NAME|FILE", help="Medusa tree: a shipped name (e.g. mc_sim_7b_63) or JSON")
     g.add_argument(
+        "--lookup",
+        type=int,
+        metavar="N",
+        help="lookup-chain nodes: drafts copied from the context after its last n-gram, verified with the tree "
+        f"(default: {DEFAULT_LOOKUP} without --tree, else 0)",
+    )
+    g.add_argument(
         "--acceptance",
         choices=("rejection", "typical", "greedy"),
         help="Medusa acceptance at temperature > 0: rejection (default; keeps the model's distribution) or typical",
@@ -90,6 +98,8 @@ def validate(args) -> list[str]:
         raise InputError(f"--top-k must be >= 0, got {args.top_k}")
     if args.batch_size is not None and args.batch_size < 1:
         raise InputError(f"--batch-size must be >= 1, got {args.batch_size}")
+    if args.lookup is not None and args.lookup < 0:
+        raise InputError(f"--lookup must be >= 0 (0 = no lookup chain), got {args.lookup}")
     if args.num_prompts is not None and args.num_prompts < 1:
         raise InputError(f"--num-prompts must be >= 1, got {args.num_prompts}")
     if args.num_prompts is not None and not args.prompts_file:
@@ -180,6 +190,8 @@ def medusa_kwargs(args) -> dict:
         kw["tree"] = args.tree
     if args.acceptance is not None:
         kw["acceptance"] = args.acceptance
+    if args.lookup is not None:
+        kw["lookup"] = args.lookup
     return kw
 
 

@@ -23,6 +23,7 @@ from medusa_jax.heads import (
     sequence_roots,
     uses_root,
 )
+from medusa_jax.lookup import DEFAULT_LOOKUP
 from medusa_jax.model import Transformer, causal_mask
 from medusa_jax.sampling import SamplingParams
 
@@ -144,6 +145,8 @@ class MedusaModel:
         for i in range(0, len(encoded), batch_size):
             chunk = encoded[i : i + batch_size]
             kw, m = dict(medusa_kw), mode
+            if m == "medusa" and "tree" not in kw and "lookup" not in kw:
+                kw["lookup"] = DEFAULT_LOOKUP  # no tree named: the default tree gets a lookup chain
             if m == "medusa" and "tree" not in kw and self.calibration is not None:
                 calibrated = self.default_tree(len(chunk))
                 if calibrated:

@@ -42,44 +42,18 @@ def calibration_path(heads_dir: str, dtype: str) -> str:
 # ---------------------------------------------------------------------------------------------- accuracy
 def rank_accuracy(model, prompts: list, max_new_tokens: int = 64, topk: int = 10, batch_size: int = 8) -> dict:
     """acc `[K, topk]`: P(head k's rank-r candidate = the token k+2 ahead) on the model's own greedy answers."""
-    from medusa_jax.heads import base_lm_head, draft_logits, root_embedding, uses_root
+    from medusa_jax.simulate import head_ranks
 
     res = model.generate(prompts, max_new_tokens=max_new_tokens, mode="ar", batch_size=batch_size)
     k = model.heads_config.num_heads
-    lm = base_lm_head(model.params)
-    ids = model.heads["draft"]["ids"] if "draft" in model.heads else None
-    col = None
-    if ids is not None:  # token -> its column in the draft vocabulary (-1: not proposable)
-        col = jnp.full((model.cfg.vocab_size,), -1, jnp.int32).at[ids].set(jnp.arange(ids.shape[0], dtype=jnp.int32))
-
-    @jax.jit
-    def ranks(heads, lm, embed, hidden, targets, roots):
-        """hidden [T, E], targets [K, T], roots [T] -> rank [K, T] (large when not proposable). The weights are
-        arguments, not closed-over constants of the compiled function."""
-        root_emb = root_embedding({"embed": embed}, roots) if uses_root(heads) else None
-        logits, _ = draft_logits(heads, hidden, lm, model.cfg.jnp_dtype, root_emb)  # [K, T, Vd]
-        t = targets if col is None else col[targets]
-        tl = jnp.take_along_axis(logits, jnp.maximum(t, 0)[..., None], axis=-1)
-        r = (logits > tl).sum(-1)
-        return jnp.where(t >= 0, r, 1 << 30)
-
     hits = np.zeros((k, topk))
     total = np.zeros(k)
     for r in res:
         seq = list(r.prompt_ids) + list(r.output_ids)
         n_p, n = len(r.prompt_ids), len(seq)
-        hidden = model.forward([seq]).hidden[0]  # [n, E]
-        # the heads run at positions t >= n_p - 1 (the last prompt token, then the answer); head h guesses t + h + 2
-        targets = np.zeros((k, n), np.int32)
-        valid = np.zeros((k, n), bool)
-        for h in range(k):
-            s = h + 2
-            targets[h, : n - s] = seq[s:]
-            valid[h, n_p - 1 : n - s] = True
-        roots = np.asarray(seq[1:] + [0], np.int32)  # the token after t (greedy answers: the root at t)
-        rk = np.asarray(ranks(model.heads, lm, model.params["embed"], hidden, jnp.asarray(targets), jnp.asarray(roots)))
-        for h in range(k):
-            v = rk[h][valid[h]]
+        rk = head_ranks(model, seq)  # [K, n]
+        for h in range(k):  # the heads run at positions t >= n_p - 1 (the last prompt token, then the answer)
+            v = rk[h, n_p - 1 : n - h - 2]
             total[h] += len(v)
             hits[h] += np.bincount(np.minimum(v, topk), minlength=topk + 1)[:topk]
     acc = hits / np.maximum(total, 1)[:, None]

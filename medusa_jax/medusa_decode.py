@@ -3,7 +3,8 @@
 Each step, for every row b of the batch (rows accept different lengths):
   candidates: root = the base model's next token (argmax, or sampled); the heads run on the last accepted
               node's hidden state (root_token heads also on the root's embedding), and their top-k tokens are
-              gathered by `tree_indices` into L tree tokens;
+              gathered by `tree_indices` into L tree tokens; a lookup chain adds the tokens that followed the
+              context's last n-gram earlier on (`medusa_jax.lookup`);
   verify:     one forward of the L tokens at positions `lengths[b] + depth`, tree mask over the cached prefix
               (their K/V land in slots `lengths[b] .. lengths[b] + L`);
   accept:     the longest path whose tokens the base model agrees with (greedy), finds typical enough (typical),
@@ -26,6 +27,7 @@ import numpy as np
 from medusa_jax.config import ModelConfig
 from medusa_jax.generation import append_tokens, is_eos, lm_logits
 from medusa_jax.heads import base_lm_head, draft_logits, root_embedding, uses_root
+from medusa_jax.lookup import lookup_draft, write_tokens
 from medusa_jax.model import KVCache, Transformer, causal_mask
 from medusa_jax.sampling import SamplingParams, process_logits
 from medusa_jax.tree import TreeBuffers, build_buffers, get_tree
@@ -58,6 +60,7 @@ class MedusaState:
     steps: jax.Array  # [B] decoding steps while the row was live
     done: jax.Array  # [B]
     rng: jax.Array
+    seq: jax.Array  # [B, S] every token by cache slot, -1 unknown (the lookup chain's source; [B, 0] without one)
 
 
 @flax.struct.dataclass
@@ -94,27 +97,33 @@ def choose_root(logits, banned, rng, loop: MedusaLoop, sp: SamplingParams, th: T
     return jax.random.categorical(rng, jnp.where(keep, scaled, -jnp.inf), axis=-1).astype(jnp.int32)
 
 
-def tree_candidates(root: jax.Array, head_logits: jax.Array, tree: TreeBuffers, draft_ids=None) -> jax.Array:
-    """root `[B]`, head_logits `[K, B, V]` (or `[K, B, Vd]` over the draft vocabulary `draft_ids` `[Vd]`) -> tree
-    tokens `[B, L]` (node 0 = root)."""
+def tree_candidates(root: jax.Array, head_logits, tree: TreeBuffers, draft_ids=None, lookup=None) -> jax.Array:
+    """root `[B]`, head_logits `[K, B, V]` (or `[K, B, Vd]` over the draft vocabulary `draft_ids` `[Vd]`; None for a
+    tree without head nodes), lookup `[B, tree.lookup]` the lookup chain's draft -> tree tokens `[B, L]` (node 0 =
+    root)."""
     if tree.num_nodes == 1:
         return root[:, None]
-    b = head_logits.shape[1]
-    _, top = jax.lax.top_k(head_logits[: tree.depth], tree.topk)  # [D, B, topk]
-    if draft_ids is not None:
-        top = draft_ids[top]
-    flat = jnp.concatenate([root[:, None], jnp.transpose(top, (1, 0, 2)).reshape(b, -1)], axis=1)
-    return flat[:, jnp.asarray(tree.tree_indices)]
+    parts = [root[:, None]]
+    if tree.head_depth:
+        b = head_logits.shape[1]
+        _, top = jax.lax.top_k(head_logits[: tree.head_depth], tree.topk)  # [D, B, topk]
+        if draft_ids is not None:
+            top = draft_ids[top]
+        parts.append(jnp.transpose(top, (1, 0, 2)).reshape(b, -1))
+    if tree.lookup:
+        parts.append(lookup)
+    return jnp.concatenate(parts, axis=1)[:, jnp.asarray(tree.tree_indices)]
 
 
 @functools.lru_cache(maxsize=64)
 def tree_children(tree: TreeBuffers) -> np.ndarray:
-    """`[L, C]` each node's children in rank order (-1 padded), C = the most children of any node (at least 1)."""
-    choices = tree.choices
-    node = {p: i + 1 for i, p in enumerate(choices)}
+    """`[L, C]` each node's children in rank order (-1 padded; the lookup chain's first node is the root's last
+    child), C = the most children of any node (at least 1)."""
+    mask, depth = np.asarray(tree.attn_mask) > 0, np.asarray(tree.position_ids)
     kids: list[list[int]] = [[] for _ in range(tree.num_nodes)]
-    for p in sorted(choices, key=lambda p: (len(p), p)):
-        kids[node[p[:-1]] if len(p) > 1 else 0].append(node[p])  # (len, path) order = rank order among siblings
+    for i in range(1, tree.num_nodes):  # node order: (len, path), so siblings come in rank order
+        ancestors = np.flatnonzero(mask[i] & (np.arange(tree.num_nodes) != i))
+        kids[ancestors[np.argmax(depth[ancestors])]].append(i)
     table = np.full((tree.num_nodes, max(1, max(map(len, kids)))), -1, np.int32)
     for n, ks in enumerate(kids):
         table[n, : len(ks)] = ks
@@ -135,10 +144,11 @@ def tree_parents(tree: TreeBuffers) -> tuple[np.ndarray, np.ndarray, np.ndarray]
     return parent, internal, slot
 
 
-def evaluate_paths(tokens, logits, loop: MedusaLoop, sp: SamplingParams, th: Thresholds):
+def evaluate_paths(tokens, logits, loop: MedusaLoop, sp: SamplingParams, th: Thresholds, valid=None):
     """Greedy or typical acceptance: pick each row's best path.
 
-    tokens `[B, L]`, logits `[B, Li, V]`: base logits at the internal nodes (`tree_parents`). Each node is judged
+    tokens `[B, L]`, logits `[B, Li, V]`: base logits at the internal nodes (`tree_parents`); valid `[B, L]` (None:
+    all) marks the nodes that hold a real draft (a lookup chain may be shorter than its nodes). Each node is judged
     once, against its parent's distribution (`[B, L]`), then the per-node verdicts are gathered along the paths.
     Returns (accepted speculative tokens `[B]` (0..D), path tokens `[B, D+1]`, path nodes `[B, D+1]`, banned)."""
     parent, _, slot = tree_parents(loop.tree)
@@ -155,6 +165,8 @@ def evaluate_paths(tokens, logits, loop: MedusaLoop, sp: SamplingParams, th: Thr
         p = probs[jnp.arange(b)[:, None], judge[None, :], tokens]  # [B, L]
         node_ok = p > typical_threshold(probs, th)[:, judge]
         node_score = jnp.log(p + 1e-12)
+    if valid is not None:
+        node_ok = node_ok & valid
     ri = np.asarray(loop.tree.retrieve_indices)  # [P, D+1], -1 padded
     valid = jnp.asarray(ri[:, 1:] >= 0)
     nodes = jnp.asarray(np.maximum(ri, 0))
@@ -171,16 +183,18 @@ def evaluate_paths(tokens, logits, loop: MedusaLoop, sp: SamplingParams, th: Thr
     return best_len, jnp.take_along_axis(tokens, path_nodes, axis=1), path_nodes, no_ban
 
 
-def rejection_paths(tokens, logits, loop: MedusaLoop, sp: SamplingParams, rng):
+def rejection_paths(tokens, logits, loop: MedusaLoop, sp: SamplingParams, rng, valid=None):
     """Recursive rejection sampling down the tree (SpecInfer / EAGLE), lossless at any temperature.
 
     At an accepted node with base distribution p (temperature, top-k, top-p applied), its children are tried in
     rank order. Medusa's candidates are the heads' deterministic top-k, so each child's draft distribution is a point
     mass: child x is accepted with probability p_res(x) (= min(1, p_res(x) / q(x)) with q = δ_x), otherwise
     p_res <- norm(p_res with x removed) and the next child is tried. When all are rejected, the next token is drawn
-    from the final residual: the next step's root, with the rejected tokens returned as `banned`.
+    from the final residual: the next step's root, with the rejected tokens returned as `banned`. A child whose token
+    was already rejected at this node (a lookup draft may repeat a head's guess) has residual probability 0.
 
-    tokens `[B, L]`, logits `[B, Li, V]` at the internal nodes. Returns (accepted `[B]`, path tokens `[B, D+1]`, path
+    tokens `[B, L]`, logits `[B, Li, V]` at the internal nodes, valid `[B, L]` (None: all) the nodes holding a
+    draft (invalid ones are skipped). Returns (accepted `[B]`, path tokens `[B, D+1]`, path
     nodes `[B, D+1]`, banned `[B, C]`)."""
     children = jnp.asarray(tree_children(loop.tree))  # [L, C]
     slot = jnp.asarray(tree_parents(loop.tree)[2])
@@ -202,8 +216,10 @@ def rejection_paths(tokens, logits, loop: MedusaLoop, sp: SamplingParams, rng):
         for j in range(c):
             kid = kids[:, j]
             tok = tokens[rows, jnp.maximum(kid, 0)]
-            pt = p[rows, tok]
+            pt = jnp.where((rejected == tok[:, None]).any(axis=1), 0.0, p[rows, tok])
             tried = (kid >= 0) & alive & ~took
+            if valid is not None:
+                tried = tried & valid[rows, jnp.maximum(kid, 0)]
             ok = tried & (u[d, j] * mass < pt)  # u < p(x) / mass, without dividing by a vanishing mass
             miss = tried & ~ok
             mass = jnp.where(miss, mass - pt, mass)
@@ -254,10 +270,16 @@ def draft_ids_of(heads):
     return heads["draft"]["ids"] if heads is not None and "draft" in heads else None
 
 
-def start_state(cfg, loop: MedusaLoop, params, heads, cache: KVCache, start, tokens, lengths, max_new, rng):
+def start_state(cfg, loop: MedusaLoop, params, heads, cache: KVCache, start, tokens, lengths, max_new, rng,
+                history=None):  # fmt: skip
     """Prefill `tokens` `[B, T]` (right-padded, `lengths` `[B]` real tokens) into `cache` at slots `start` `[B]` on
-    (0 for a new prompt; the conversation so far in a chat) and set up the loop carry."""
+    (0 for a new prompt; the conversation so far in a chat) and set up the loop carry. history `[B, slots]` (or None):
+    the tokens already in the cache, by slot (-1 unknown), for the lookup chain."""
     b, t = tokens.shape
+    seq = jnp.zeros((b, 0), jnp.int32)
+    if loop.tree.lookup:
+        seq = jnp.full((b, loop.slots), -1, jnp.int32) if history is None else jnp.asarray(history, jnp.int32)
+        seq = write_tokens(seq, start, tokens, lengths)
     positions = start[:, None] + jnp.arange(t)[None, :]
     hidden, cache = Transformer(cfg).apply({"params": params}, tokens, positions, causal_mask(t), cache, start)
     last_hidden = jnp.take_along_axis(hidden, (lengths - 1)[:, None, None], axis=1)[:, 0]
@@ -272,6 +294,7 @@ def start_state(cfg, loop: MedusaLoop, params, heads, cache: KVCache, start, tok
         steps=jnp.zeros((b,), jnp.int32),
         done=jnp.broadcast_to(max_new <= 0, (b,)),
         rng=rng,
+        seq=seq,
     )
 
 
@@ -281,8 +304,11 @@ def medusa_step(cfg, loop: MedusaLoop, params, heads, s: MedusaState, max_new, s
     rng, k_root, k_accept = jax.random.split(s.rng, 3)
     # 1. candidates
     root = choose_root(s.logits, s.banned, k_root, loop, sp, th)
-    head_logits = head_logits_at(cfg, params, heads, s.hidden, root) if tree.depth else None
-    cand = tree_candidates(root, head_logits, tree, draft_ids_of(heads))  # [B, L]
+    head_logits = head_logits_at(cfg, params, heads, s.hidden, root) if tree.head_depth else None
+    draft, valid = lookup_draft(s.seq, s.lengths, root, tree.lookup) if tree.lookup else (None, None)
+    if valid is not None:
+        valid = jnp.concatenate([jnp.ones((valid.shape[0], tree.num_nodes - tree.lookup), bool), valid], axis=1)
+    cand = tree_candidates(root, head_logits, tree, draft_ids_of(heads), draft)  # [B, L]
     # 2. verify the whole tree in one forward, at positions length + depth under the tree mask
     model = Transformer(cfg)
     positions = s.lengths[:, None] + jnp.asarray(tree.position_ids)[None, :]
@@ -292,9 +318,9 @@ def medusa_step(cfg, loop: MedusaLoop, params, heads, s: MedusaState, max_new, s
     logits = model.apply({"params": params}, hidden[:, internal], method=model.logits) if tree.depth else None
     # 3. accept
     if loop.acceptance == "rejection":
-        acc, path_tokens, path_nodes, banned = rejection_paths(cand, logits, loop, sp, k_accept)
+        acc, path_tokens, path_nodes, banned = rejection_paths(cand, logits, loop, sp, k_accept, valid)
     else:
-        acc, path_tokens, path_nodes, banned = evaluate_paths(cand, logits, loop, sp, th)
+        acc, path_tokens, path_nodes, banned = evaluate_paths(cand, logits, loop, sp, th, valid)
     count = acc + 1  # the root is always kept
     d1 = path_tokens.shape[1]
     within = jnp.arange(d1)[None, :] < count[:, None]
@@ -307,6 +333,7 @@ def medusa_step(cfg, loop: MedusaLoop, params, heads, s: MedusaState, max_new, s
     cache = compact_cache(cache, s.lengths, path_nodes)
     out = append_tokens(s.out, s.num_out, path_tokens, count, live)
     num_out = s.num_out + jnp.where(live, count, 0)
+    seq = write_tokens(s.seq, s.lengths, path_tokens, jnp.where(live, count, 0)) if tree.lookup else s.seq
     done = s.done | eos.any(1) | (num_out >= max_new)
     # 5. the next step's logits and heads' input at the last accepted node
     last_node = jnp.take_along_axis(path_nodes, (count - 1)[:, None], axis=1)[:, 0]
@@ -322,6 +349,7 @@ def medusa_step(cfg, loop: MedusaLoop, params, heads, s: MedusaState, max_new, s
         steps=s.steps + live,
         done=done,
         rng=rng,
+        seq=seq,
     )
 
 
@@ -366,9 +394,10 @@ def generate_medusa(
 
 
 @functools.partial(jax.jit, static_argnums=(0, 1), donate_argnames=("cache",))
-def start_medusa(cfg, loop: MedusaLoop, params, heads, cache, start, tokens, lengths, max_new, rng) -> MedusaState:
+def start_medusa(cfg, loop: MedusaLoop, params, heads, cache, start, tokens, lengths, max_new, rng,
+                 history=None) -> MedusaState:  # fmt: skip
     """Jitted `start_state` for streaming and chat (the cache is donated and comes back inside the state)."""
-    return start_state(cfg, loop, params, heads, cache, start, tokens, lengths, max_new, rng)
+    return start_state(cfg, loop, params, heads, cache, start, tokens, lengths, max_new, rng, history)
 
 
 @functools.partial(jax.jit, static_argnums=(0, 1), donate_argnames=("state",))
@@ -381,18 +410,21 @@ def default_tree_name() -> str:
     return "mc_sim_7b_63" if jax.default_backend() != "cpu" else "cpu_16"
 
 
-def resolve_tree(tree, num_heads: int, topk: int = 10) -> TreeBuffers:
+def resolve_tree(tree, num_heads: int, topk: int = 10, lookup: int | None = None) -> TreeBuffers:
     """A tree name, JSON file, list of paths or TreeBuffers -> TreeBuffers. Named default trees are cut to the
-    heads' depth; an explicit tree deeper than the heads is an error."""
+    heads' depth; an explicit tree deeper than the heads is an error. lookup: the lookup chain's length (None: a
+    TreeBuffers' own, else none)."""
     if isinstance(tree, TreeBuffers):
-        if tree.depth > num_heads:
-            raise ValueError(f"tree depth {tree.depth} exceeds the {num_heads} Medusa heads")
-        return tree
+        if tree.head_depth > num_heads:
+            raise ValueError(f"tree depth {tree.head_depth} exceeds the {num_heads} Medusa heads")
+        if lookup is None or lookup == tree.lookup:
+            return tree
+        return build_buffers(tree.choices, topk=tree.topk, num_heads=num_heads, lookup=lookup)
     if tree is None:
         choices = [p for p in get_tree(default_tree_name()) if len(p) <= num_heads]
-        return build_buffers(choices, topk=topk, num_heads=num_heads)
+        return build_buffers(choices, topk=topk, num_heads=num_heads, lookup=lookup or 0)
     choices = get_tree(tree) if isinstance(tree, str) else tree
-    return build_buffers(choices, topk=topk, num_heads=num_heads)
+    return build_buffers(choices, topk=topk, num_heads=num_heads, lookup=lookup or 0)
 
 
 def run_medusa(
@@ -409,6 +441,7 @@ def run_medusa(
     posterior_threshold: float = 0.09,
     posterior_alpha: float = 0.3,
     topk: int = 10,
+    lookup: int | None = None,
 ):
     """Host wrapper used by `MedusaModel.generate(mode="medusa")`."""
     acceptance = acceptance or ("greedy" if greedy else "rejection")
@@ -417,7 +450,7 @@ def run_medusa(
     if greedy:
         acceptance = "greedy"  # T = 0: every acceptance rule degenerates to greedy
     k = model.heads_config.num_heads
-    buffers = resolve_tree(tree if tree is not None else model.tree, k, topk)
+    buffers = resolve_tree(tree if tree is not None else model.tree, k, topk, lookup)
     slots = model.check_fits(int(lengths.max()), max_new, extra=buffers.num_nodes + 1)
     loop = MedusaLoop(buffers, out_len, slots, acceptance, model.eos_ids)
     th = Thresholds(jnp.float32(posterior_threshold), jnp.float32(posterior_alpha))

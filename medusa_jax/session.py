@@ -18,6 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from medusa_jax.generation import bucket
+from medusa_jax.lookup import DEFAULT_LOOKUP
 from medusa_jax.medusa_decode import (
     ACCEPTANCE,
     MedusaLoop,
@@ -44,7 +45,8 @@ class Session:
     """Batch-1 streaming generation over one growing KV cache.
 
     mode: "medusa" (default when the model has heads) or "ar". acceptance: greedy (temperature 0), else
-    "rejection" (default, keeps the base model's distribution) or "typical"."""
+    "rejection" (default, keeps the base model's distribution) or "typical". lookup: the lookup chain's length
+    (default: `DEFAULT_LOOKUP` when no tree is named, else none); the chain drafts from the whole conversation."""
 
     def __init__(
         self,
@@ -60,6 +62,7 @@ class Session:
         posterior_alpha: float = 0.3,
         topk: int = 10,
         chunk_steps: int = 4,
+        lookup: int | None = None,
     ):
         if mode is None:
             calibrated_ar = tree is None and model.calibration is not None and not model.default_tree(1)
@@ -75,8 +78,10 @@ class Session:
         self.model = model
         self.heads = model.heads if mode == "medusa" else None
         if mode == "medusa":
+            if lookup is None and tree is None:
+                lookup = DEFAULT_LOOKUP
             tree = tree if tree is not None else (model.default_tree(1) or None)  # None: the backend's default
-            self.tree = resolve_tree(tree, model.heads_config.num_heads, topk)
+            self.tree = resolve_tree(tree, model.heads_config.num_heads, topk, lookup)
         else:
             self.tree = build_buffers([], topk=1)  # root only: autoregressive
         self.acceptance = acceptance
@@ -129,6 +134,10 @@ class Session:
         loop = MedusaLoop(self.tree, out_len, self.cache.slots, self.acceptance, self.model.eos_ids)
         tokens = np.zeros((1, t), np.int32)
         tokens[0, : len(new)] = new
+        history = None
+        if self.tree.lookup:  # the lookup chain drafts from the whole conversation
+            history = np.full((1, self.cache.slots), -1, np.int32)
+            history[0, :keep] = ids[:keep]
         self.rng, key = jax.random.split(self.rng)
         self.ids = list(ids[:keep])  # the cache is being rewritten from here on
         cfg, params, heads = self.model.cfg, self.model.params, self.heads
@@ -137,7 +146,7 @@ class Session:
         try:
             state = start_medusa(
                 cfg, loop, params, heads, cache, jnp.asarray([keep], jnp.int32), jnp.asarray(tokens),
-                jnp.asarray([len(new)], jnp.int32), max_new, key,
+                jnp.asarray([len(new)], jnp.int32), max_new, key, history,
             )  # fmt: skip
         except BaseException:
             self.ids = []  # the cache buffer may be gone: start over next time

@@ -11,6 +11,11 @@ per-model trees of FasterDecoding/Medusa ``medusa/model/medusa_choices.py``, Apa
 verbatim) and small CPU trees ``cpu_{4,8,16,32}`` (the first N paths of ``mc_sim_7b_63`` in its listed
 order, which is prefix-closed for these N). ``chain_N`` (top-1 only, depth N) is generated.
 
+A tree may also carry a *lookup chain* (``lookup=N``): N more nodes after the heads' nodes, a chain hanging
+from the root, whose tokens are not the heads' guesses but the tokens that followed the latest earlier
+occurrence of the context's last n-gram (``medusa_jax.lookup``, prompt-lookup drafting). The verification,
+the acceptance rules and the cache update treat them like any other path.
+
 This module imports only numpy and the standard library.
 """
 
@@ -94,9 +99,11 @@ class TreeBuffers:
         ``[base_top1, head0_top0..topk-1, head1_top0.., ...]``: 0 for the root, else
         ``topk * (depth - 1) + rank + 1``.
       position_ids: ``[L]`` int32; depth of each node (root 0) [``medusa_position_ids``].
-      retrieve_indices: ``[P, D + 1]`` int32; one row per leaf (leaves in reverse sorted order), the
-        node ids from the root to the leaf, padded with -1.
-    Equality and hash depend only on ``(choices, topk)``, so instances can be static ``jax.jit`` args.
+      retrieve_indices: ``[P, D + 1]`` int32; one row per leaf (leaves in reverse sorted order, then the
+        lookup chain's leaf), the node ids from the root to the leaf, padded with -1.
+      lookup: number of lookup-chain nodes (ids ``len(choices) + 1 ..``; their ``tree_indices`` continue
+        the flat candidate vector after the heads' candidates: ``topk * head_depth + 1 + j``).
+    Equality and hash depend only on ``(choices, topk, lookup)``, so instances can be static ``jax.jit`` args.
     """
 
     choices: tuple[Path_, ...]
@@ -105,16 +112,22 @@ class TreeBuffers:
     tree_indices: np.ndarray
     position_ids: np.ndarray
     retrieve_indices: np.ndarray
+    lookup: int = 0
 
     @property
     def num_nodes(self) -> int:
-        """L: number of tree nodes including the root."""
-        return len(self.choices) + 1
+        """L: number of tree nodes including the root (and the lookup chain)."""
+        return len(self.choices) + 1 + self.lookup
+
+    @property
+    def head_depth(self) -> int:
+        """Number of Medusa heads the tree uses (its longest rank path)."""
+        return max_depth(self.choices)
 
     @property
     def depth(self) -> int:
-        """D: longest path length (number of Medusa heads the tree uses)."""
-        return max_depth(self.choices)
+        """D: longest path length (heads' paths and the lookup chain)."""
+        return max(self.head_depth, self.lookup)
 
     @property
     def num_paths(self) -> int:
@@ -122,7 +135,7 @@ class TreeBuffers:
         return self.retrieve_indices.shape[0]
 
     def _key(self):
-        return (self.choices, self.topk)
+        return (self.choices, self.topk, self.lookup)
 
     def __eq__(self, other):
         return isinstance(other, TreeBuffers) and self._key() == other._key()
@@ -131,21 +144,29 @@ class TreeBuffers:
         return hash(self._key())
 
     def __repr__(self):
-        return f"TreeBuffers(num_nodes={self.num_nodes}, depth={self.depth}, topk={self.topk})"
+        chain = f", lookup={self.lookup}" if self.lookup else ""
+        return f"TreeBuffers(num_nodes={self.num_nodes}, depth={self.depth}, topk={self.topk}{chain})"
 
 
-def build_buffers(choices: Sequence[Sequence[int]], topk: int = 10, num_heads: int | None = None) -> TreeBuffers:
+def build_buffers(
+    choices: Sequence[Sequence[int]], topk: int = 10, num_heads: int | None = None, lookup: int = 0
+) -> TreeBuffers:
     """Builds the tree buffers for ``choices`` (see ``TreeBuffers``), matching the reference
-    ``generate_medusa_buffers`` element for element (with its ``TOPK`` = ``topk``).
+    ``generate_medusa_buffers`` element for element (with its ``TOPK`` = ``topk``) when ``lookup`` is 0;
+    ``lookup=N`` appends an N-node lookup chain under the root.
 
     An empty ``choices`` (root only, which the reference rejects) gives L=1, D=0 and
     ``retrieve_indices == [[0]]``. Raises ``ValueError`` as ``validate_choices``.
     """
     if topk < 1:
         raise ValueError(f"topk must be >= 1, got {topk}")
+    if isinstance(lookup, bool) or not isinstance(lookup, int | np.integer) or lookup < 0:
+        raise ValueError(f"lookup (the lookup chain's length) must be an int >= 0, got {lookup!r}")
+    lookup = int(lookup)
     paths = validate_choices(choices, topk=topk, num_heads=num_heads)
     node = {p: i + 1 for i, p in enumerate(paths)}
-    n, d = len(paths) + 1, max_depth(paths)
+    heads_n, hd = len(paths) + 1, max_depth(paths)
+    n, d = heads_n + lookup, max(hd, lookup)
 
     attn_mask = np.eye(n, dtype=np.float32)
     attn_mask[:, 0] = 1
@@ -155,17 +176,23 @@ def build_buffers(choices: Sequence[Sequence[int]], topk: int = 10, num_heads: i
         attn_mask[i, [node[p[:c]] for c in range(1, len(p))]] = 1
         tree_indices[i] = topk * (len(p) - 1) + p[-1] + 1
         position_ids[i] = len(p)
+    chain = np.arange(heads_n, n)
+    for j, i in enumerate(chain):
+        attn_mask[i, chain[:j]] = 1
+        tree_indices[i] = topk * hd + 1 + j
+        position_ids[i] = j + 1
 
     parents = {p[:-1] for p in paths}
     leaves = [p for p in reversed(paths) if p not in parents]
-    retrieve = np.full((max(len(leaves), 1), d + 1), -1, np.int32)
+    rows = [[node[leaf[:c]] for c in range(1, len(leaf) + 1)] for leaf in leaves] + ([chain.tolist()] if lookup else [])
+    retrieve = np.full((max(len(rows), 1), d + 1), -1, np.int32)
     retrieve[:, 0] = 0
-    for r, leaf in enumerate(leaves):
-        retrieve[r, 1 : len(leaf) + 1] = [node[leaf[:c]] for c in range(1, len(leaf) + 1)]
+    for r, row in enumerate(rows):
+        retrieve[r, 1 : len(row) + 1] = row
 
     for a in (attn_mask, tree_indices, position_ids, retrieve):
         a.setflags(write=False)
-    return TreeBuffers(paths, topk, attn_mask, tree_indices, position_ids, retrieve)
+    return TreeBuffers(paths, topk, attn_mask, tree_indices, position_ids, retrieve, lookup)
 
 
 def _tree_dir():

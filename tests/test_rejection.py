@@ -83,6 +83,14 @@ def test_rejection_sampling_keeps_the_distribution(model, exact):
     assert (steps < 3).mean() > 0.3
 
 
+def test_rejection_sampling_with_a_lookup_chain_keeps_the_distribution(model, exact):
+    """The chain's drafts (what followed the root in the prompt) often repeat a head's guess that was just rejected:
+    that token then has residual probability 0."""
+    out, steps = sample(model, acceptance="rejection", lookup=2)
+    assert min(pvalues(out, exact)) > 1e-3
+    assert 3 / steps.mean() > 1.0
+
+
 def test_accepting_every_candidate_fails_the_same_test(model, exact):
     out, steps = sample(model, acceptance="typical", posterior_threshold=0.0, posterior_alpha=0.0)
     assert (steps == 1).all()  # every step takes a full path

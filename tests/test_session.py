@@ -14,10 +14,11 @@ def collect(session, ids, n):
     return [t for c in chunks for t in c], chunks
 
 
-@pytest.mark.parametrize("mode", ["ar", "medusa"])
-def test_stream_equals_generate_and_reuses_the_cache(mode):
+@pytest.mark.parametrize("mode,lookup", [("ar", None), ("medusa", None), ("medusa", 6)])
+def test_stream_equals_generate_and_reuses_the_cache(mode, lookup):
     m = tiny_model(vocab=16, heads=2, seed=1)
-    s = Session(m, mode=mode, tree=TREE, topk=4, chunk_steps=3)
+    s = Session(m, mode=mode, tree=TREE, topk=4, chunk_steps=3, lookup=lookup)
+    assert s.tree.lookup == (lookup or 0)
     p1, p2 = random_prompts(2, 16, seed=9)
     out1, chunks = collect(s, p1, 20)
     assert out1 == m.generate([p1], max_new_tokens=20, mode="ar")[0].output_ids

@@ -72,7 +72,7 @@ def main():
     del m32
 
     # 2. bfloat16 throughput, batch 1 and 8, with the shipped trained heads (issue 5: Medusa >= 2x AR at batch 1,
-    # >= 1.8x at batch 8), for a 16-node and the 63-node tree
+    # >= 1.8x at batch 8), for a 16-node and the 63-node tree, and the latter with a 10-node lookup chain
     m = medusa_jax.load(args.ckpt, dtype="bfloat16", heads="smollm2_medusa1")
     rep["heads"] = "smollm2_medusa1 (shipped, root-token heads, draft vocabulary)"
     enc = [m.encode(p) for p in prompts]
@@ -80,7 +80,8 @@ def main():
     for b in (1, 8):
         ps = enc[:b] if b > 1 else enc[:4]
         for name, mode, kw in (("ar", "ar", {}), ("medusa16", "medusa", {"tree": "cpu_16"}),
-                               ("medusa", "medusa", {"tree": "mc_sim_7b_63"})):  # fmt: skip
+                               ("medusa", "medusa", {"tree": "mc_sim_7b_63"}),
+                               ("medusa_lookup", "medusa", {"tree": "mc_sim_7b_63", "lookup": 10})):  # fmt: skip
             r, res = run_ours(m, ps, mode, n_new, b, reps, **kw)
             rep["gen"][f"{name}_b{b}"] = r
             print(f"bf16 {name} batch {b}: {r}", flush=True)

@@ -1,0 +1,116 @@
+"""Greedy tokens per step of any tree (and lookup chain), exactly, from one teacher-forced forward per answer.
+
+Greedy Medusa decoding of a prompt is a walk over the model's own greedy answer x: at cache length L the root is
+x[L]; the heads' tree accepts its longest path whose ranks match (`head_ranks`: the rank of x[L+1+h] among head h's
+candidates at position L-1, where root-token heads see x[L]); the lookup chain accepts the longest prefix of its
+draft (`lookup_continuation`) that matches x[L+1:]; the step moves L on by one plus the better of the two. One
+forward over prompt + answer therefore gives every step's verdict, so trees and chains that would each take
+minutes of real decoding on a CPU are compared in seconds, on the same answers (`tools/simulate_steps.py`). The
+step counts equal the real decode loop's (tests/test_simulate.py; on SmolLM2's dev answers, docs/BENCHMARKS.md).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from medusa_jax.heads import base_lm_head, draft_logits, root_embedding, uses_root
+from medusa_jax.lookup import NGRAM
+from medusa_jax.tree import TreeBuffers
+
+UNPROPOSABLE = 1 << 30  # the rank of a token outside the heads' draft vocabulary
+
+
+@functools.partial(jax.jit, static_argnums=(0,))
+def _ranks(dtype, heads, lm, embed, hidden, targets, roots, col):
+    """hidden `[T, E]`, targets `[K, T]`, roots `[T]` -> rank `[K, T]` of each target among the head's logits."""
+    root_emb = root_embedding({"embed": embed}, roots) if uses_root(heads) else None
+    logits, _ = draft_logits(heads, hidden, lm, dtype, root_emb)  # [K, T, Vd]
+    t = targets if col is None else col[targets]
+    tl = jnp.take_along_axis(logits, jnp.maximum(t, 0)[..., None], axis=-1)
+    return jnp.where(t >= 0, (logits > tl).sum(-1), UNPROPOSABLE)
+
+
+def head_ranks(model, seq: list[int]) -> np.ndarray:
+    """`[K, T]`: the rank of seq[t+h+2] among head h's candidates at position t (root-token heads see seq[t+1]), over
+    the draft vocabulary when the heads have one (`UNPROPOSABLE` outside it, and where t+h+2 is past the end)."""
+    heads = model.heads
+    k, n = model.heads_config.num_heads, len(seq)
+    targets = np.zeros((k, n), np.int32)
+    for h in range(k):
+        targets[h, : max(n - h - 2, 0)] = seq[h + 2 :]
+    col = None
+    if "draft" in heads:  # token -> its column in the draft vocabulary (-1: not proposable)
+        ids = heads["draft"]["ids"]
+        col = jnp.full((model.cfg.vocab_size,), -1, jnp.int32).at[ids].set(jnp.arange(ids.shape[0], dtype=jnp.int32))
+    hidden = model.forward([seq]).hidden[0]  # [n, E]
+    roots = jnp.asarray(seq[1:] + [0], jnp.int32)  # the token after t (on greedy answers: the root at t)
+    lm, embed = base_lm_head(model.params), model.params["embed"]
+    rank = np.array(_ranks(model.cfg.jnp_dtype, heads, lm, embed, hidden, jnp.asarray(targets), roots, col))
+    for h in range(k):
+        rank[h, max(n - h - 2, 0) :] = UNPROPOSABLE
+    return rank
+
+
+def lookup_continuation(ctx: list[int], size: int, ngram: int = NGRAM) -> list[int]:
+    """What followed the latest earlier occurrence of ctx's last n-gram (n = ngram down to 1, the longest that
+    occurs wins), at most `size` tokens and never past ctx's end: the lookup chain's draft (`lookup.lookup_draft`)."""
+    for n in range(ngram, 0, -1):
+        for s in range(len(ctx) - n - 1, -1, -1):
+            if len(ctx) > n and ctx[s : s + n] == ctx[-n:]:
+                return ctx[s + n : s + n + size]
+    return []
+
+
+def walk(seq: list[int], n_prompt: int, rank: np.ndarray, tree: TreeBuffers) -> tuple[int, int]:
+    """Greedy decoding of the answer `seq[n_prompt:]` with `tree` -> (steps, steps' tokens that only the lookup chain
+    gave, beyond what the heads' tree accepted)."""
+    paths = set(tree.choices)
+    n, length, steps, from_chain = len(seq), n_prompt, 0, 0
+    while length < n:
+        t, tree_acc = length - 1, 0
+        for d in range(1, tree.head_depth + 1):
+            if tuple(int(rank[h, t]) for h in range(d)) not in paths:
+                break
+            tree_acc = d
+        chain_acc = 0
+        if tree.lookup:
+            draft = lookup_continuation(seq[: length + 1], tree.lookup)
+            ahead = seq[length + 1 : length + 1 + len(draft)]
+            while chain_acc < len(ahead) and draft[chain_acc] == ahead[chain_acc]:
+                chain_acc += 1
+        acc = min(max(tree_acc, chain_acc), n - length - 1)
+        from_chain += max(0, acc - tree_acc)
+        length += 1 + acc
+        steps += 1
+    return steps, from_chain
+
+
+def answer_ranks(model, answers) -> list[tuple[list[int], int, np.ndarray]]:
+    """answers: (prompt ids, greedy answer ids) pairs -> (sequence, prompt length, `head_ranks`) per answer."""
+    out = []
+    for prompt_ids, output_ids in answers:
+        seq = [int(i) for i in prompt_ids] + [int(i) for i in output_ids]
+        out.append((seq, len(prompt_ids), head_ranks(model, seq)))
+    return out
+
+
+def tokens_per_step(ranked, tree: TreeBuffers) -> dict:
+    """`answer_ranks` output, a tree -> steps, tokens, tokens per step and the lookup chain's share of it."""
+    steps = tokens = chain = 0
+    for seq, n_prompt, rank in ranked:
+        s, c = walk(seq, n_prompt, rank, tree)
+        steps, tokens, chain = steps + s, tokens + len(seq) - n_prompt, chain + c
+    return {
+        "nodes": tree.num_nodes - 1,
+        "steps": steps,
+        "tokens": tokens,
+        "tokens_per_step": round(tokens / max(steps, 1), 4),
+        "lookup_tokens_per_step": round(chain / max(steps, 1), 4),
+    }
+
+
+__all__ = ["UNPROPOSABLE", "answer_ranks", "head_ranks", "lookup_continuation", "tokens_per_step", "walk"]

@@ -1,0 +1,42 @@
+"""The step simulator: from one forward per greedy answer, the same step count as the real decode loop."""
+
+import pytest
+from test_medusa import random_prompts, tiny_model
+
+from medusa_jax.heads import attach_draft_vocab, base_lm_head
+from medusa_jax.simulate import UNPROPOSABLE, answer_ranks, head_ranks, tokens_per_step, walk
+from medusa_jax.tree import build_buffers
+
+TREE = [[0], [1], [2], [0, 0], [0, 1], [1, 0], [0, 0, 0]]
+
+
+@pytest.mark.parametrize("root_token,draft", [(False, False), (True, True)], ids=["plain", "root-token+draft"])
+def test_walk_gives_the_decode_loops_steps(root_token, draft):
+    m = tiny_model(vocab=16, heads=3, seed=1, root_token=root_token)
+    if draft:  # heads that propose from 10 of the 16 tokens: the others are never in the tree
+        m.heads = attach_draft_vocab(m.heads, base_lm_head(m.params), list(range(0, 16, 2)) + [1, 3])
+    prompts = random_prompts(6, 16, seed=3)
+    prompts[0] = [3, 4, 5, 6, 7] * 4  # a prompt that repeats itself: the lookup chain drafts from it
+    ar = m.generate(prompts, max_new_tokens=40, mode="ar")
+    ranked = answer_ranks(m, [(r.prompt_ids, r.output_ids) for r in ar])
+    for tree, lookup in ((TREE, 0), (TREE, 6), ([], 6), ([[0], [0, 0]], 0)):
+        buffers = build_buffers(tree, topk=4, lookup=lookup)
+        real = m.generate(prompts, max_new_tokens=40, mode="medusa", tree=buffers)
+        assert [r.output_ids for r in real] == [r.output_ids for r in ar]
+        assert [walk(seq, n, rank, buffers)[0] for seq, n, rank in ranked] == [r.steps for r in real]
+        report = tokens_per_step(ranked, buffers)
+        assert report["steps"] == sum(r.steps for r in real) and report["tokens"] == sum(r.new_tokens for r in ar)
+        assert (report["lookup_tokens_per_step"] > 0) == (lookup > 0)
+
+
+def test_head_ranks_of_a_forward():
+    m = tiny_model(vocab=16, heads=2, seed=2)
+    seq = random_prompts(1, 16, seed=4)[0] + [1, 2, 3]
+    rank = head_ranks(m, seq)
+    logits = m.forward([seq]).medusa_logits[:, 0]  # [K, T, V]
+    n = len(seq)
+    assert rank.shape == (2, n)
+    for h in range(2):
+        for t in range(n - h - 2):
+            assert rank[h, t] == int((logits[h, t] > logits[h, t, seq[t + h + 2]]).sum())
+        assert (rank[h, n - h - 2 :] == UNPROPOSABLE).all()  # no target past the end
