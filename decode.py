@@ -65,7 +65,7 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         metavar="N",
         help="lookup-chain nodes: drafts copied from the context after its last n-gram, verified with the tree "
-        f"(default: {DEFAULT_LOOKUP} without --tree, else 0)",
+        f"(default: the calibrated length, else {DEFAULT_LOOKUP}, without --tree; 0 with it)",
     )
     g.add_argument(
         "--acceptance",

@@ -145,13 +145,12 @@ class MedusaModel:
         for i in range(0, len(encoded), batch_size):
             chunk = encoded[i : i + batch_size]
             kw, m = dict(medusa_kw), mode
-            if m == "medusa" and "tree" not in kw and "lookup" not in kw:
-                kw["lookup"] = DEFAULT_LOOKUP  # no tree named: the default tree gets a lookup chain
-            if m == "medusa" and "tree" not in kw and self.calibration is not None:
+            if m == "medusa" and "tree" not in kw:  # no tree named: the default tree and its lookup chain
+                kw.setdefault("lookup", self.default_lookup(len(chunk)))
                 calibrated = self.default_tree(len(chunk))
                 if calibrated:
                     kw["tree"] = calibrated
-                elif auto:
+                elif auto and self.calibration is not None:
                     m = "ar"  # calibrated: no tree pays off at this batch size on this device
             results += self._generate_batch(chunk, max_new_tokens, temperature, top_p, top_k, seed + i, m, kw)
         if order is not None:
@@ -166,6 +165,15 @@ class MedusaModel:
 
             return tree_for_batch(self.calibration, batch)
         return self.tree
+
+    def default_lookup(self, batch: int) -> int:
+        """The lookup chain's length when no tree is named: the calibrated one with the calibrated tree for this batch
+        size (0 in calibrations made before the chain existed), else `DEFAULT_LOOKUP` with the default tree."""
+        if self.calibration is not None and self.default_tree(batch):
+            from medusa_jax.calibrate import lookup_for_batch
+
+            return lookup_for_batch(self.calibration, batch)
+        return DEFAULT_LOOKUP
 
     def check_fits(self, prompt_len: int, max_new_tokens: int, extra: int = 0) -> int:
         """The cache slots a batch needs; raises ValueError when it cannot fit the model's context."""

@@ -167,7 +167,8 @@ def calibrate_cli(args) -> int:
                             scan_unroll=args.unroll)  # fmt: skip
     prompts = read_prompts(args.prompts_file)[: args.num_prompts]
     bs = [int(x) for x in args.batch_sizes.split(",")]
-    cal = calibrate.calibrate(model, prompts, batch_sizes=bs, max_new_tokens=args.max_new_tokens)
+    kw = {} if args.lookup is None else {"lookup": args.lookup}
+    cal = calibrate.calibrate(model, prompts, batch_sizes=bs, max_new_tokens=args.max_new_tokens, **kw)
     cal.update(machine=machine(), argv=sys.argv[1:])
     path = calibrate.calibration_path(args.heads, args.dtype)
     tmp = path + ".tmp"
@@ -192,6 +193,13 @@ def main(argv=None) -> int:
     ap.add_argument("--batch-size", type=int, default=1)
     ap.add_argument("--modes", default="ar,medusa,hf")
     ap.add_argument("--tree", default=None)
+    ap.add_argument(
+        "--lookup",
+        type=int,
+        default=None,
+        help="lookup-chain length: with --tree for medusa runs; with --calibrate the chain tried with each tree "
+        "(default 10, 0 for none)",
+    )
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--steps", action="store_true", help="measure the per-step cost curve instead")
     ap.add_argument("--batch-sizes", default="1,8")
@@ -252,10 +260,13 @@ def main(argv=None) -> int:
                 print("medusa: no heads (--heads or --random-heads), skipped")
                 continue
             kw = {"tree": args.tree} if mode == "medusa" and args.tree else {}
+            if mode == "medusa" and args.lookup is not None:
+                kw["lookup"] = args.lookup
             run_mode = mode
             if mode == "medusa" and not args.tree and model.calibration is not None:
                 # the calibrated choice for this batch size: its tree, or plain AR when no tree pays off
                 report["calibrated_tree"] = model.default_tree(args.batch_size)
+                report["calibrated_lookup"] = model.default_lookup(args.batch_size)
                 run_mode = None
             ours[mode] = (run_mode, kw)
         per_rep = {}
@@ -292,7 +303,7 @@ def main(argv=None) -> int:
             t = report["calibrated_tree"]
             print(
                 f"medusa = the calibrated choice at batch {args.batch_size}: "
-                + (f"a {len(t)}-node tree" if t else "no tree (AR)")
+                + (f"a {len(t)}-node tree + {report['calibrated_lookup']}-node lookup chain" if t else "no tree (AR)")
             )
         print(f"{'mode':8s} {'tokens/s':>10s} {'tok/step':>9s} {'step ms':>9s} {'compile s':>10s} {'vs ar':>7s}")
         for k, v in m.items():

@@ -3,14 +3,17 @@
 1. `rank_accuracy`: the model answers held-out prompts greedily; on those answers, the share of positions where head
    k's rank-r candidate is the token k+2 ahead (`acc[k, r]`, over the draft vocabulary when the heads have one).
 2. `grow_tree`: the paper's construction. A node's expected acceptance is the product of the rank accuracies on its
-   path; nodes are added best first (a child never beats its parent, so every prefix of the order is a valid tree),
-   and E[tokens per step](N) = 1 + the sum over the first N nodes.
-3. `step_cost`: seconds per step of the real decode loop for trees of 1..64 nodes at a batch size, and of the same
-   loop without tree or heads (autoregressive).
-4. `choose`: per batch size, N maximizing E[tokens/step](N) / cost(N), or no tree at all (AR) when nothing beats it.
+   path; nodes are added best first (a child never beats its parent, so every prefix of the order is a valid tree).
+   The tokens per step of each grown tree, alone and with a lookup chain, are then computed exactly on the same
+   answers (`medusa_jax.simulate`: the decode loop's own step count, not an estimate).
+3. `step_cost`: seconds per step of the real decode loop for trees of 1..64 nodes (each without and with the lookup
+   chain) at a batch size, and of the same loop without tree or heads (autoregressive).
+4. `choose`: per batch size, the tree and chain maximizing tokens/step / cost, or no tree at all (AR) when nothing
+   beats it.
 
 `python -m medusa_jax.bench --calibrate --heads DIR --prompts-file F` writes `DIR/calibration-<device>-<dtype>.json`;
-`medusa_jax.load(..., heads=DIR)` then decodes each batch with the tree chosen for its size on that kind of device.
+`medusa_jax.load(..., heads=DIR)` then decodes each batch with the tree (and chain) chosen for its size on that kind
+of device.
 """
 
 from __future__ import annotations
@@ -26,6 +29,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from medusa_jax.lookup import DEFAULT_LOOKUP
+
 TREE_SIZES = (1, 2, 4, 8, 16, 32, 64)  # non-root nodes
 
 
@@ -40,24 +45,32 @@ def calibration_path(heads_dir: str, dtype: str) -> str:
 
 
 # ---------------------------------------------------------------------------------------------- accuracy
-def rank_accuracy(model, prompts: list, max_new_tokens: int = 64, topk: int = 10, batch_size: int = 8) -> dict:
-    """acc `[K, topk]`: P(head k's rank-r candidate = the token k+2 ahead) on the model's own greedy answers."""
-    from medusa_jax.simulate import head_ranks
+def greedy_answers(model, prompts: list, max_new_tokens: int = 64, batch_size: int = 8) -> list:
+    """The model's greedy answers to `prompts`, each with its `head_ranks`: `simulate.answer_ranks` output."""
+    from medusa_jax.simulate import answer_ranks
 
     res = model.generate(prompts, max_new_tokens=max_new_tokens, mode="ar", batch_size=batch_size)
-    k = model.heads_config.num_heads
+    return answer_ranks(model, [(r.prompt_ids, r.output_ids) for r in res])
+
+
+def accuracy_of(ranked: list, topk: int = 10) -> dict:
+    """acc `[K, topk]` from `greedy_answers`: P(head k's rank-r candidate = the token k+2 ahead), over the positions
+    where the heads run (the last prompt token on) and the token k+2 ahead exists."""
+    k = ranked[0][2].shape[0]
     hits = np.zeros((k, topk))
     total = np.zeros(k)
-    for r in res:
-        seq = list(r.prompt_ids) + list(r.output_ids)
-        n_p, n = len(r.prompt_ids), len(seq)
-        rk = head_ranks(model, seq)  # [K, n]
-        for h in range(k):  # the heads run at positions t >= n_p - 1 (the last prompt token, then the answer)
-            v = rk[h, n_p - 1 : n - h - 2]
+    for seq, n_p, rk in ranked:
+        for h in range(k):
+            v = rk[h, n_p - 1 : len(seq) - h - 2]
             total[h] += len(v)
             hits[h] += np.bincount(np.minimum(v, topk), minlength=topk + 1)[:topk]
     acc = hits / np.maximum(total, 1)[:, None]
-    return {"acc": acc.round(5).tolist(), "positions": total.astype(int).tolist(), "prompts": len(res)}
+    return {"acc": acc.round(5).tolist(), "positions": total.astype(int).tolist(), "prompts": len(ranked)}
+
+
+def rank_accuracy(model, prompts: list, max_new_tokens: int = 64, topk: int = 10, batch_size: int = 8) -> dict:
+    """acc `[K, topk]`: P(head k's rank-r candidate = the token k+2 ahead) on the model's own greedy answers."""
+    return accuracy_of(greedy_answers(model, prompts, max_new_tokens, batch_size), topk)
 
 
 # ---------------------------------------------------------------------------------------------- trees
@@ -109,41 +122,59 @@ def step_cost(model, prompt_ids: list[int], batch: int, tree, heads, iters: int 
     return statistics.median(times)
 
 
-def choose(expected: dict[int, float], cost: dict[int, float]) -> tuple[int, dict[int, float]]:
-    """expected / cost per tree size (0 = AR: 1 token per AR step) -> (best size, expected tokens/s per size)."""
+def choose(expected: dict, cost: dict) -> tuple:
+    """expected tokens per step / cost per option (a tree size, or (size, chain length); 0 = AR: 1 token per AR
+    step) -> (best option, expected tokens/s per option)."""
     rate = {n: expected[n] / cost[n] for n in cost}
     return max(rate, key=rate.get), rate
 
 
 def calibrate(model, prompts: list, batch_sizes=(1, 8, 32), sizes=TREE_SIZES, max_new_tokens: int = 64,
-              log=print) -> dict:  # fmt: skip
-    """The whole calibration (see the module docstring); returns the JSON-able result."""
+              lookup: int = DEFAULT_LOOKUP, log=print) -> dict:  # fmt: skip
+    """The whole calibration (see the module docstring); returns the JSON-able result. lookup: the chain length
+    tried beside each tree (0: trees alone)."""
+    from medusa_jax.simulate import tokens_per_step
     from medusa_jax.tree import build_buffers
 
     t0 = time.perf_counter()
-    accuracy = rank_accuracy(model, prompts, max_new_tokens=max_new_tokens)
+    ranked = greedy_answers(model, prompts, max_new_tokens)
+    accuracy = accuracy_of(ranked)
     log(f"head accuracy by rank (top-1 per head): {[round(a[0], 3) for a in accuracy['acc']]}")
-    paths, exp = grow_tree(accuracy["acc"], max(sizes))
-    expected = {0: 1.0, **{n: float(exp[n - 1]) for n in sizes if n <= len(paths)}}
-    trees = {n: build_buffers(paths[:n], topk=10) for n in expected if n}
-    prompt_ids = model.encode(prompts[0]) if isinstance(prompts[0], str) else list(prompts[0])
+    paths, _ = grow_tree(accuracy["acc"], max(sizes))
+    chains = (0, lookup) if lookup else (0,)
+    trees = {(n, c): build_buffers(paths[:n], topk=10, lookup=c) for n in sizes if n <= len(paths) for c in chains}
+    expected = {(0, 0): 1.0, **{o: tokens_per_step(ranked, t)["tokens_per_step"] for o, t in trees.items()}}
+    prompt_ids = [int(i) for i in ranked[0][0][: ranked[0][1]]]
     root_only = build_buffers([], topk=1)
-    exp_json = {str(n): round(float(e), 4) for n, e in expected.items()}
-    out = {"device": device_key(model.cfg.dtype), "accuracy": accuracy, "expected_tokens_per_step": exp_json,
+
+    def per_chain(values: dict, c: int, fmt) -> dict:  # {(n, c): x} -> {"n": x} for one chain length (AR as 0)
+        return {str(n): fmt(x) for (n, cc), x in values.items() if cc == c or n == 0}
+
+    out = {"device": device_key(model.cfg.dtype), "accuracy": accuracy, "lookup": lookup,
+           "expected_tokens_per_step": per_chain(expected, 0, lambda x: round(float(x), 4)),
            "order": paths, "by_batch": {}}  # fmt: skip
+    if lookup:
+        out["expected_tokens_per_step_lookup"] = per_chain(expected, lookup, lambda x: round(float(x), 4))
+    log("tokens per step (exact, on these answers): " + ", ".join(f"{n}+{c}:{e:.2f}" for (n, c), e in expected.items()))
     for b in batch_sizes:
-        cost = {0: step_cost(model, prompt_ids, b, root_only, None)}
-        for n, tb in trees.items():
-            cost[n] = step_cost(model, prompt_ids, b, tb, model.heads)
-        best, rate = choose(expected, cost)
-        out["by_batch"][str(b)] = {
-            "step_ms": {str(n): round(c * 1e3, 3) for n, c in cost.items()},
-            "expected_tokens_per_s": {str(n): round(r, 2) for n, r in rate.items()},
+        cost = {(0, 0): step_cost(model, prompt_ids, b, root_only, None)}
+        for o, tb in trees.items():
+            cost[o] = step_cost(model, prompt_ids, b, tb, model.heads)
+        (best, chain), rate = choose(expected, cost)
+        v = {
+            "step_ms": per_chain(cost, 0, lambda x: round(x * 1e3, 3)),
+            "expected_tokens_per_s": per_chain(rate, 0, lambda x: round(x, 2)),
             "best_size": int(best),
             "tree": paths[:best],
+            "lookup": int(chain),
         }
-        log(f"batch {b}: step ms " + ", ".join(f"{n}:{c * 1e3:.1f}" for n, c in cost.items())
-            + f" -> best {best} nodes ({'AR' if best == 0 else f'{rate[best] / rate[0]:.2f}x AR expected'})")  # fmt: skip
+        if lookup:
+            v["step_ms_lookup"] = per_chain(cost, lookup, lambda x: round(x * 1e3, 3))
+            v["expected_tokens_per_s_lookup"] = per_chain(rate, lookup, lambda x: round(x, 2))
+        out["by_batch"][str(b)] = v
+        log(f"batch {b}: step ms " + ", ".join(f"{n}+{c}:{x * 1e3:.1f}" for (n, c), x in cost.items())
+            + f" -> best {best} nodes + chain {chain} "
+            + f"({'AR' if best == 0 else f'{rate[(best, chain)] / rate[(0, 0)]:.2f}x AR expected'})")  # fmt: skip
     out["seconds"] = round(time.perf_counter() - t0, 1)
     return out
 
@@ -161,11 +192,20 @@ def read_calibration(heads_dir: str, dtype: str) -> dict | None:
     return cal
 
 
-def tree_for_batch(cal: dict, batch: int) -> list[list[int]]:
-    """The calibrated tree for the nearest calibrated batch size (the larger one on a tie)."""
+def _nearest(cal: dict, batch: int) -> dict:
+    """The calibrated choice for the nearest calibrated batch size (the larger one on a tie)."""
     sizes = sorted(int(b) for b in cal["by_batch"])
-    b = min(sizes, key=lambda s: (abs(np.log(s) - np.log(batch)), -s))
-    return cal["by_batch"][str(b)]["tree"]
+    return cal["by_batch"][str(min(sizes, key=lambda s: (abs(np.log(s) - np.log(batch)), -s)))]
+
+
+def tree_for_batch(cal: dict, batch: int) -> list[list[int]]:
+    """The calibrated tree for this batch size ([]: no tree, AR steps)."""
+    return _nearest(cal, batch)["tree"]
+
+
+def lookup_for_batch(cal: dict, batch: int) -> int:
+    """The calibrated lookup-chain length for this batch size (0 in calibrations made before the chain existed)."""
+    return int(_nearest(cal, batch).get("lookup", 0))
 
 
 def plot(cal: dict, path: str) -> bool:
@@ -179,15 +219,24 @@ def plot(cal: dict, path: str) -> bool:
     except ImportError:
         return False
     fig, ax = plt.subplots(figsize=(7, 4))
+    chain = cal.get("lookup", 0)
     for b, v in cal["by_batch"].items():
         sizes = [int(n) for n in v["expected_tokens_per_s"]]
-        ax.plot(sizes, list(v["expected_tokens_per_s"].values()), marker="o", label=f"tokens/s, batch {b} (per row)")
+        (line,) = ax.plot(sizes, list(v["expected_tokens_per_s"].values()), marker="o",
+                          label=f"tokens/s, batch {b} (per row)")  # fmt: skip
+        if "expected_tokens_per_s_lookup" in v:
+            w = v["expected_tokens_per_s_lookup"]
+            ax.plot([int(n) for n in w], list(w.values()), marker="s", ls="--", color=line.get_color(),
+                    label=f"tokens/s, batch {b}, + {chain}-node lookup chain")  # fmt: skip
     ax.set_xscale("symlog", linthresh=1)
     ax.set_xlabel("tree nodes (0 = autoregressive)")
     ax.set_ylabel("expected tokens/s per row")
     ax2 = ax.twinx()
-    e = cal["expected_tokens_per_step"]
-    ax2.plot([int(n) for n in e], list(e.values()), "k--", label="tokens per step (expected)")
+    for key, style, what in (("expected_tokens_per_step", "k--", "heads' tree"),
+                             ("expected_tokens_per_step_lookup", "k-.", "tree + lookup chain")):  # fmt: skip
+        if key in cal:
+            e = cal[key]
+            ax2.plot([int(n) for n in e], list(e.values()), style, label=f"tokens per step, {what}")
     if "measured" in cal:
         m = cal["measured"]
         ax2.plot([int(n) for n in m], [x["tokens_per_step"] for x in m.values()], "k:", marker="x",

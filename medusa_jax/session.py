@@ -18,7 +18,6 @@ import jax.numpy as jnp
 import numpy as np
 
 from medusa_jax.generation import bucket
-from medusa_jax.lookup import DEFAULT_LOOKUP
 from medusa_jax.medusa_decode import (
     ACCEPTANCE,
     MedusaLoop,
@@ -46,7 +45,7 @@ class Session:
 
     mode: "medusa" (default when the model has heads) or "ar". acceptance: greedy (temperature 0), else
     "rejection" (default, keeps the base model's distribution) or "typical". lookup: the lookup chain's length
-    (default: `DEFAULT_LOOKUP` when no tree is named, else none); the chain drafts from the whole conversation."""
+    (default: `model.default_lookup(1)` when no tree is named, else none); the chain drafts from the whole conversation."""
 
     def __init__(
         self,
@@ -79,7 +78,7 @@ class Session:
         self.heads = model.heads if mode == "medusa" else None
         if mode == "medusa":
             if lookup is None and tree is None:
-                lookup = DEFAULT_LOOKUP
+                lookup = model.default_lookup(1)
             tree = tree if tree is not None else (model.default_tree(1) or None)  # None: the backend's default
             self.tree = resolve_tree(tree, model.heads_config.num_heads, topk, lookup)
         else:

@@ -10,7 +10,8 @@ import pytest
 from test_medusa import random_prompts, tiny_model
 
 from medusa_jax import calibrate
-from medusa_jax.tree import validate_choices
+from medusa_jax.lookup import DEFAULT_LOOKUP
+from medusa_jax.tree import build_buffers, validate_choices
 
 
 def test_grow_tree_is_prefix_closed_and_best_first():
@@ -38,28 +39,41 @@ def test_calibrate_end_to_end_and_load_uses_it(tmp_path):
     a = np.asarray(acc["acc"])
     assert a.shape == (2, 10) and (a >= 0).all() and (a.sum(1) <= 1 + 1e-6).all()
     assert acc["positions"] == [3 * 11, 3 * 10]  # head h is judged where t >= prompt end - 1 and t + h + 2 exists
-    cal = calibrate.calibrate(m, prompts, batch_sizes=(2,), sizes=(1, 3), max_new_tokens=12, log=lambda s: None)
-    assert set(cal["by_batch"]) == {"2"}
+    cal = calibrate.calibrate(m, prompts, batch_sizes=(2,), sizes=(1, 3), max_new_tokens=12, lookup=4,
+                              log=lambda s: None)  # fmt: skip
+    assert set(cal["by_batch"]) == {"2"} and cal["lookup"] == 4
     v = cal["by_batch"]["2"]
-    assert set(v["step_ms"]) == {"0", "1", "3"} and all(x > 0 for x in v["step_ms"].values())
-    assert v["tree"] == cal["order"][: v["best_size"]]
+    for key in ("step_ms", "step_ms_lookup", "expected_tokens_per_s", "expected_tokens_per_s_lookup"):
+        assert set(v[key]) == {"0", "1", "3"} and all(x > 0 for x in v[key].values())
+    assert v["tree"] == cal["order"][: v["best_size"]] and v["lookup"] in (0, 4)
+    # the expected tokens per step are the real decode loop's, on the calibration's own greedy answers
+    for key, chain in (("expected_tokens_per_step", 0), ("expected_tokens_per_step_lookup", 4)):
+        tree = build_buffers(cal["order"][:3], topk=10, lookup=chain)
+        real = m.generate(prompts, max_new_tokens=12, mode="medusa", tree=tree)
+        assert cal[key]["3"] == round(sum(r.new_tokens for r in real) / sum(r.steps for r in real), 4)
     cal["by_batch"]["1"] = dict(v)
     # written beside the heads, it becomes the default tree (per batch size) on this kind of device
     heads_dir = tmp_path / "heads"
     save_heads(jax.tree.map(np.asarray, m.heads), str(heads_dir))
-    cal["by_batch"]["1"]["tree"] = [[0], [1]]
-    cal["by_batch"]["2"]["tree"] = []
+    cal["by_batch"]["1"].update(tree=[[0], [1]], lookup=3)
+    cal["by_batch"]["2"].update(tree=[], lookup=0)
     with open(calibrate.calibration_path(str(heads_dir), "float32"), "w") as f:
         json.dump(cal, f)
     assert calibrate.read_calibration(str(heads_dir), "float32") == cal
     m.calibration = cal
     assert m.default_tree(1) == [[0], [1]] and m.default_tree(3) == []
+    assert m.default_lookup(1) == 3 and m.default_lookup(3) == DEFAULT_LOOKUP  # forced Medusa without a tree
+    del cal["by_batch"]["1"]["lookup"]
+    assert m.default_lookup(1) == 0  # a calibration from before the chain measured none
+    cal["by_batch"]["1"]["lookup"] = 3
     ar = m.generate(prompts[:2], max_new_tokens=8, mode="ar")
     auto = m.generate(prompts[:2], max_new_tokens=8)  # batch 2: calibrated "no tree" -> AR steps
     assert [r.output_ids for r in auto] == [r.output_ids for r in ar]
     assert [r.steps for r in auto] == [r.steps for r in ar]
-    one = m.generate(prompts[:1], max_new_tokens=8)  # batch 1: the calibrated tree
+    one = m.generate(prompts[:1], max_new_tokens=8)  # batch 1: the calibrated tree and chain
     assert one[0].output_ids == ar[0].output_ids
+    same = m.generate(prompts[:1], max_new_tokens=8, tree=build_buffers([[0], [1]], topk=10, lookup=3))
+    assert one[0].steps == same[0].steps
     png = str(tmp_path / "c.png")
     assert calibrate.plot(cal, png)
     with open(png, "rb") as f:
