@@ -271,7 +271,7 @@ def main(argv=None) -> int:
             ours[mode] = (run_mode, kw)
         per_rep = {}
         if ours:
-            res, per_rep = run_ours_interleaved(
+            res, per_rep, _ = run_ours_interleaved(
                 model, encoded, ours, args.max_new_tokens, args.batch_size, args.repeats
             )
             report["modes"].update(res)

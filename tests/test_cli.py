@@ -345,3 +345,16 @@ def test_truncated_gguf_and_corrupt_run_dir(tmp_path):
             if not f.startswith("_"):
                 Path(root, f).write_bytes(b"")
     assert_usage_error(run("--ckpt", str(run_dir)), "cannot read checkpoint", "truncated or corrupt")
+
+
+def test_bench_runs_modes_with_tree_and_lookup(tiny_ckpt, tiny_heads, tmp_path):
+    """python -m medusa_jax.bench: ar against medusa with a named tree and lookup chain, one JSON report."""
+    from medusa_jax import bench
+
+    out = tmp_path / "bench.json"
+    args = ["--ckpt", tiny_ckpt, "--heads", tiny_heads, "--modes", "ar,medusa", "--tree", "chain_2", "--lookup", "3"]
+    assert bench.main([*args, "--num-prompts", "2", "--batch-size", "2", "--max-new-tokens", "8", "--repeats", "1",
+                       "--json", str(out)]) == 0  # fmt: skip
+    report = json.loads(out.read_text())
+    assert set(report["modes"]) == {"ar", "medusa"} and report["speedup"]["medusa_vs_ar"] > 0
+    assert report["modes"]["medusa"]["tokens_per_step"] >= 1.0
