@@ -8,8 +8,8 @@
    answers (`medusa_jax.simulate`: the decode loop's own step count, not an estimate).
 3. `step_cost`: seconds per step of the real decode loop for trees of 1..64 nodes (each without and with the lookup
    chain) at a batch size, and of the same loop without tree or heads (autoregressive).
-4. `choose`: per batch size, the tree and chain maximizing tokens/step / cost, or no tree at all (AR) when nothing
-   beats it.
+4. `choose`: per batch size, the tree and chain maximizing tokens/step / cost, or no tree at all (AR) when none is
+   expected to beat AR by `MIN_GAIN` (1.15: a margin over the step costs' run-to-run noise).
 
 `python -m medusa_jax.bench --calibrate --heads DIR --prompts-file F` writes `DIR/calibration-<device>-<dtype>.json`;
 `medusa_jax.load(..., heads=DIR)` then decodes each batch with the tree (and chain) chosen for its size on that kind
@@ -122,17 +122,23 @@ def step_cost(model, prompt_ids: list[int], batch: int, tree, heads, iters: int 
     return statistics.median(times)
 
 
-def choose(expected: dict, cost: dict) -> tuple:
-    """expected tokens per step / cost per option (a tree size, or (size, chain length); 0 = AR: 1 token per AR
-    step) -> (best option, expected tokens/s per option)."""
+MIN_GAIN = 1.15  # step-cost ratios on a shared machine move by 15-20% between runs: a tree must promise more
+
+
+def choose(expected: dict, cost: dict, min_gain: float = MIN_GAIN) -> tuple:
+    """expected tokens per step / cost per option (a tree size, or (size, chain length); the first key is AR: 1 token
+    per AR step) -> (best option, expected tokens/s per option). A tree is chosen only when it is expected to be at
+    least `min_gain` times as fast as AR, so that measurement noise alone does not pick one."""
     rate = {n: expected[n] / cost[n] for n in cost}
-    return max(rate, key=rate.get), rate
+    ar = next(iter(cost))
+    best = max(rate, key=rate.get)
+    return (best if rate[best] >= min_gain * rate[ar] else ar), rate
 
 
 def calibrate(model, prompts: list, batch_sizes=(1, 8, 32), sizes=TREE_SIZES, max_new_tokens: int = 64,
-              lookup: int = DEFAULT_LOOKUP, log=print) -> dict:  # fmt: skip
+              lookup: int = DEFAULT_LOOKUP, min_gain: float = MIN_GAIN, log=print) -> dict:  # fmt: skip
     """The whole calibration (see the module docstring); returns the JSON-able result. lookup: the chain length
-    tried beside each tree (0: trees alone)."""
+    tried beside each tree (0: trees alone); min_gain: the expected speedup over AR a tree needs (`choose`)."""
     from medusa_jax.simulate import tokens_per_step
     from medusa_jax.tree import build_buffers
 
@@ -150,7 +156,7 @@ def calibrate(model, prompts: list, batch_sizes=(1, 8, 32), sizes=TREE_SIZES, ma
     def per_chain(values: dict, c: int, fmt) -> dict:  # {(n, c): x} -> {"n": x} for one chain length (AR as 0)
         return {str(n): fmt(x) for (n, cc), x in values.items() if cc == c or n == 0}
 
-    out = {"device": device_key(model.cfg.dtype), "accuracy": accuracy, "lookup": lookup,
+    out = {"device": device_key(model.cfg.dtype), "accuracy": accuracy, "lookup": lookup, "min_gain": min_gain,
            "expected_tokens_per_step": per_chain(expected, 0, lambda x: round(float(x), 4)),
            "order": paths, "by_batch": {}}  # fmt: skip
     if lookup:
@@ -160,7 +166,7 @@ def calibrate(model, prompts: list, batch_sizes=(1, 8, 32), sizes=TREE_SIZES, ma
         cost = {(0, 0): step_cost(model, prompt_ids, b, root_only, None)}
         for o, tb in trees.items():
             cost[o] = step_cost(model, prompt_ids, b, tb, model.heads)
-        (best, chain), rate = choose(expected, cost)
+        (best, chain), rate = choose(expected, cost, min_gain)
         v = {
             "step_ms": per_chain(cost, 0, lambda x: round(x * 1e3, 3)),
             "expected_tokens_per_s": per_chain(rate, 0, lambda x: round(x, 2)),

@@ -28,6 +28,8 @@ def test_choose_picks_ar_when_verification_costs_more():
     expected = {0: 1.0, 1: 1.3, 4: 1.6}
     assert calibrate.choose(expected, {0: 1.0, 1: 1.1, 4: 1.2})[0] == 4
     assert calibrate.choose(expected, {0: 1.0, 1: 1.5, 4: 2.0})[0] == 0  # e.g. big batches on a CPU
+    near = {0: 1.0, 1: 1.2, 4: 1.5}  # the best tree (1 node) is expected 1.08x AR: within step-cost noise
+    assert calibrate.choose(expected, near)[0] == 0 and calibrate.choose(expected, near, min_gain=1.0)[0] == 1
 
 
 def test_calibrate_end_to_end_and_load_uses_it(tmp_path):
