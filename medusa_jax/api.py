@@ -25,6 +25,7 @@ from medusa_jax.heads import (
 )
 from medusa_jax.lookup import DEFAULT_LOOKUP
 from medusa_jax.model import Transformer, causal_mask
+from medusa_jax.options import GenerateOptions, batch_key
 from medusa_jax.sampling import SamplingParams
 
 
@@ -120,15 +121,14 @@ class MedusaModel:
         mode: "ar" or "medusa" (default: "medusa" when heads are loaded, except for batch sizes whose calibrated
         tree is empty, where verification costs more than it gains). Prompts run in batches of `batch_size`
         (default: all at once, up to 16); with more prompts than one batch, prompts of similar length share a batch.
-        Sampling (T > 0) is seeded per batch."""
+        Sampling (T > 0): batch j draws from `fold_in(PRNGKey(seed), j)`, so calls with different seeds share no
+        random stream; the same prompts, batch_size and seed give the same output. Bad options raise ValueError."""
         if isinstance(prompts, str) or (len(prompts) and isinstance(prompts[0], int | np.integer)):
             prompts = [prompts]
-        if max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-        if temperature < 0 or not 0 < top_p <= 1 or top_k < 0:
-            raise ValueError(
-                f"bad sampling values: temperature={temperature} (>= 0), top_p={top_p} (0, 1], top_k={top_k} (>= 0)"
-            )
+        if not len(prompts):
+            raise ValueError("no prompts: give at least one prompt (a string or a list of token ids)")
+        GenerateOptions.from_kwargs(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
+                                    seed=seed, batch_size=batch_size, **medusa_kw)  # fmt: skip
         auto = mode is None
         mode = mode or ("medusa" if self.heads is not None else "ar")
         if mode not in ("ar", "medusa"):
@@ -142,7 +142,7 @@ class MedusaModel:
         if order is not None:
             encoded = [encoded[j] for j in order]
         results = []
-        for i in range(0, len(encoded), batch_size):
+        for j, i in enumerate(range(0, len(encoded), batch_size)):
             chunk = encoded[i : i + batch_size]
             kw, m = dict(medusa_kw), mode
             if m == "medusa" and "tree" not in kw:  # no tree named: the default tree and its lookup chain
@@ -152,7 +152,7 @@ class MedusaModel:
                     kw["tree"] = calibrated
                 elif auto and self.calibration is not None:
                     m = "ar"  # calibrated: no tree pays off at this batch size on this device
-            results += self._generate_batch(chunk, max_new_tokens, temperature, top_p, top_k, seed + i, m, kw)
+            results += self._generate_batch(chunk, max_new_tokens, temperature, top_p, top_k, batch_key(seed, j), m, kw)
         if order is not None:
             results = [r for _, r in sorted(zip(order, results), key=lambda t: t[0])]
         return results
@@ -186,7 +186,7 @@ class MedusaModel:
             )
         return slots
 
-    def _generate_batch(self, encoded, max_new, temperature, top_p, top_k, seed, mode, medusa_kw):
+    def _generate_batch(self, encoded, max_new, temperature, top_p, top_k, rng, mode, medusa_kw):
         b = len(encoded)
         lengths = np.array([len(e) for e in encoded], np.int32)
         p_len = bucket(int(lengths.max()))
@@ -195,7 +195,6 @@ class MedusaModel:
             tokens[r, : len(e)] = e
         greedy = temperature == 0.0
         sp = SamplingParams.make(temperature if not greedy else 1.0, top_k, top_p)
-        rng = jax.random.PRNGKey(seed)
         out_len = bucket(max_new, 16)
         t0 = time.perf_counter()
         if mode == "ar":
@@ -312,7 +311,7 @@ def load(
         if draft_vocab is not False and os.path.isdir(heads):
             from medusa_jax.draft_vocab import read
 
-            ids = read(heads, None if draft_vocab is True else int(draft_vocab))
+            ids = read(heads, None if draft_vocab is True else draft_vocab, vocab_size=model.cfg.vocab_size)
             if ids is not None:
                 model.heads = attach_draft_vocab(model.heads, base_lm_head(model.params), ids)
         tree_file = os.path.join(heads, "tree.json") if os.path.isdir(heads) else None

@@ -19,7 +19,6 @@ import numpy as np
 
 from medusa_jax.generation import bucket
 from medusa_jax.medusa_decode import (
-    ACCEPTANCE,
     MedusaLoop,
     Thresholds,
     continue_medusa,
@@ -27,6 +26,7 @@ from medusa_jax.medusa_decode import (
     start_medusa,
 )
 from medusa_jax.model import KVCache
+from medusa_jax.options import GenerateOptions, batch_key
 from medusa_jax.sampling import SamplingParams
 from medusa_jax.tree import build_buffers
 
@@ -40,12 +40,31 @@ def common_prefix(a: list[int], b: list[int]) -> int:
     return n
 
 
+def alive(tree) -> bool:
+    """Whether every array of `tree` still holds data (not donated or deleted, no failed computation behind it)."""
+    try:
+        leaves = jax.tree.leaves(tree)
+        if any(x.is_deleted() for x in leaves):
+            return False
+        jax.block_until_ready(leaves)
+        return True
+    except Exception:
+        return False
+
+
 class Session:
     """Batch-1 streaming generation over one growing KV cache.
 
     mode: "medusa" (default when the model has heads) or "ar". acceptance: greedy (temperature 0), else
     "rejection" (default, keeps the base model's distribution) or "typical". lookup: the lookup chain's length
-    (default: `model.default_lookup(1)` when no tree is named, else none); the chain drafts from the whole conversation."""
+    (default: `model.default_lookup(1)` when no tree is named, else none); the chain drafts from the whole conversation.
+    seed: the n-th generation of the session samples from `fold_in(PRNGKey(seed), n)`: the same seed and the same
+    calls give the same output.
+
+    After a failed generation (an error or an interrupt inside the decode loop) `recovery` says what was kept:
+    "intact" (`ids` and the cache hold the input and the tokens yielded before the failure) or "reset" (the failure
+    took the donated cache with it: nothing is cached, the next call prefills its whole input; `messages` are kept).
+    The exception carries the same as a note. None after a generation that did not fail."""
 
     def __init__(
         self,
@@ -63,6 +82,9 @@ class Session:
         chunk_steps: int = 4,
         lookup: int | None = None,
     ):
+        opts = GenerateOptions(temperature=temperature, top_p=top_p, top_k=top_k, seed=seed, acceptance=acceptance,
+                               lookup=lookup, topk=topk, posterior_threshold=posterior_threshold,
+                               posterior_alpha=posterior_alpha)  # fmt: skip
         if mode is None:
             calibrated_ar = tree is None and model.calibration is not None and not model.default_tree(1)
             mode = "medusa" if model.heads is not None and not calibrated_ar else "ar"
@@ -70,10 +92,8 @@ class Session:
             raise ValueError(f"mode must be 'ar' or 'medusa', got {mode!r}")
         if mode == "medusa" and model.heads is None:
             raise ValueError("mode='medusa' needs Medusa heads: load(ckpt, heads=PATH)")
-        greedy = temperature == 0.0
+        greedy = opts.greedy
         acceptance = "greedy" if greedy else (acceptance or "rejection")
-        if acceptance not in ACCEPTANCE:
-            raise ValueError(f"acceptance must be one of {', '.join(ACCEPTANCE)}, got {acceptance!r}")
         self.model = model
         self.heads = model.heads if mode == "medusa" else None
         if mode == "medusa":
@@ -87,7 +107,9 @@ class Session:
         self.sp = SamplingParams.make(temperature if not greedy else 1.0, top_k, top_p)
         self.th = Thresholds(jnp.float32(posterior_threshold), jnp.float32(posterior_alpha))
         self.chunk_steps = max(1, int(chunk_steps))
-        self.rng = jax.random.PRNGKey(seed)
+        self.seed = seed
+        self.generations = 0  # generations started: the next one's key is batch_key(seed, generations)
+        self.recovery: str | None = None  # after a failed generation: "intact" or "reset" (see the class doc)
         self.cache: KVCache | None = None
         self.ids: list[int] = []  # tokens whose K/V are in the cache
         self.last_steps = 0  # decoding steps of the latest generation
@@ -101,35 +123,52 @@ class Session:
         """Forget the conversation (the cache buffer is kept for reuse)."""
         self.ids = []
         self.messages = []
+        self.recovery = None
 
-    def _ensure_slots(self, need: int) -> None:
+    def _ensure_slots(self, need: int, padded: int) -> None:
+        """need: the cache positions the generation can use, checked against the model's context as `check_fits`
+        checks `generate`'s; padded: the buffer slots it touches (the prefill and the tree are padded)."""
         if need > self.model.max_cache:
             raise ValueError(
                 f"the conversation needs {need} cache positions, more than the model's {self.model.max_cache}: "
                 "reset it (or lower max_new_tokens)"
             )
-        if self.cache is not None and self.cache.slots >= need:
+        if self.cache is not None and self.cache.slots >= padded:
             return
-        slots = min(bucket(need, 256), self.model.max_cache)
+        slots = bucket(padded, 256)
+        if slots > self.model.max_cache:  # near the context limit: only the padding may outgrow it
+            slots = max(self.model.max_cache, -(-padded // 64) * 64)
         fresh = KVCache.zeros(self.model.cfg, 1, slots)
         if self.cache is not None and self.ids:  # keep what is cached: copy it into the bigger buffer
             old = self.cache.slots
             fresh = KVCache(fresh.k.at[:, :, :old].set(self.cache.k), fresh.v.at[:, :, :old].set(self.cache.v))
         self.cache = fresh
 
+    def _recover(self, err: BaseException, candidates) -> None:
+        """After a failure: keep the first (ids, cache) of `candidates` whose buffers survived, else reset."""
+        for ids, cache in candidates:
+            if cache is not None and alive(cache):
+                self.ids, self.cache, self.recovery = ids, cache, "intact"
+                err.add_note(f"the session is intact: its cache holds {len(ids)} tokens")
+                return
+        self.ids, self.cache, self.recovery = [], None, "reset"
+        err.add_note("the session's KV cache was lost and reset: the next call prefills its whole input")
+
     def stream_ids(self, ids: list[int], max_new_tokens: int = 128) -> Iterator[list[int]]:
         """Continue from `ids` (the full token sequence so far: its cached prefix is reused, the rest prefilled) and
-        yield the new tokens chunk by chunk. On return `self.ids` = ids + the generated tokens."""
+        yield the new tokens chunk by chunk. On return, and when the consumer closes the generator early,
+        `self.ids` = ids + the tokens yielded. On a failure see `recovery` (class doc)."""
         if not ids:
             raise ValueError("empty prompt: give at least one token")
-        if max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+        GenerateOptions(max_new_tokens=max_new_tokens)  # raises OptionError (a ValueError)
+        extra = self.tree.num_nodes + 1 if self.heads is not None else 0  # as `generate` (root only: no tree)
         keep = min(common_prefix(self.ids, ids), len(ids) - 1)  # at least one token to prefill
         new = ids[keep:]
-        self.last_prefill, self.last_reused = len(new), keep
         t = bucket(len(new), 16)
         out_len = bucket(max_new_tokens, 16)
-        self._ensure_slots(keep + t + out_len + self.tree.num_nodes + 1)
+        self._ensure_slots(len(ids) + max_new_tokens + extra, keep + t + out_len + self.tree.num_nodes + 1)
+        self.last_prefill, self.last_reused, self.last_new, self.last_steps = len(new), keep, 0, 0
+        self.recovery = None
         loop = MedusaLoop(self.tree, out_len, self.cache.slots, self.acceptance, self.model.eos_ids)
         tokens = np.zeros((1, t), np.int32)
         tokens[0, : len(new)] = new
@@ -137,36 +176,44 @@ class Session:
         if self.tree.lookup:  # the lookup chain drafts from the whole conversation
             history = np.full((1, self.cache.slots), -1, np.int32)
             history[0, :keep] = ids[:keep]
-        self.rng, key = jax.random.split(self.rng)
-        self.ids = list(ids[:keep])  # the cache is being rewritten from here on
+        key = batch_key(self.seed, self.generations)
+        self.generations += 1
         cfg, params, heads = self.model.cfg, self.model.params, self.heads
         max_new = jnp.int32(max_new_tokens)
-        cache, self.cache = self.cache, None  # donated into the state
+        old_ids, cache = self.ids, self.cache
+        self.ids, self.cache = list(ids[:keep]), None  # the cache is donated into the state and rewritten from keep
         try:
             state = start_medusa(
                 cfg, loop, params, heads, cache, jnp.asarray([keep], jnp.int32), jnp.asarray(tokens),
                 jnp.asarray([len(new)], jnp.int32), max_new, key, history,
             )  # fmt: skip
-        except BaseException:
-            self.ids = []  # the cache buffer may be gone: start over next time
+        except BaseException as e:
+            self._recover(e, [(old_ids, cache)])
             raise
-        sent = 0
+        got: list[int] = []  # the tokens yielded so far; `state` holds exactly their K/V after the input's
+        nxt = None
         try:
             while True:
-                state = continue_medusa(
+                nxt = continue_medusa(
                     cfg, loop, params, heads, state, max_new, self.sp, self.th, jnp.int32(self.chunk_steps)
                 )
-                n, done = (int(x) for x in jax.device_get((state.num_out[0], state.done[0])))
-                if n > sent:
-                    yield [int(x) for x in np.asarray(state.out[0, sent:n])]
-                    sent = n
+                n, done, steps, out = jax.device_get((nxt.num_out[0], nxt.done[0], nxt.steps[0], nxt.out[0]))
+                chunk = [int(x) for x in out[len(got) : int(n)]]
+                state, nxt = nxt, None
+                got += chunk
+                self.ids, self.last_new, self.last_steps = list(ids) + got, len(got), int(steps)
+                if chunk:
+                    yield chunk
                 if done:
                     break
-        finally:
-            out = np.asarray(state.out[0, :sent]).tolist()
-            self.ids = list(ids) + out
-            self.last_steps, self.last_new = int(state.steps[0]), sent
+        except GeneratorExit:  # closed early by the consumer: what it was given is in `ids`
             self.cache = state.cache
+            raise
+        except BaseException as e:
+            # a later state holds K/V for `got` (and maybe more, past the tokens in `ids`: harmless, never attended)
+            self._recover(e, [(list(ids) + got, None if nxt is None else nxt.cache), (list(ids) + got, state.cache)])
+            raise
+        self.cache = state.cache
 
     # ----------------------------------------------------------------------------------------------- chat
     def chat(self, user_text: str, max_new_tokens: int = 256, system: str | None = None) -> Iterator[str]:
