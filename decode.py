@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import re
 import sys
@@ -22,6 +21,7 @@ import time
 
 from medusa_jax.api import shipped_heads
 from medusa_jax.lookup import DEFAULT_LOOKUP
+from medusa_jax.options import GenerateOptions, OptionError
 from medusa_jax.prompts import read_prompts
 
 DEFAULT_PROMPT = "Explain in three sentences why the sky is blue."
@@ -88,28 +88,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 def validate(args) -> list[str]:
     """Checks flags and files (no model needed); returns the prompts."""
-    if args.max_new_tokens < 1:
-        raise InputError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
-    if not args.temperature >= 0 or math.isinf(args.temperature):
-        raise InputError(f"--temperature must be a number >= 0, got {args.temperature}")
-    if not 0 < args.top_p <= 1:
-        raise InputError(f"--top-p must be in (0, 1], got {args.top_p}")
-    if args.top_k < 0:
-        raise InputError(f"--top-k must be >= 0, got {args.top_k}")
-    if args.batch_size is not None and args.batch_size < 1:
-        raise InputError(f"--batch-size must be >= 1, got {args.batch_size}")
-    if args.lookup is not None and args.lookup < 0:
-        raise InputError(f"--lookup must be >= 0 (0 = no lookup chain), got {args.lookup}")
+    try:  # the same checks (and messages) as the API's
+        GenerateOptions.from_kwargs(**vars(args))
+    except OptionError as e:
+        raise InputError(e.message(cli=True)) from None
     if args.num_prompts is not None and args.num_prompts < 1:
         raise InputError(f"--num-prompts must be >= 1, got {args.num_prompts}")
     if args.num_prompts is not None and not args.prompts_file:
         raise InputError("--num-prompts needs --prompts-file")
     if args.chat and (args.prompt or args.prompts_file or args.output or args.raw):
         raise InputError("--chat reads the conversation from stdin: drop --prompt/--prompts-file/--output/--raw")
-    if args.acceptance and args.acceptance != "greedy" and args.temperature == 0:
-        raise InputError(f"--acceptance {args.acceptance} needs --temperature > 0 (at 0 decoding is greedy)")
-    if not 0 <= args.posterior_threshold <= 1 or not 0 <= args.posterior_alpha <= 1:
-        raise InputError("--posterior-threshold and --posterior-alpha must be in [0, 1]")
     for flag, value in (("--ckpt", args.ckpt), ("--heads", args.heads)):
         if flag == "--heads" and value is not None and (value == "none" or shipped_heads(value)):
             continue
@@ -254,19 +242,33 @@ def chat(model, mode: str, args) -> None:
             continue
         print("assistant> ", end="", flush=True)
         t0 = time.perf_counter()
+        reply = session.chat(cmd, args.max_new_tokens, system=args.system)
         try:
-            for piece in session.chat(cmd, args.max_new_tokens, system=args.system):
+            for piece in reply:
                 print(piece, end="", flush=True)
-        except ValueError as e:  # e.g. the conversation outgrew the context: say so and keep the session
-            print(f"\n(error: {' '.join(str(e).split())})", flush=True)
+        except (Exception, KeyboardInterrupt) as e:  # one line, and the chat goes on (the session says what it kept)
+            what = "interrupted" if isinstance(e, KeyboardInterrupt) else f"error: {one_line(e)}"
+            print(f"\n({what}{session_state(session)})", flush=True)
             continue
-        except KeyboardInterrupt:
-            print("\n(interrupted)", flush=True)
-            continue
+        finally:
+            reply.close()  # an early stop (Ctrl-C while printing) keeps what was shown in the session
         dt = time.perf_counter() - t0
         new = session.last_new
         print(f"\n({new} tokens, {session.last_steps} steps, {new / max(dt, 1e-9):.1f} tokens/s; "
               f"prefilled {session.last_prefill}, reused {session.last_reused} from the cache)", flush=True)  # fmt: skip
+
+
+def one_line(e: BaseException) -> str:
+    return " ".join(str(e).split()) or type(e).__name__
+
+
+def session_state(session) -> str:
+    """What a failed turn left in the session, for the chat's error line."""
+    if session.recovery == "reset":
+        return "; the cache was reset: the next turn re-reads the conversation"
+    if session.recovery == "intact":
+        return "; the conversation is kept"
+    return ""
 
 
 def headline(p: str) -> str:

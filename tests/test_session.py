@@ -78,3 +78,129 @@ def test_chat_needs_a_template():
     plain = MedusaModel(m.cfg, m.params)
     with pytest.raises(ValueError, match="needs Medusa heads"):
         Session(plain, mode="medusa")
+
+
+# ---------------------------------------------------------------------------------------------- failures
+def fail_on_call(monkeypatch, name: str, n: int, exc: type, donate: bool):
+    """Patch `session.<name>` (start_medusa or continue_medusa) so that its n-th call fails: after consuming its
+    input (running, then deleting the donated cache/state, as a device error after donation would) or before
+    running (as Ctrl-C during the first compile would)."""
+    import jax
+
+    import medusa_jax.session as session_mod
+
+    real, calls = getattr(session_mod, name), []
+
+    def flaky(*args, **kw):
+        calls.append(1)
+        if len(calls) != n:
+            return real(*args, **kw)
+        if donate:
+            real(*args, **kw)
+            for leaf in jax.tree.leaves(args[4]):  # the donated cache (start) or state (continue)
+                leaf.delete()
+        raise exc("injected fault")
+
+    monkeypatch.setattr(session_mod, name, flaky)
+
+
+@pytest.mark.parametrize(
+    "name,n,exc,donate,expect",
+    [
+        ("continue_medusa", 2, RuntimeError, True, "reset"),
+        ("continue_medusa", 2, KeyboardInterrupt, False, "intact"),
+        ("start_medusa", 1, RuntimeError, True, "reset"),
+    ],
+    ids=["chunk-fails-after-donation", "interrupt-before-chunk", "prefill-fails-after-donation"],
+)
+def test_a_failed_generation_leaves_the_session_intact_or_reset(monkeypatch, name, n, exc, donate, expect):
+    m = tiny_model(vocab=16, heads=2, seed=1)
+    s = Session(m, tree=TREE, topk=4, chunk_steps=3)
+    p1, p2 = random_prompts(2, 16, seed=9)
+    out1, _ = collect(s, p1, 20)
+    turn2, got = p1 + out1 + p2, []
+    fail_on_call(monkeypatch, name, n, exc, donate)
+    with pytest.raises(exc) as err:
+        for chunk in s.stream_ids(turn2, 20):
+            got += chunk
+    monkeypatch.undo()
+    after_ids, recovery = list(s.ids), getattr(s, "recovery", None)
+    # the next turn is right: equal to a fresh generation over the whole conversation
+    turn3 = turn2 + got + p1[:4]
+    out3, _ = collect(s, turn3, 20)
+    assert out3 == m.generate([turn3], max_new_tokens=20, mode="ar")[0].output_ids
+    # and the session said what it kept
+    assert recovery == expect and expect in " ".join(err.value.__notes__)
+    if expect == "intact":
+        assert got and after_ids == turn2 + got and s.last_reused == len(turn2 + got)
+    else:
+        assert after_ids == [] and s.last_reused == 0
+    assert s.recovery is None  # the later turn did not fail
+
+
+def test_closing_the_stream_early_keeps_what_was_yielded():
+    m = tiny_model(vocab=16, heads=2, seed=1)
+    s = Session(m, tree=TREE, topk=4, chunk_steps=3)
+    p1, p2 = random_prompts(2, 16, seed=9)
+    stream = s.stream_ids(p1, 20)
+    first = next(stream)
+    stream.close()
+    assert s.ids == p1 + first and s.last_new == len(first)
+    follow = p1 + first + p2
+    out, _ = collect(s, follow, 20)
+    assert s.last_reused == len(p1 + first)  # the cache held the closed turn, chunk included
+    assert out == m.generate([follow], max_new_tokens=20, mode="ar")[0].output_ids
+
+
+def test_session_fits_what_generate_fits():
+    """The session refuses a conversation exactly when `check_fits` refuses the same prompt in `generate`."""
+    m = tiny_model(vocab=16, heads=2, seed=1)
+    m.max_cache = 60
+    s = Session(m, tree=TREE, topk=4, chunk_steps=3)
+    extra = s.tree.num_nodes + 1
+    ids = (random_prompts(1, 16, seed=4)[0] * 40)[: m.max_cache - 20 - extra]  # fits exactly
+    m.check_fits(len(ids), 20, extra)
+    out, _ = collect(s, ids, 20)
+    assert out == m.generate([ids], max_new_tokens=20, mode="ar")[0].output_ids
+    with pytest.raises(ValueError, match="cache positions"):
+        m.check_fits(len(ids) + 1, 20, extra)
+    with pytest.raises(ValueError, match="reset"):
+        list(s.stream_ids(ids + [1], 20))
+    assert s.ids == ids + out  # the refused call changed nothing
+
+
+class ToyTokenizer:
+    """A chat template over a 16-token vocabulary (messages framed by tokens 0 and 1)."""
+
+    chat_template = "toy"
+    eos_token_id = None
+
+    def apply_chat_template(self, msgs, add_generation_prompt=True, tokenize=True):
+        ids = [t for msg in msgs for t in [1, *(ord(c) % 14 + 2 for c in msg["content"]), 0]]
+        return ids + [1] * add_generation_prompt
+
+    def decode(self, ids, skip_special_tokens=True):
+        return "".join(chr(ord("a") + t) for t in ids)
+
+
+def test_chat_cli_reports_a_failed_turn_in_one_line(monkeypatch, capsys):
+    import io
+
+    import decode
+
+    m = tiny_model(vocab=16, heads=2, seed=1)
+    m.tokenizer = ToyTokenizer()
+    args = decode.build_parser().parse_args(["--chat", "--max-new-tokens", "20"])
+    monkeypatch.setattr(decode, "medusa_kwargs", lambda a: dict(tree=TREE, topk=4, chunk_steps=3))
+    fail_on_call(monkeypatch, "continue_medusa", 2, RuntimeError, True)
+    monkeypatch.setattr("sys.stdin", io.StringIO("hello\nhello again\nexit\n"))
+    decode.chat(m, "medusa", args)
+    out = capsys.readouterr().out
+    errors = [line for line in out.splitlines() if "(error: " in line]
+    assert len(errors) == 1 and "injected fault" in errors[0] and "reset" in errors[0], out
+    assert "Traceback" not in out
+    # the turn after the failure answers as a fresh session would
+    fresh = Session(m, tree=TREE, topk=4, chunk_steps=3)
+    monkeypatch.undo()
+    expected = "".join(fresh.chat("hello again", 20))
+    assert f"assistant> {expected}\n(" in out, out
