@@ -56,7 +56,12 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     g.add_argument("--top-p", type=float, default=1.0)
     g.add_argument("--top-k", type=int, default=0, help="0 = off")
-    g.add_argument("--seed", type=int, default=0)
+    g.add_argument(
+        "--seed",
+        type=int,
+        default=0,
+        help="in [0, 2**32): the same prompts, --batch-size and seed give the same output",
+    )
     g.add_argument("--batch-size", type=int, help="prompts per batch (default: all, up to 16)")
     g.add_argument("--mode", choices=("ar", "medusa"), help="default: medusa when the model has heads, else ar")
     g.add_argument("--tree", metavar="NAME|FILE", help="Medusa tree: a shipped name (e.g. mc_sim_7b_63) or JSON")
