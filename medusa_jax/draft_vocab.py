@@ -46,9 +46,11 @@ def read(heads_dir: str, size: int | None = None) -> np.ndarray | None:
     try:
         with open(path) as f:
             ids = json.load(f)["ids"]
-    except (OSError, ValueError, KeyError, TypeError) as e:
+        if not isinstance(ids, list) or not all(isinstance(i, int) and not isinstance(i, bool) for i in ids):
+            raise ValueError("its ids are not a list of integers")
+        return np.asarray(ids[:size] if size else ids, np.int32)
+    except (OSError, ValueError, KeyError, TypeError, OverflowError) as e:
         raise ValueError(f"{path}: unreadable draft vocabulary ({e}); delete it or rebuild it") from None
-    return np.asarray(ids[:size] if size else ids, np.int32)
 
 
 def main(argv=None) -> int:
