@@ -452,3 +452,17 @@ def test_cli_exits_2_without_a_traceback(tmp_path, what):
     r = _cli([str(REPO / "decode.py"), "--ckpt", str(ckpt), "--prompt", "hi", "--max-new-tokens", "2"], tmp_path)
     assert r.returncode == 2, r.stderr[-2000:]
     assert "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr[-2000:]
+
+
+@pytest.mark.parametrize(
+    "change,needle",
+    [({"hidden_size": 24}, "shape"), ({"intermediate_size": 0}, "positive"), ({"num_key_value_heads": 3}, "multiple"),
+     ({"vocab_size": "32"}, "positive"), ({"num_attention_heads": None}, "num_heads must be")],
+)  # fmt: skip
+def test_settings_that_do_not_fit_the_weights(tmp_path, change, needle):
+    """Well-formed JSON whose settings are unusable or disagree with the tensors: refused at load, not at the first
+    forward pass."""
+    d = write_hf_dir(tmp_path / "hf")
+    (d / "config.json").write_text(json.dumps({**HF_CONFIG, **change}))
+    with pytest.raises(CheckpointError, match=needle):
+        load_hf(d)
