@@ -192,8 +192,15 @@ def read_calibration(heads_dir: str, dtype: str) -> dict | None:
     try:
         with open(path) as f:
             cal = json.load(f)
-        {int(b): v["tree"] for b, v in cal["by_batch"].items()}
-    except (OSError, ValueError, KeyError, TypeError) as e:
+        for b, v in cal["by_batch"].items():
+            lookup = v.get("lookup", 0)
+            if int(b) <= 0 or not isinstance(v["tree"], list):
+                raise ValueError(f"batch {b!r}: not a positive batch size with a list of tree paths")
+            if isinstance(lookup, bool) or not isinstance(lookup, int) or not 0 <= lookup <= 256:
+                raise ValueError(f"batch {b!r}: lookup {lookup!r} is not a chain length in 0..256")
+        if not cal["by_batch"]:
+            raise ValueError("no batch sizes")
+    except (OSError, ValueError, KeyError, TypeError, AttributeError, OverflowError) as e:
         raise ValueError(f"{path}: unreadable calibration ({e}); delete it or rerun --calibrate") from None
     return cal
 

@@ -77,10 +77,15 @@ def convert(
             if not m:
                 continue
             arr = np.asarray(arr)
-            if tf == "unpermute_q":
-                arr = _unpermute(arr, cfg.num_heads)
-            elif tf == "unpermute_k":
-                arr = _unpermute(arr, cfg.num_kv_heads)
+            try:
+                if tf == "unpermute_q":
+                    arr = _unpermute(arr, cfg.num_heads)
+                elif tf == "unpermute_k":
+                    arr = _unpermute(arr, cfg.num_kv_heads)
+            except ValueError:
+                raise CheckpointError(
+                    f"tensor {name} has shape {list(arr.shape)}, which does not fit the config's heads"
+                ) from None
             if tf is not None and arr.ndim == 2:
                 arr = arr.T
             arr = np.ascontiguousarray(arr, dtype=dtype)
@@ -103,6 +108,8 @@ def convert(
             missing = [i for i, a in enumerate(val) if a is None]
             if missing:
                 raise CheckpointError(f"checkpoint is missing {'/'.join(key)} for layers {missing[:5]}")
+            if len({a.shape for a in val}) > 1:
+                raise CheckpointError(f"the layers' {'/'.join(key)} tensors differ in shape: the file is corrupt")
             val = np.stack(val)
         node = params
         for k in key[:-1]:
@@ -126,6 +133,55 @@ def _check_complete(params: dict, cfg: ModelConfig) -> None:
             if not isinstance(node, dict) or k not in node:
                 raise CheckpointError(f"checkpoint has no tensor for {'/'.join(path)}; is it a Llama-family model?")
             node = node[k]
+    shapes = param_shapes(cfg)
+    for path, arr in _leaves(params):
+        want = shapes.get(path)
+        if want is not None and tuple(arr.shape) != want:
+            raise CheckpointError(
+                f"tensor {'/'.join(path)} has shape {list(arr.shape)}, but the config implies {list(want)}: the "
+                "weights and the config do not belong together"
+            )
+
+
+def param_shapes(cfg: ModelConfig) -> dict[tuple[str, ...], tuple[int, ...]]:
+    """The shape of every backbone param the config implies (layer params stacked `[N, ...]`)."""
+    e, v, i, n = cfg.hidden_size, cfg.vocab_size, cfg.intermediate_size, cfg.num_layers
+    q, kv = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
+    out = {("embed", "embedding"): (v, e), ("norm", "scale"): (e,), ("lm_head", "kernel"): (e, v)}
+    for name, (a, b) in {"q_proj": (e, q), "k_proj": (e, kv), "v_proj": (e, kv), "o_proj": (q, e)}.items():
+        out[("layers", "attn", name, "kernel")] = (n, a, b)
+        out[("layers", "attn", name, "bias")] = (n, b)
+    for name, (a, b) in {"gate_proj": (e, i), "up_proj": (e, i), "down_proj": (i, e)}.items():
+        out[("layers", "mlp", name, "kernel")] = (n, a, b)
+    out[("layers", "input_norm", "scale")] = out[("layers", "post_attn_norm", "scale")] = (n, e)
+    return out
+
+
+def _leaves(tree: dict, prefix: tuple[str, ...] = ()):
+    for k, v in tree.items():
+        if isinstance(v, dict):
+            yield from _leaves(v, (*prefix, k))
+        else:
+            yield (*prefix, k), v
+
+
+def check_config(cfg: ModelConfig, source: str) -> ModelConfig:
+    """`cfg` when its sizes are positive ints and its floats finite and positive, else a CheckpointError."""
+    sizes = ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads", "num_kv_heads", "head_dim",
+             "max_position_embeddings")  # fmt: skip
+    for name in sizes:
+        x = getattr(cfg, name)
+        if isinstance(x, bool) or not isinstance(x, int | np.integer) or not 0 < x < 1 << 31:
+            raise CheckpointError(f"{source}: {name} must be a positive integer, got {x!r}")
+    for name in ("rms_norm_eps", "rope_theta"):
+        x = getattr(cfg, name)
+        if isinstance(x, bool) or not isinstance(x, int | float | np.number) or not 0 < float(x) < float("inf"):
+            raise CheckpointError(f"{source}: {name} must be a positive number, got {x!r}")
+    if cfg.num_heads % cfg.num_kv_heads:
+        raise CheckpointError(
+            f"{source}: num_heads {cfg.num_heads} is not a multiple of num_kv_heads {cfg.num_kv_heads}"
+        )
+    return cfg
 
 
 # ---------------------------------------------------------------------------------------------- HF directories
@@ -169,7 +225,18 @@ def load_hf_dir(path: str, dtype=np.float32, on_unknown=None) -> tuple[ModelConf
             hf = json.load(f)
     except json.JSONDecodeError as e:
         raise CheckpointError(f"{cfg_path} is not valid JSON ({e.msg} at line {e.lineno})") from e
-    cfg = ModelConfig.from_hf(hf)
+    except (OSError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"cannot read {cfg_path} ({e}); re-download or re-save it") from None
+    if not isinstance(hf, dict):
+        raise CheckpointError(f"{cfg_path} is not a JSON object of model settings")
+    try:
+        cfg = check_config(ModelConfig.from_hf(hf), cfg_path)
+    except CheckpointError:
+        raise
+    except KeyError as e:
+        raise CheckpointError(f"{cfg_path} has no {e.args[0]!r}: is it a Llama-family config.json?") from None
+    except (TypeError, ValueError, AttributeError, ZeroDivisionError, OverflowError) as e:
+        raise CheckpointError(f"{cfg_path}: unusable model settings ({str(e).splitlines()[0]})") from None
     params = convert(read_safetensors_dir(path), HF_TABLE, cfg, dtype, on_unknown)
     return cfg, params
 
@@ -193,6 +260,31 @@ def load_gguf(path: str, dtype=np.float32) -> tuple[ModelConfig, dict]:
     arch = _gguf_field(reader, "general.architecture")
     if arch not in ("llama", "qwen2"):
         raise CheckpointError(f"GGUF architecture {arch!r} is not supported (llama, qwen2)")
+    try:
+        cfg = check_config(_gguf_config(reader, arch), path)
+    except CheckpointError:
+        raise
+    except (TypeError, ValueError, AttributeError, ZeroDivisionError, OverflowError) as e:
+        raise CheckpointError(f"{path}: missing or unusable model settings ({str(e).splitlines()[0]})") from None
+    table = (
+        GGUF_TABLE
+        if arch == "llama"
+        else [(rx, p, T if tf and tf.startswith("unpermute") else tf) for rx, p, tf in GGUF_TABLE]
+    )
+
+    def tensors():
+        for t in reader.tensors:
+            try:
+                arr = dequantize(t.data, t.tensor_type)
+            except Exception as e:
+                raise CheckpointError(f"cannot dequantize {t.name} in {path}: {e}") from e
+            yield t.name, arr
+
+    return cfg, convert(tensors(), table, cfg, dtype)
+
+
+def _gguf_config(reader, arch: str) -> ModelConfig:
+    """The model settings of a GGUF file's metadata."""
     g = lambda k, d=None: _gguf_field(reader, f"{arch}.{k}", d)
     heads = int(g("attention.head_count"))
     hidden = int(g("embedding_length"))
@@ -202,7 +294,7 @@ def load_gguf(path: str, dtype=np.float32) -> tuple[ModelConfig, dict]:
     scaling = None
     if g("rope.scaling.type") == "llama3" or "rope_freqs.weight" in names:
         raise CheckpointError("GGUF files with llama3 rope scaling are not supported yet; use the HF directory")
-    cfg = ModelConfig(
+    return ModelConfig(
         vocab_size=int(vocab),
         hidden_size=hidden,
         intermediate_size=int(g("feed_forward_length")),
@@ -220,21 +312,6 @@ def load_gguf(path: str, dtype=np.float32) -> tuple[ModelConfig, dict]:
         bos_token_id=_gguf_field(reader, "tokenizer.ggml.bos_token_id"),
         eos_token_ids=() if eos is None else (int(eos),),
     )
-    table = (
-        GGUF_TABLE
-        if arch == "llama"
-        else [(rx, p, T if tf and tf.startswith("unpermute") else tf) for rx, p, tf in GGUF_TABLE]
-    )
-
-    def tensors():
-        for t in reader.tensors:
-            try:
-                arr = dequantize(t.data, t.tensor_type)
-            except Exception as e:
-                raise CheckpointError(f"cannot dequantize {t.name} in {path}: {e}") from e
-            yield t.name, arr
-
-    return cfg, convert(tensors(), table, cfg, dtype)
 
 
 # ---------------------------------------------------------------------------------------------- resolving names

@@ -29,6 +29,7 @@ from medusa_jax.generation import append_tokens, is_eos, lm_logits
 from medusa_jax.heads import base_lm_head, draft_logits, root_embedding, uses_root
 from medusa_jax.lookup import lookup_draft, write_tokens
 from medusa_jax.model import KVCache, Transformer, causal_mask
+from medusa_jax.ranking import top_candidates
 from medusa_jax.sampling import SamplingParams, process_logits
 from medusa_jax.tree import TreeBuffers, build_buffers, get_tree
 
@@ -106,7 +107,7 @@ def tree_candidates(root: jax.Array, head_logits, tree: TreeBuffers, draft_ids=N
     parts = [root[:, None]]
     if tree.head_depth:
         b = head_logits.shape[1]
-        _, top = jax.lax.top_k(head_logits[: tree.head_depth], tree.topk)  # [D, B, topk]
+        top = top_candidates(head_logits[: tree.head_depth], tree.topk)  # [D, B, topk]
         if draft_ids is not None:
             top = draft_ids[top]
         parts.append(jnp.transpose(top, (1, 0, 2)).reshape(b, -1))

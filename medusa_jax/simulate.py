@@ -19,6 +19,7 @@ import numpy as np
 
 from medusa_jax.heads import base_lm_head, draft_logits, root_embedding, uses_root
 from medusa_jax.lookup import NGRAM
+from medusa_jax.ranking import candidate_rank
 from medusa_jax.tree import TreeBuffers
 
 UNPROPOSABLE = 1 << 30  # the rank of a token outside the heads' draft vocabulary
@@ -26,12 +27,12 @@ UNPROPOSABLE = 1 << 30  # the rank of a token outside the heads' draft vocabular
 
 @functools.partial(jax.jit, static_argnums=(0,))
 def _ranks(dtype, heads, lm, embed, hidden, targets, roots, col):
-    """hidden `[T, E]`, targets `[K, T]`, roots `[T]` -> rank `[K, T]` of each target among the head's logits."""
+    """hidden `[T, E]`, targets `[K, T]`, roots `[T]` -> rank `[K, T]` of each target among the head's candidates
+    (`ranking.candidate_rank`: the decode loop's order, ties included)."""
     root_emb = root_embedding({"embed": embed}, roots) if uses_root(heads) else None
     logits, _ = draft_logits(heads, hidden, lm, dtype, root_emb)  # [K, T, Vd]
     t = targets if col is None else col[targets]
-    tl = jnp.take_along_axis(logits, jnp.maximum(t, 0)[..., None], axis=-1)
-    return jnp.where(t >= 0, (logits > tl).sum(-1), UNPROPOSABLE)
+    return jnp.where(t >= 0, candidate_rank(logits, jnp.maximum(t, 0)), UNPROPOSABLE)
 
 
 def head_ranks(model, seq: list[int]) -> np.ndarray:

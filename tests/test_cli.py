@@ -144,20 +144,26 @@ def test_medusa_mode_with_tree(tiny_ckpt, tiny_heads, tmp_path):
     m = SUMMARY.search(r.stdout)
     assert m and m.group(1) == "2" and m.group(3) == "medusa", r.stdout  # the default mode with heads
     model = medusa_jax.load(tiny_ckpt, heads=tiny_heads)
-    expected = model.generate(prompts, max_new_tokens=12, mode="medusa", tree="chain_2")
+    expected = model.generate(prompts, max_new_tokens=12, mode="ar")  # greedy Medusa gives the AR text
     rows = read_jsonl(out)
     assert [row["output_ids"] for row in rows] == [e.output_ids for e in expected]
-    assert [row["steps"] for row in rows] == [e.steps for e in expected]
+    for row in rows:  # chain_2 takes 1 to 3 tokens a step
+        n = len(row["output_ids"])
+        assert -(-n // 3) <= row["steps"] <= n, row
 
 
 def test_default_model_no_flags():
     """No flags: the embedded model with its shipped Medusa heads, in the mode their calibration for this device picks
     at batch 1 (Medusa, or AR where no tree pays off), streaming."""
     import medusa_jax
+    from medusa_jax.calibrate import calibration_path
 
     model = medusa_jax.load(tokenizer=False)
     assert model.heads is not None
-    expected = "medusa" if model.calibration is None or model.default_tree(1) else "ar"
+    shipped = REPO / "medusa_jax" / "heads" / "smollm2_medusa1"
+    cal = Path(calibration_path(str(shipped), "float32"))
+    # the shipped calibration's batch-1 entry, read from the file (no calibration: Medusa with the default tree)
+    expected = "medusa" if not cal.exists() or json.loads(cal.read_text())["by_batch"]["1"]["tree"] else "ar"
     r = run("--max-new-tokens", "8", timeout=600)
     assert r.returncode == 0, r.stderr
     m = SUMMARY.search(r.stdout)
@@ -356,5 +362,9 @@ def test_bench_runs_modes_with_tree_and_lookup(tiny_ckpt, tiny_heads, tmp_path):
     assert bench.main([*args, "--num-prompts", "2", "--batch-size", "2", "--max-new-tokens", "8", "--repeats", "1",
                        "--json", str(out)]) == 0  # fmt: skip
     report = json.loads(out.read_text())
-    assert set(report["modes"]) == {"ar", "medusa"} and report["speedup"]["medusa_vs_ar"] > 0
+    modes = report["modes"]
+    assert set(modes) == {"ar", "medusa"}
+    # one repeat: the speedup is the ratio of the two measured rates
+    want = modes["medusa"]["tokens_per_s"] / modes["ar"]["tokens_per_s"]
+    assert report["speedup"]["medusa_vs_ar"] == pytest.approx(want, rel=0.02)
     assert report["modes"]["medusa"]["tokens_per_step"] >= 1.0

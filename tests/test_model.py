@@ -53,9 +53,12 @@ def test_bfloat16_compute_and_param_dtypes():
     got = full_logits(bf, jax.tree.map(lambda a: a.astype(jnp.bfloat16), params), tokens)
     mixed = full_logits(CFG.replace(dtype="bfloat16"), params, tokens)  # float32 master weights, bf16 compute
     assert got.dtype == jnp.float32
-    scale = float(jnp.abs(ref).max())
-    assert float(jnp.abs(got - ref).max()) < 0.05 * scale
-    assert float(jnp.abs(mixed - ref).max()) < 0.05 * scale
+    # a few bfloat16 roundings (2^-8 = 0.4% each) through 3 layers: measured 0.6% of the scale at the worst logit
+    # and 0.5% RMS; another model's logits are off by more than 100%
+    scale, rms = float(jnp.abs(ref).max()), float(jnp.sqrt(jnp.mean(ref**2)))
+    for out in (got, mixed):
+        assert float(jnp.abs(out - ref).max()) < 0.015 * scale
+        assert float(jnp.sqrt(jnp.mean((out - ref) ** 2))) < 0.01 * rms
     assert float(jnp.abs(got - ref).max()) > 0  # really computed in bfloat16
 
 

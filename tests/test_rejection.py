@@ -1,6 +1,9 @@
 """Lossless tree sampling: recursive rejection sampling keeps the base model's distribution (chi-square tests
-against the exact probabilities of a tiny model), while a wrong rule (accept every candidate) is caught."""
+against the exact probabilities of a tiny model and of a bigram table, with top-k and top-p), while wrong rules
+(accept every candidate; accept a duplicate sibling; skip the residual's renormalisation; forget the rejected tokens
+at the next root) are caught by the same tests."""
 
+import functools
 from collections import Counter
 
 import jax
@@ -61,7 +64,8 @@ def sample(model, **kw):
 
 def pvalues(out: np.ndarray, exact, top: int = 3) -> list[float]:
     """p-values of: the first token; the second given each of the `top` most frequent first tokens; the third
-    given each of the `top` most frequent two-token prefixes."""
+    given each of the `top` most frequent two-token prefixes. The first token is the prefill's root, a plain sample
+    (no rejection happens before it): its p-value checks the harness; the later ones test rejection sampling."""
     p1, p2, p3 = exact
     v = len(p1)
     ps = [chi2_pvalue(np.bincount(out[:, 0], minlength=v), p1)]
@@ -132,3 +136,139 @@ def test_residual_root_avoids_rejected_tokens():
     root = np.asarray(choose_root(logits, banned, jax.random.PRNGKey(0), loop, SamplingParams.make(1.0), th))
     counts = np.bincount(root, minlength=4)
     assert counts[2] == 0 and chi2_pvalue(counts[[0, 1, 3]], np.ones(3)) > 1e-3
+
+
+# --- one decode step at a time on a bigram "model": every rule of the rejection step, cheaply, at high power ---
+#
+# The base model is a bigram table M (the next token's logits depend on the last token only), the heads propose
+# from a table H[root] and the lookup chain drafts a head-0 candidate (a duplicate sibling) on even roots and a token
+# outside the heads' top-5 on odd ones. Each row starts from its own token (mixed contexts in one batch), and the loop
+# below is `medusa_step`'s: root from the banned residual, candidates, verify, accept. The first emitted token is a
+# plain sample (no rejection happens before it); tokens 2 and 3 come through rejection sampling.
+
+BV, BN = 8, 16_000
+BIGRAM_TREE = build_buffers([[0], [1], [2], [3], [4], [0, 0], [0, 1], [1, 0]], topk=5, lookup=2)
+
+
+def bigram_tables(seed=0):
+    rng = np.random.default_rng(seed)
+    m = rng.normal(0, 1.2, (BV, BV)).astype(np.float32)  # M[prev] -> next-token logits
+    h = (m[None] + rng.normal(0, 1.0, (2, BV, BV))).astype(np.float32)  # H[k, root]: head k's logits
+    return m, h
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _bigram_steps(reject, sp, key):
+    """3 decode steps of BN rows started from tokens row % V -> (the first 3 tokens [BN, 3], counts of the chain's
+    first node: tried, accepted, a duplicate tried and a duplicate accepted, over the steps after the first)."""
+    from medusa_jax.medusa_decode import MedusaLoop, Thresholds, choose_root, tree_candidates, tree_parents
+
+    tree, n = BIGRAM_TREE, BN
+    loop = MedusaLoop(tree, 16, 64, "rejection", ())
+    th = Thresholds(jnp.float32(0.09), jnp.float32(0.3))
+    m, h = map(jnp.asarray, bigram_tables())
+    kids = tree_children(tree)
+    root_kids = kids[0][kids[0] >= 0]
+    head_kids, chain1 = jnp.asarray(root_kids[:-1]), int(root_kids[-1])
+    internal = jnp.asarray(tree_parents(tree)[1])
+    rows = jnp.arange(n)
+    start = rows.astype(jnp.int32) % BV
+
+    def step(carry, _):
+        prev, banned, out, num, key = carry
+        key, k_root, k_acc = jax.random.split(key, 3)
+        root = choose_root(prev, banned, k_root, loop, sp, th)
+        head_logits = h[:, root]  # [K, n, V]
+        dup = root % 2 == 0
+        first = jnp.where(dup, jax.lax.top_k(head_logits[0], 6)[1][:, 0], jax.lax.top_k(head_logits[0], 6)[1][:, 5])
+        draft = jnp.stack([first, jnp.argmax(head_logits[1], -1)], 1).astype(jnp.int32)
+        cand = tree_candidates(root, head_logits, tree, None, draft)
+        acc, path, nodes, banned = reject(cand, m[cand[:, internal]], loop, sp, k_acc)
+        keep = jnp.arange(path.shape[1])[None] <= acc[:, None]
+        slots = jnp.where(keep, num[:, None] + jnp.arange(path.shape[1])[None], out.shape[1])
+        out = out.at[rows[:, None], slots].set(path, mode="drop")
+        tried = ~jnp.isin(nodes[:, 1], head_kids) | (acc == 0)
+        took = nodes[:, 1] == chain1
+        stats = jnp.stack([tried.sum(), took.sum(), (tried & dup).sum(), (took & dup).sum()])
+        return (m[path[rows, acc]], banned, out, num + acc + 1, key), stats
+
+    init = (m[start], jnp.full((n, kids.shape[1]), -1, jnp.int32), jnp.full((n, 3 * (tree.depth + 1)), -1,
+            jnp.int32), jnp.zeros((n,), jnp.int32), key)  # fmt: skip
+    (_, _, out, _, _), stats = jax.lax.scan(step, init, None, length=3)
+    return out[:, :3], stats[1:].sum(0)  # step 0's root is the prompt's: no rejection before it
+
+
+def run_bigram(reject, sp, seed=0):
+    out, stats = _bigram_steps(reject, sp, jax.random.PRNGKey(seed))
+    names = ("tried", "accepted", "duplicate_tried", "duplicate_accepted")
+    return np.asarray(out), dict(zip(names, np.asarray(stats).tolist(), strict=True))
+
+
+def bigram_pvalues(out, sp_args) -> list[float]:
+    """p-values of token 2 given token 1 and of token 3 given token 2 (pooled chi-square over the 8 contexts),
+    against HF's warpers applied to the bigram table."""
+    from test_sampling import hf_process
+
+    m, _ = bigram_tables()
+    probs = np.exp(hf_process(m, *sp_args).astype(np.float64))
+    probs /= probs.sum(-1, keepdims=True)
+    ps = []
+    for i in (0, 1):
+        stat, df = 0.0, 0
+        for a in range(BV):
+            counts = np.bincount(out[out[:, i] == a, i + 1], minlength=BV)
+            expected = counts.sum() * probs[a]
+            support = expected > 0
+            assert counts[~support].sum() == 0, f"token outside the filtered support after {a}"
+            stat += float(((counts[support] - expected[support]) ** 2 / expected[support]).sum())
+            df += int(support.sum()) - 1
+        ps.append(float(jax.scipy.special.gammaincc(df / 2, stat / 2)))
+    return ps
+
+
+def mutant(old: str, new: str):
+    """`rejection_paths` with one rule broken (its source with `old` replaced by `new`)."""
+    import inspect
+    import textwrap
+
+    from medusa_jax import medusa_decode
+
+    src = textwrap.dedent(inspect.getsource(medusa_decode.rejection_paths))
+    assert src.count(old) == 1, f"rejection_paths no longer contains {old!r}: update this broken variant"
+    scope = dict(vars(medusa_decode))
+    exec(compile(src.replace(old, new), "<mutant>", "exec"), scope)
+    return scope["rejection_paths"]
+
+
+BROKEN = {
+    "no-zeroing-of-a-duplicate-sibling": (
+        "jnp.where((rejected == tok[:, None]).any(axis=1), 0.0, p[rows, tok])", "p[rows, tok]"),
+    "no-renormalised-residual": ("u[d, j] * mass < pt", "u[d, j] < pt"),
+    "no-ban-at-the-next-root": ("banned = jnp.where((alive & ~took)[:, None], rejected, banned)", "pass"),
+}  # fmt: skip
+SAMPLING = {"plain": (TEMPERATURE, 0, 1.0), "top-k": (TEMPERATURE, 3, 1.0), "top-p": (TEMPERATURE, 0, 0.7),
+            "top-k+top-p": (1.2, 4, 0.8)}  # fmt: skip
+
+
+@pytest.mark.parametrize("name", list(SAMPLING))
+def test_bigram_rejection_keeps_the_distribution(name):
+    from medusa_jax.medusa_decode import rejection_paths
+    from medusa_jax.sampling import SamplingParams
+
+    args = SAMPLING[name]
+    out, stats = run_bigram(rejection_paths, SamplingParams.make(*args))
+    ps = bigram_pvalues(out, args)
+    assert min(ps) > 0.01, ps
+    if name == "plain":  # the chain was tried, accepted, and its duplicates of rejected head tokens never were
+        assert stats["tried"] > 1000 and stats["accepted"] > 100 and stats["duplicate_tried"] > 300, stats
+        assert stats["duplicate_accepted"] == 0, stats
+
+
+@pytest.mark.parametrize("name", list(BROKEN))
+def test_broken_rejection_rules_fail_the_same_test(name):
+    from medusa_jax.sampling import SamplingParams
+
+    out, stats = run_bigram(mutant(*BROKEN[name]), SamplingParams.make(*SAMPLING["plain"]))
+    assert min(bigram_pvalues(out, SAMPLING["plain"])) < 1e-6
+    if name.startswith("no-zeroing"):
+        assert stats["duplicate_accepted"] > 0, stats

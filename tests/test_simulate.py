@@ -27,6 +27,28 @@ def test_walk_gives_the_decode_loops_steps(root_token, draft):
         report = tokens_per_step(ranked, buffers)
         assert report["steps"] == sum(r.steps for r in real) and report["tokens"] == sum(r.new_tokens for r in ar)
         assert (report["lookup_tokens_per_step"] > 0) == (lookup > 0)
+        if tree and not lookup:  # the heads' tree alone accepted tokens (steps < tokens)
+            assert report["steps"] < report["tokens"]
+
+
+def test_ties_rank_as_the_decode_loop():
+    """Heads whose logits tie exactly (each odd token's draft column copies the even one below it): the simulator
+    ranks the tied tokens in the decode loop's order (lower column first), so the step counts still agree."""
+    m = tiny_model(vocab=16, heads=3, seed=1)
+    m.heads = attach_draft_vocab(m.heads, base_lm_head(m.params), list(range(16)))
+    kernel = m.heads["draft"]["kernel"]
+    kernel = kernel.at[..., 1::2].set(kernel[..., 0::2])
+    m.heads = dict(m.heads, draft=dict(m.heads["draft"], kernel=kernel))
+    prompts = random_prompts(3, 16, seed=3)
+    ar = m.generate(prompts, max_new_tokens=24, mode="ar")
+    ranked = answer_ranks(m, [(r.prompt_ids, r.output_ids) for r in ar])
+    odd_targets = sum(int(t) % 2 for r in ar for t in r.output_ids)
+    assert odd_targets > 10  # the answers do hit the tied tokens
+    buffers = build_buffers(TREE, topk=4)
+    real = m.generate(prompts, max_new_tokens=24, mode="medusa", tree=buffers)
+    assert [r.output_ids for r in real] == [r.output_ids for r in ar]
+    assert [walk(seq, n, rank, buffers)[0] for seq, n, rank in ranked] == [r.steps for r in real]
+    assert sum(r.steps for r in real) < sum(r.new_tokens for r in real)
 
 
 def test_head_ranks_of_a_forward():

@@ -271,10 +271,15 @@ def test_sharding_rules_cover_all_params():
             "lora": lora_lib.init_lora(params, lora_lib.GROUP, 2)}  # fmt: skip
     mesh = sh.make_mesh(1, 1, 1)
     shard = sh.param_shardings(tree, mesh)
-    assert len(jax.tree.leaves(shard)) == len(jax.tree.leaves(tree))
 
     class FakeMesh:
         shape = {"data": 2, "fsdp": 2, "tensor": 4}
+
+    for (path, leaf), s in zip(jax.tree_util.tree_leaves_with_path(tree), jax.tree.leaves(shard), strict=True):
+        assert len(s.spec) <= leaf.ndim
+        spec = sh.spec_for(sh.logical_axes(sh.path_str(path), leaf.ndim), leaf.shape, FakeMesh)
+        if path[-1].key in ("kernel", "embedding"):  # every matrix is split over the mesh
+            assert any(a is not None for a in spec), (sh.path_str(path), spec)
 
     assert sh.spec_for(("layers", "embed", "mlp"), (2, 32, 64), FakeMesh) == jax.sharding.PartitionSpec(
         None, "fsdp", "tensor"

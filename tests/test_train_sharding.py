@@ -89,7 +89,8 @@ def test_mesh_2x2x2_matches_one_device(tmp_path):
     }
     (res,) = _run(tmp_path, 1, 8, runs)
     assert res["one"]["devices"] == 8
-    assert res["one"]["losses"][-1] < res["one"]["losses"][0] + 1.0
+    losses = res["one"]["losses"]
+    assert len(losses) == 3 and np.isfinite(losses).all() and losses[-1] < losses[0]  # it trains
     _close(res["one"], res["mesh"])
 
 

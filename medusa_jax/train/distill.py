@@ -78,6 +78,18 @@ def prompts_of(data_dir: str) -> str:
         return ""
 
 
+def _is_row(row) -> bool:
+    """input_ids (token ids >= 0) and loss_mask (0/1) of equal length."""
+    ids, mask = row["input_ids"], row["loss_mask"]
+    return (
+        isinstance(ids, list)
+        and isinstance(mask, list)
+        and len(ids) == len(mask)
+        and all(type(t) is int and 0 <= t < 1 << 31 for t in ids)
+        and all(m in (0, 1) and type(m) in (int, bool) for m in mask)
+    )
+
+
 def load_rows(data_dir: str) -> list[dict]:
     """All rows of a distilled data directory, in prompt order."""
     names = sorted(n for n in os.listdir(data_dir) if n.startswith("shard_") and n.endswith(".jsonl"))
@@ -86,18 +98,18 @@ def load_rows(data_dir: str) -> list[dict]:
     rows = []
     for n in names:
         path = os.path.join(data_dir, n)
-        with open(path) as f:
+        with open(path, "rb") as f:
             for i, line in enumerate(f, 1):
                 if not line.strip():
                     continue
                 try:
                     row = json.loads(line)
-                    ok = len(row["input_ids"]) == len(row["loss_mask"])
+                    ok = _is_row(row)
                 except (ValueError, KeyError, TypeError):
                     ok = False
                 if not ok:
                     raise ValueError(
-                        f"{path}:{i}: not a distilled row (input_ids and loss_mask of equal length): delete the "
+                        f"{path}:{i}: not a distilled row (input_ids: token ids, loss_mask: 0/1, of equal length): delete the "
                         "shard and rerun distill, which regenerates missing shards"
                     )
                 rows.append(row)
