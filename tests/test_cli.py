@@ -12,15 +12,40 @@ from pathlib import Path
 
 import pytest
 
+from decode import DEFAULT_PROMPT
+
 REPO = Path(__file__).resolve().parents[1]
 MAX_POS = 160  # the tiny model's context: small, so "does not fit" is easy to reach
 SUMMARY = re.compile(
-    r"^(\d+) prompts, (\d+) new tokens in [\d.]+ s: [\d.]+ tokens/s, [\d.]+ tokens/step \((ar|medusa)\)$", re.M
+    r"^(\d+) prompts, (\d+) new tokens in [\d.]+ s \(\+ [\d.]+ s compiling\): [\d.]+ tokens/s, [\d.]+ tokens/step "
+    r"\((ar|medusa)\)$",
+    re.M,
 )
+NO_TORCH = """# as if torch were not installed: no module spec for `torch`, so `import torch` fails
+import sys
 
 
-def run(*args: str, timeout: int = 300, input: str | None = None) -> subprocess.CompletedProcess:
-    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONWARNINGS="ignore")
+class WithoutTorch:
+    def __init__(self, inner):
+        self.inner = inner
+
+    def find_spec(self, name, path=None, target=None):
+        if name == "torch" or name.startswith("torch."):
+            return None
+        return self.inner.find_spec(name, path, target)
+
+    def __getattr__(self, attr):
+        return getattr(self.inner, attr)
+
+
+sys.meta_path[:] = [WithoutTorch(f) if hasattr(f, "find_spec") else f for f in sys.meta_path]
+"""
+
+
+def run(
+    *args: str, timeout: int = 300, input: str | None = None, env: dict | None = None
+) -> subprocess.CompletedProcess:
+    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONWARNINGS="ignore", **(env or {}))
     return subprocess.run(
         [sys.executable, str(REPO / "decode.py"), *args],
         cwd=REPO,
@@ -94,10 +119,10 @@ def test_prompts_file_output_order(tiny_ckpt, tiny_model, tmp_path):
     assert [row["prompt"] for row in rows] == prompts
     expected = tiny_model.generate(prompts, max_new_tokens=6, mode="ar")
     for row, exp in zip(rows, expected):
-        assert set(row) == {"prompt", "output_ids", "text", "new_tokens", "steps", "seconds"}
+        assert set(row) == {"prompt", "output_ids", "text", "new_tokens", "steps", "batch_seconds"}
         assert row["output_ids"] == exp.output_ids and row["text"] == exp.text
         assert row["new_tokens"] == len(row["output_ids"]) and 1 <= row["new_tokens"] <= 6
-        assert row["steps"] == row["new_tokens"] - 1 and row["seconds"] > 0
+        assert row["steps"] == row["new_tokens"] - 1 and row["batch_seconds"] > 0
         assert row["text"] in r.stdout
     assert int(m.group(2)) == sum(row["new_tokens"] for row in rows)
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no temp file left
@@ -150,26 +175,40 @@ def test_medusa_mode_with_tree(tiny_ckpt, tiny_heads, tmp_path):
     assert [row["steps"] for row in rows] == [e.steps for e in expected]
 
 
-def test_default_model_no_flags():
-    """No flags: the embedded model with its shipped Medusa heads, in the mode their calibration for this device picks
-    at batch 1 (Medusa, or AR where no tree pays off), streaming."""
+def test_default_model_no_flags_without_torch(tmp_path):
+    """No flags, and torch not importable (the README's first command on a machine without torch): the embedded
+    model with its shipped Medusa heads, in the mode their calibration for this device picks at batch 1 (Medusa, or
+    AR where no tree pays off), streaming the greedy answer; the startup line says which mode and why."""
     import medusa_jax
 
     model = medusa_jax.load(tokenizer=False)
     assert model.heads is not None
     expected = "medusa" if model.calibration is None or model.default_tree(1) else "ar"
-    r = run("--max-new-tokens", "8", timeout=600)
+    (tmp_path / "sitecustomize.py").write_text(NO_TORCH)
+    pythonpath = os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")])
+    probe = subprocess.run([sys.executable, "-c", "import torch"], env=dict(os.environ, PYTHONPATH=pythonpath),
+                           capture_output=True, text=True)  # fmt: skip
+    assert "No module named 'torch'" in probe.stderr, probe.stderr
+    r = run("--max-new-tokens", "8", timeout=600, env={"PYTHONPATH": pythonpath})
     assert r.returncode == 0, r.stderr
     m = SUMMARY.search(r.stdout)
-    assert m and m.group(1) == "1" and 1 <= int(m.group(2)) <= 8 and m.group(3) == expected, r.stdout
-    assert "Traceback" not in r.stderr
+    assert m and m.group(1) == "1" and int(m.group(2)) == 8 and m.group(3) == expected, r.stdout
+    assert r.stdout.startswith(f"### [1] {DEFAULT_PROMPT}\nThe sky is blue because"), r.stdout
+    assert "Traceback" not in r.stderr and "torch" not in r.stderr.lower(), r.stderr
+    startup = [line for line in r.stderr.splitlines() if line.startswith("decode.py: loaded ")]
+    assert len(startup) == 1 and "4 Medusa heads loaded" in startup[0], r.stderr
+    if expected == "ar":
+        assert "calibration picks plain decoding at batch 1" in startup[0], startup
 
 
 # ---------------------------------------------------------------------------------------------- bad input
+PROGRESS = ("decode.py: loading ", "decode.py: loaded ")
+
+
 def assert_usage_error(r: subprocess.CompletedProcess, *needles: str, one_line: bool = True):
     assert r.returncode == 2, (r.returncode, r.stdout, r.stderr)
     assert "Traceback" not in r.stderr, r.stderr
-    lines = r.stderr.strip().splitlines()
+    lines = [x for x in r.stderr.strip().splitlines() if not x.startswith(PROGRESS)]  # progress before the error
     if one_line:
         assert len(lines) == 1, r.stderr
     assert lines[-1].startswith("decode.py: error: "), r.stderr
@@ -265,7 +304,37 @@ def test_tree_deeper_than_heads(tiny_ckpt, tiny_heads, tmp_path):
     tree = tmp_path / "deep.json"
     tree.write_text("[[0], [0, 0], [0, 0, 0], [0, 0, 0, 0]]")
     r = run("--ckpt", tiny_ckpt, "--heads", tiny_heads, "--tree", str(tree), "--max-new-tokens", "4")
-    assert_usage_error(r, "[0, 0, 0, 0]", "num_heads=3")
+    assert_usage_error(r, "is 4 tokens deep", "these heads guess only 3 ahead", "depth <= 3")
+    r = run("--ckpt", tiny_ckpt, "--heads", tiny_heads, "--tree", "chain_8", "--max-new-tokens", "4")
+    assert_usage_error(r, "--tree chain_8 is 8 tokens deep", "chain_N goes up to chain_3")
+
+
+def test_medusa_options_with_plain_decoding(tiny_ckpt, tiny_heads, tmp_path):
+    """Medusa-only options cannot apply to plain decoding: an error against --mode ar, a warning when the heads'
+    calibration picks plain decoding (here a calibration that finds no tree worth it at any batch size)."""
+    import shutil
+
+    r = run("--ckpt", tiny_ckpt, "--mode", "ar", "--tree", "chain_2", "--max-new-tokens", "4")
+    assert_usage_error(r, "--tree apply to Medusa decoding, not to --mode ar")
+    heads = tmp_path / "heads"
+    shutil.copytree(tiny_heads, heads)
+    cal = {"device": "cpu-float32", "by_batch": {"1": {"tree": [], "lookup": 0, "expected_tokens_per_s": {"0": 10.0}}}}
+    from medusa_jax.calibrate import calibration_path
+
+    Path(calibration_path(str(heads), "float32")).write_text(json.dumps(cal))
+    args = ["--ckpt", tiny_ckpt, "--heads", str(heads), "--max-new-tokens", "4", "--temperature", "0.5"]
+    r = run(*args, "--acceptance", "typical", "--prompt", "hi")
+    assert r.returncode == 0, r.stderr
+    assert "calibration picks plain decoding at batch 1" in r.stderr, r.stderr
+    assert "warning: --acceptance not used: plain decoding runs" in r.stderr, r.stderr
+    m = SUMMARY.search(r.stdout)
+    assert m and m.group(3) == "ar", r.stdout
+    import medusa_jax
+
+    model = medusa_jax.load(tiny_ckpt, heads=str(heads))
+    with pytest.warns(UserWarning, match="acceptance not used: this device's calibration picks plain decoding"):
+        (res,) = model.generate("hi", max_new_tokens=2, temperature=0.5, acceptance="typical")
+    assert res.steps == res.new_tokens - 1  # plain decoding: one token per step after the prefill's
 
 
 def test_tokenizer_without_chat_template(tiny_ckpt, tmp_path):
@@ -290,7 +359,10 @@ def test_stream_and_chat(tiny_ckpt, tiny_heads, tiny_model):
     r = run("--ckpt", tiny_ckpt, "--heads", tiny_heads, "--chat", "--max-new-tokens", "5",
             input="hello\nand again\nreset\nhi\nexit\nnever read\n")  # fmt: skip
     assert r.returncode == 0, r.stderr
-    stats = re.findall(r"\((\d+) tokens, (\d+) steps, [\d.]+ tokens/s; prefilled (\d+), reused (\d+) from", r.stdout)
+    stats = re.findall(
+        r"\((\d+) tokens, (\d+) steps, [\d.]+ tokens/s(?:, compile [\d.]+ s)?; prefilled (\d+), reused (\d+) from",
+        r.stdout,
+    )
     assert len(stats) == 3 and "(conversation reset)" in r.stdout, r.stdout
     assert int(stats[0][3]) == 0 and int(stats[1][3]) > int(stats[1][2]) > 0  # turn 2 reuses turn 1's cache
     assert int(stats[2][3]) == 0  # after reset
