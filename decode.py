@@ -438,6 +438,8 @@ def main(argv: list[str] | None = None) -> int:
 
         heads = False if args.heads == "none" else args.heads
         model = medusa_jax.load(args.ckpt, dtype=args.dtype, heads=heads)  # CheckpointError
+        if model.tokenizer is None:
+            raise InputError(f"{args.ckpt} has no tokenizer files: decode.py needs them to read text prompts")
         mode, why = choose_mode(model, args, 1 if args.chat else len(prompts))
         if mode == "medusa" and model.heads is None:
             raise InputError("--mode medusa needs Medusa heads: pass --heads PATH")

@@ -56,7 +56,7 @@ def read_prompts(path: str | os.PathLike, limit: int | None = None) -> list[str]
                     continue
                 where = f"{path}:{lineno}"
                 try:
-                    obj = json.loads(line)
+                    obj = json.loads(line.rstrip("\r\n"))
                 except json.JSONDecodeError as e:
                     raise ValueError(f"{where}: invalid JSON ({json_error(e, line=False)})") from None
                 prompts.append(prompt_of(obj, where))

@@ -238,13 +238,14 @@ def test_bad_flags(case):
 @pytest.mark.parametrize(
     "lines, needle",
     [
-        ([{"prompt": "ok"}, "{not json", {"prompt": "ok"}], ":2: invalid JSON"),
+        ([{"prompt": "ok"}, "{not json", {"prompt": "ok"}], ":2: invalid JSON (Expecting property name"),
+        (['{"prompt": "unterminated'], ":1: invalid JSON (Unterminated string starting at column 12)"),
         ([{"prompt": "ok"}, {"prompt": "ok"}, {"question": "?"}], ':3: the object has neither "prompt" nor "turns"'),
         ([{"turns": []}], ':1: "turns" must be'),
         ([{"prompt": ""}], ":1: empty prompt"),
         (["", "  "], "no prompts"),
     ],
-    ids=["bad-json", "no-prompt-key", "empty-turns", "empty-prompt", "empty-file"],
+    ids=["bad-json", "unterminated-string", "no-prompt-key", "empty-turns", "empty-prompt", "empty-file"],
 )
 def test_bad_prompts_file(tmp_path, lines, needle):
     pfile = write_lines(tmp_path / "bad.jsonl", lines)
@@ -335,6 +336,30 @@ def test_medusa_options_with_plain_decoding(tiny_ckpt, tiny_heads, tmp_path):
     with pytest.warns(UserWarning, match="acceptance not used: this device's calibration picks plain decoding"):
         (res,) = model.generate("hi", max_new_tokens=2, temperature=0.5, acceptance="typical")
     assert res.steps == res.new_tokens - 1  # plain decoding: one token per step after the prefill's
+
+
+def test_model_dir_without_tokenizer(tiny_ckpt, tmp_path, capfd):
+    """A backbone without tokenizer files loads (said once on stderr) and takes token ids; text needs a tokenizer."""
+    import shutil
+
+    import medusa_jax
+
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    for f in Path(tiny_ckpt).iterdir():
+        if not f.name.startswith(("tokenizer", "chat_template", "special_tokens", "vocab", "merges")):
+            shutil.copy(f, bare / f.name)
+    capfd.readouterr()
+    model = medusa_jax.load(str(bare))
+    notes = [x for x in capfd.readouterr().err.splitlines() if "no tokenizer files" in x]
+    assert model.tokenizer is None and len(notes) == 1, notes
+    (res,) = model.generate([[1, 2, 3]], max_new_tokens=2)
+    assert res.new_tokens == 2 and res.text == ""
+    with pytest.raises(ValueError, match="this model has no tokenizer"):
+        model.generate("hi", max_new_tokens=2)
+    r = run("--ckpt", str(bare), "--max-new-tokens", "2")
+    assert_usage_error(r, "has no tokenizer files: decode.py needs them to read text prompts", one_line=False)
+    assert len(r.stderr.strip().splitlines()) == 3, r.stderr  # loading, the note, the error
 
 
 def test_tokenizer_without_chat_template(tiny_ckpt, tmp_path):
