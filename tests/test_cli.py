@@ -455,3 +455,17 @@ def test_bench_runs_modes_with_tree_and_lookup(tiny_ckpt, tiny_heads, tmp_path):
     report = json.loads(out.read_text())
     assert set(report["modes"]) == {"ar", "medusa"} and report["speedup"]["medusa_vs_ar"] > 0
     assert report["modes"]["medusa"]["tokens_per_step"] >= 1.0
+
+
+def test_decode_imports_no_jax_before_the_first_line():
+    """decode.py prints its first progress line before importing JAX; its copies of library constants agree."""
+    import decode
+    from medusa_jax.api import shipped_heads
+    from medusa_jax.lookup import DEFAULT_LOOKUP
+
+    assert decode.DEFAULT_LOOKUP == DEFAULT_LOOKUP
+    assert decode.shipped_heads("smollm2_medusa1") and not decode.shipped_heads("no_such_heads")
+    assert bool(shipped_heads("smollm2_medusa2")) == decode.shipped_heads("smollm2_medusa2")
+    probe = "import sys, decode; print('jax' in sys.modules)"
+    r = subprocess.run([sys.executable, "-c", probe], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert r.stdout.strip() == "False", r.stderr
