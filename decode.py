@@ -6,7 +6,8 @@
     python decode.py --chat                            # a multi-turn conversation (the KV cache is kept)
 
 Bad input (files, flag values, prompts that do not fit, unreadable checkpoints) ends with a one-line
-`decode.py: error: ...` on stderr and exit status 2.
+`decode.py: error: ...` on stderr and exit status 2. Progress and the chosen mode (and why) go to stderr; speeds
+never count compilation (reported apart).
 """
 
 from __future__ import annotations
@@ -19,13 +20,17 @@ import sys
 import tempfile
 import time
 
-from medusa_jax.api import shipped_heads
-from medusa_jax.lookup import DEFAULT_LOOKUP
 from medusa_jax.options import GenerateOptions, OptionError
 from medusa_jax.prompts import read_prompts
 
+DEFAULT_LOOKUP = 10  # as medusa_jax.lookup.DEFAULT_LOOKUP (not imported: it would import JAX before the first line)
+
 DEFAULT_PROMPT = "Explain in three sentences why the sky is blue."
+PROG = "decode.py"
 HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")  # as medusa_jax.checkpoint.HUB_ID
+
+
+MODES = {"ar": "plain decoding (ar)", "medusa": "Medusa decoding"}
 
 
 class InputError(Exception):
@@ -34,8 +39,11 @@ class InputError(Exception):
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="decode.py",
-        description="Generate with a Medusa (or plain) model and report tokens/s and tokens/step.",
+        prog=PROG,
+        description="Generate with a Medusa (or plain) model and report tokens/s and tokens/step. The startup line "
+        "(stderr) says which mode runs and why: with heads, Medusa runs when this device's calibration (or, without "
+        "one, the built-in tree) expects it to beat plain decoding at this batch size; the shipped CPU calibration "
+        "picks plain decoding at every batch size on a 2-core CPU.",
     )
     m = p.add_argument_group("model")
     m.add_argument("--ckpt", help="HF model directory, .gguf file or hub id (default: embedded SmolLM2-135M)")
@@ -63,7 +71,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="in [0, 2**32): the same prompts, --batch-size and seed give the same output",
     )
     g.add_argument("--batch-size", type=int, help="prompts per batch (default: all, up to 16)")
-    g.add_argument("--mode", choices=("ar", "medusa"), help="default: medusa when the model has heads, else ar")
+    g.add_argument(
+        "--mode",
+        choices=("ar", "medusa"),
+        help="default: medusa when heads are loaded and this device's calibration picks a tree at this batch size "
+        "(without a calibration: always with heads), else ar (plain decoding)",
+    )
     g.add_argument("--tree", metavar="NAME|FILE", help="Medusa tree: a shipped name (e.g. mc_sim_7b_63) or JSON")
     g.add_argument(
         "--lookup",
@@ -87,7 +100,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     o.add_argument("--chat", action="store_true", help="multi-turn chat on stdin; commands: reset, exit")
     o.add_argument("--system", metavar="TEXT", help="system message for --chat")
-    p.add_argument("--output", metavar="F.jsonl", help="write one JSON line per prompt, in input order")
+    p.add_argument(
+        "--output",
+        metavar="F.jsonl",
+        help="write one JSON line per prompt, in input order (batch_seconds: the wall time of the prompt's batch)",
+    )
     return p
 
 
@@ -123,6 +140,15 @@ def validate(args) -> list[str]:
     return prompts or [DEFAULT_PROMPT]
 
 
+def shipped_heads(name: str) -> bool:
+    """Whether `name` is a head set shipped in the package (as medusa_jax.api.shipped_heads, without JAX)."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("medusa_jax")
+    homes = list(spec.submodule_search_locations or []) if spec else []
+    return any(os.path.exists(os.path.join(h, "heads", name, "config.json")) for h in homes)
+
+
 def check_tree(name: str | None) -> None:
     """Fails early (ValueError) for an unknown tree name or a bad tree file."""
     if name is not None:
@@ -132,16 +158,51 @@ def check_tree(name: str | None) -> None:
 
 
 def enable_compilation_cache() -> None:
-    """JAX's persistent compilation cache, so a second run skips most compiles."""
+    """JAX's persistent compilation cache, so a second run skips most compiles; and the compile-time counter."""
     import jax
 
-    root = os.environ.get("MEDUSA_JAX_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "medusa_jax")
-    jax.config.update("jax_compilation_cache_dir", os.path.join(root, "jax"))
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.1)
+    from medusa_jax.cache import cache_dir
+
+    jax.config.update("jax_compilation_cache_dir", os.path.join(cache_dir(), "jax"))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+    COMPILE.install()
 
 
-def generate(model, prompts: list[str], args) -> tuple[list, float]:
-    """Encodes and checks every prompt first (so a bad one fails before any work), then generates."""
+class CompileClock:
+    """Seconds spent tracing, lowering and compiling (or reading the compilation cache), from JAX's monitoring
+    events: generation runs subtract it, so tokens/s is decode speed only."""
+
+    EVENTS = ("/jax/core/compile/jaxpr_trace_duration", "/jax/core/compile/jaxpr_to_mlir_module_duration",
+              "/jax/core/compile/backend_compile_duration")  # fmt: skip
+
+    def __init__(self):
+        self.seconds = 0.0
+        self.installed = False
+
+    def install(self) -> None:
+        if not self.installed:
+            import jax
+
+            jax.monitoring.register_event_duration_secs_listener(self._on_event)
+            self.installed = True
+
+    def _on_event(self, name: str, duration: float, **_) -> None:
+        if name in self.EVENTS:
+            self.seconds += duration
+
+
+COMPILE = CompileClock()
+
+
+def say(msg: str) -> None:
+    """A progress line on stderr (stdout keeps only the answers and the summary)."""
+    sys.stderr.write(f"{PROG}: {msg}\n")
+    sys.stderr.flush()
+
+
+def generate(model, prompts: list[str], args) -> tuple[list, float, float]:
+    """Encodes and checks every prompt first (so a bad one fails before any work), then generates. Returns the
+    results, the wall time and the part of it spent compiling."""
     encoded = [model.encode(p, raw=args.raw) for p in prompts]
     for n, ids in enumerate(encoded, 1):
         try:
@@ -150,8 +211,10 @@ def generate(model, prompts: list[str], args) -> tuple[list, float]:
             raise InputError(f"prompt {n}: {e}") from None
     mode = args.mode or default_mode(model, args, len(encoded))
     kw = medusa_kwargs(args) if mode == "medusa" else {}
+    c0 = COMPILE.seconds
     if stream_enabled(args, prompts):
-        return generate_streaming(model, prompts, encoded, args.mode, args)
+        results, seconds = generate_streaming(model, prompts, encoded, args.mode, args)
+        return results, seconds, COMPILE.seconds - c0
     t0 = time.perf_counter()
     results = model.generate(
         encoded,
@@ -164,17 +227,62 @@ def generate(model, prompts: list[str], args) -> tuple[list, float]:
         batch_size=args.batch_size,
         **kw,
     )
-    return results, time.perf_counter() - t0
+    return results, time.perf_counter() - t0, COMPILE.seconds - c0
 
 
 def default_mode(model, args, n_prompts: int) -> str:
     """medusa when there are heads, unless the heads' calibration for this device found no tree worth verifying at
     this batch size."""
+    return choose_mode(model, args, n_prompts)[0]
+
+
+def choose_mode(model, args, n_prompts: int) -> tuple[str, str]:
+    """(mode, why) for the startup line."""
+    batch = min(args.batch_size or 16, n_prompts)
     if model.heads is None:
-        return "ar"
-    if args.tree is None and model.calibration is not None:
-        return "medusa" if model.default_tree(min(args.batch_size or 16, n_prompts)) else "ar"
-    return "medusa"
+        return args.mode or "ar", "no Medusa heads loaded"
+    k = model.heads_config.num_heads
+    if args.mode:
+        return args.mode, f"{k} Medusa heads loaded; --mode {args.mode}"
+    if args.tree is not None:
+        return "medusa", f"{k} Medusa heads loaded; --tree {args.tree}"
+    cal = model.calibration
+    if cal is None:
+        return "medusa", (f"{k} Medusa heads loaded; no calibration for this device in the heads directory, so "
+                          "Medusa with the built-in tree (bench --calibrate measures whether it pays off)")  # fmt: skip
+    from medusa_jax.calibrate import _nearest
+
+    near = _nearest(cal, batch)
+    rates = {int(n): float(v) for n, v in (near.get("expected_tokens_per_s") or {}).items()}
+    tree = model.default_tree(batch)
+    where = f"this {cal.get('device', 'device')} calibration"
+    if not tree:
+        best = max((n for n in rates if n), key=lambda n: rates[n], default=None)
+        vs = (f" (best tree: {rates[best]:.1f} expected tokens/s vs {rates.get(0, 0):.1f} plain, under the "
+              f"{cal.get('min_gain', 1.15)}x needed)" if best is not None and 0 in rates else "")  # fmt: skip
+        return "ar", f"{k} Medusa heads loaded; {where} picks plain decoding at batch {batch}{vs}"
+    lookup = model.default_lookup(batch)
+    chain = f" + a {lookup}-node lookup chain" if lookup else ""
+    return "medusa", f"{k} Medusa heads loaded; {where} picks a {len(tree)}-node tree{chain} at batch {batch}"
+
+
+def check_options(model, mode: str, args) -> None:
+    """Options that cannot apply to the chosen mode: an error when asked for explicitly against --mode, a warning
+    when the automatic choice made them moot; a tree deeper than the heads is an error."""
+    if mode == "ar":
+        moot = [f for f, v in (("--acceptance", args.acceptance), ("--tree", args.tree), ("--lookup", args.lookup))
+                if v is not None]  # fmt: skip
+        if moot and args.mode == "ar":
+            raise InputError(f"{', '.join(moot)} apply to Medusa decoding, not to --mode ar: drop them")
+        if moot:
+            say(f"warning: {', '.join(moot)} not used: plain decoding runs (see above); pass --mode medusa to use it")
+    if args.tree is not None and model.heads is not None:
+        from medusa_jax.tree import get_tree, max_depth
+
+        k, depth = model.heads_config.num_heads, max_depth(get_tree(args.tree))
+        if depth > k:
+            hint = f"chain_N goes up to chain_{k}" if args.tree.startswith("chain_") else f"use a tree of depth <= {k}"
+            raise InputError(f"--tree {args.tree} is {depth} tokens deep, but these heads guess only {k} ahead: {hint}")
 
 
 def medusa_kwargs(args) -> dict:
@@ -246,7 +354,7 @@ def chat(model, mode: str, args) -> None:
             print("(conversation reset)", flush=True)
             continue
         print("assistant> ", end="", flush=True)
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), COMPILE.seconds
         reply = session.chat(cmd, args.max_new_tokens, system=args.system)
         try:
             for piece in reply:
@@ -257,9 +365,11 @@ def chat(model, mode: str, args) -> None:
             continue
         finally:
             reply.close()  # an early stop (Ctrl-C while printing) keeps what was shown in the session
-        dt = time.perf_counter() - t0
+        compile_s = COMPILE.seconds - c0
+        dt = time.perf_counter() - t0 - compile_s
         new = session.last_new
-        print(f"\n({new} tokens, {session.last_steps} steps, {new / max(dt, 1e-9):.1f} tokens/s; "
+        comp = f", compile {compile_s:.1f} s" if compile_s >= 0.05 else ""
+        print(f"\n({new} tokens, {session.last_steps} steps, {new / max(dt, 1e-9):.1f} tokens/s{comp}; "
               f"prefilled {session.last_prefill}, reused {session.last_reused} from the cache)", flush=True)  # fmt: skip
 
 
@@ -281,15 +391,19 @@ def headline(p: str) -> str:
     return head if len(head) <= 80 else head[:77] + "..."
 
 
-def report(prompts: list[str], results, seconds: float, mode: str, printed: bool = False) -> str:
+def report(
+    prompts: list[str], results, seconds: float, mode: str, printed: bool = False, compile_s: float = 0.0
+) -> str:
+    """Prints the answers (unless streamed) and the summary; tokens/s excludes compilation."""
     for n, (p, r) in enumerate(zip(prompts, results), 1):
         if not printed:
             print(f"### [{n}] {headline(p)}\n{r.text}\n--- {r.new_tokens} tokens, {r.steps} steps\n", flush=True)
     tokens = sum(r.new_tokens for r in results)
     steps = sum(r.steps for r in results)
+    decode_s = max(seconds - compile_s, 1e-9)
     summary = (
-        f"{len(results)} prompts, {tokens} new tokens in {seconds:.2f} s: {tokens / max(seconds, 1e-9):.1f} tokens/s, "
-        f"{tokens / max(steps, 1):.2f} tokens/step ({mode})"
+        f"{len(results)} prompts, {tokens} new tokens in {decode_s:.2f} s (+ {compile_s:.2f} s compiling): "
+        f"{tokens / decode_s:.1f} tokens/s, {tokens / max(steps, 1):.2f} tokens/step ({mode})"
     )
     print(summary, flush=True)
     return summary
@@ -308,7 +422,7 @@ def write_output(path: str, prompts: list[str], results) -> None:
                     text=r.text,
                     new_tokens=r.new_tokens,
                     steps=r.steps,
-                    seconds=round(r.seconds, 4),
+                    batch_seconds=round(r.seconds, 4),
                 )
                 f.write(json.dumps(row, ensure_ascii=False) + "\n")
         os.replace(tmp, path)
@@ -318,27 +432,35 @@ def write_output(path: str, prompts: list[str], results) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")  # "PyTorch was not found": we need no torch
     parser = build_parser()
     args = parser.parse_args(argv)  # argparse's own errors exit 2
     try:
         prompts = validate(args)
         check_tree(args.tree)
+        t0 = time.perf_counter()
+        say(f"loading {args.ckpt or 'the embedded SmolLM2-135M-Instruct'} ...")
         enable_compilation_cache()
         import medusa_jax
 
         heads = False if args.heads == "none" else args.heads
         model = medusa_jax.load(args.ckpt, dtype=args.dtype, heads=heads)  # CheckpointError
-        mode = args.mode or default_mode(model, args, 1 if args.chat else len(prompts))
+        if model.tokenizer is None:
+            raise InputError(f"{args.ckpt} has no tokenizer files: decode.py needs them to read text prompts")
+        mode, why = choose_mode(model, args, 1 if args.chat else len(prompts))
         if mode == "medusa" and model.heads is None:
             raise InputError("--mode medusa needs Medusa heads: pass --heads PATH")
+        check_options(model, mode, args)
+        say(f"loaded {model.name} in {time.perf_counter() - t0:.1f} s; {why}; running {MODES[mode]} "
+            "(the first run of a prompt/output size compiles; later runs read the compilation cache)")  # fmt: skip
         if args.chat:
             chat(model, args.mode, args)
             return 0
-        results, seconds = generate(model, prompts, args)
-        report(prompts, results, seconds, mode, printed=stream_enabled(args, prompts))
+        results, seconds, compile_s = generate(model, prompts, args)
+        report(prompts, results, seconds, mode, printed=stream_enabled(args, prompts), compile_s=compile_s)
         if args.output:
             write_output(args.output, prompts, results)
-    except (InputError, ValueError, OSError) as e:  # CheckpointError is a ValueError
+    except (InputError, ValueError, OSError, ImportError) as e:  # CheckpointError is a ValueError
         msg = " ".join(str(e).split()) or type(e).__name__
         sys.stderr.write(f"{parser.prog}: error: {msg}\n")
         sys.stderr.flush()

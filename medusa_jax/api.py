@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import sys
 import time
 from collections.abc import Sequence
 
@@ -152,6 +153,7 @@ class MedusaModel:
                     kw["tree"] = calibrated
                 elif auto and self.calibration is not None:
                     m = "ar"  # calibrated: no tree pays off at this batch size on this device
+                    _warn_unused(medusa_kw, len(chunk))
             results += self._generate_batch(chunk, max_new_tokens, temperature, top_p, top_k, batch_key(seed, j), m, kw)
         if order is not None:
             results = [r for _, r in sorted(zip(order, results), key=lambda t: t[0])]
@@ -224,6 +226,18 @@ class MedusaModel:
         return results
 
 
+def _warn_unused(medusa_kw: dict, batch: int) -> None:
+    """Medusa options given while the calibration runs plain decoding: say that they do not apply."""
+    if medusa_kw:
+        import warnings
+
+        warnings.warn(
+            f"{', '.join(sorted(medusa_kw))} not used: this device's calibration picks plain decoding at batch {batch}; "
+            "pass mode='medusa' to use them",
+            stacklevel=3,
+        )
+
+
 @jax.jit(static_argnums=(0,))
 def _forward(cfg, params, heads, tokens):
     model = Transformer(cfg)
@@ -235,6 +249,24 @@ def _forward(cfg, params, heads, tokens):
         root_emb = root_embedding(params, sequence_roots(tokens, logits)) if uses_root(heads) else None
         medusa = heads_logits(heads, hidden, base_lm_head(params), root_emb=root_emb)
     return logits, medusa, hidden
+
+
+def _load_tokenizer(path: str):
+    """The checkpoint's tokenizer; None (said once on stderr) for a model directory without tokenizer files, so the
+    backbone still loads and only text prompts fail (`encode`)."""
+    from medusa_jax.tokenizer import has_tokenizer_files, load_tokenizer
+
+    if os.path.isdir(path) and not has_tokenizer_files(path):
+        print(f"note: {path} has no tokenizer files: loaded the model without a tokenizer (prompts must be token "
+              "ids; copy the tokenizer files into the directory to use text)", file=sys.stderr, flush=True)  # fmt: skip
+        return None
+    try:
+        return load_tokenizer(path)
+    except (OSError, ValueError) as e:
+        msg = " ".join(str(e).split())[:300]
+        raise checkpoint.CheckpointError(
+            f"cannot read the tokenizer of {path}: {msg}; fix its tokenizer files or load with tokenizer=False"
+        ) from e
 
 
 SHIPPED_HEADS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "heads")
@@ -294,11 +326,7 @@ def load(
         dtype=dtype, param_dtype=param_dtype or dtype, scan_unroll=max(1, min(scan_unroll, cfg.num_layers))
     )
     params = jax.tree.map(lambda a: jnp.asarray(a, cfg.jnp_param_dtype), np_params)
-    tok = None
-    if tokenizer:
-        from medusa_jax.tokenizer import load_tokenizer
-
-        tok = load_tokenizer(path)
+    tok = _load_tokenizer(path) if tokenizer else None
     model = MedusaModel(cfg, params, tok, name=os.path.basename(path.rstrip("/")))
     if heads is not None:
         from medusa_jax.heads_io import load_heads

@@ -224,7 +224,9 @@ def load_hf_dir(path: str, dtype=np.float32, on_unknown=None) -> tuple[ModelConf
         with open(cfg_path) as f:
             hf = json.load(f)
     except json.JSONDecodeError as e:
-        raise CheckpointError(f"{cfg_path} is not valid JSON ({e.msg} at line {e.lineno})") from e
+        from medusa_jax.prompts import json_error
+
+        raise CheckpointError(f"{cfg_path} is not valid JSON ({json_error(e)})") from e
     except (OSError, UnicodeDecodeError) as e:
         raise CheckpointError(f"cannot read {cfg_path} ({e}); re-download or re-save it") from None
     if not isinstance(hf, dict):
@@ -359,7 +361,68 @@ def resolve(ckpt: str | None, patterns=None, what: str = "") -> str:
 
 def read_backbone(path: str, dtype=np.float32, on_unknown=None) -> tuple[ModelConfig, dict]:
     if path.endswith(".gguf"):
-        return load_gguf(path, dtype)
+        return cached_gguf(path, dtype)
     if os.path.isdir(path):
         return load_hf_dir(path, dtype, on_unknown)
     raise CheckpointError(f"{path} is not a .gguf file or a model directory")
+
+
+# ---------------------------------------------------------------------------------------------- converted-params cache
+PARAMS_FILE, CONFIG_FILE = "params.safetensors", "config.json"
+
+
+def cached_gguf(path: str, dtype=np.float32) -> tuple[ModelConfig, dict]:
+    """`load_gguf`, with the dequantized params and config cached on disk (keyed by the file's size, mtime and hash):
+    a second run reads float arrays instead of parsing and dequantizing the file."""
+    from medusa_jax import cache
+
+    entry = cache.entry("params", cache.file_key(path, f"gguf-params-1:{np.dtype(dtype).name}"))
+    if os.path.exists(os.path.join(entry, PARAMS_FILE)):
+        try:
+            return read_params_entry(entry)
+        except Exception:  # unreadable entry (a foreign or damaged file): convert again and replace it
+            import shutil
+
+            shutil.rmtree(entry, ignore_errors=True)
+    cfg, params = load_gguf(path, dtype)
+    tmp = cache.new_dir(entry)
+    if tmp is not None:
+        try:
+            write_params_entry(tmp, cfg, params)
+            cache.publish_dir(tmp, entry)
+        except OSError:
+            cache.discard(tmp)  # a full or read-only cache only costs the conversion next time
+    return cfg, params
+
+
+def write_params_entry(directory: str, cfg: ModelConfig, params: dict) -> None:
+    from safetensors.numpy import save_file
+
+    flat = {"/".join(k): np.ascontiguousarray(v) for k, v in _flatten(params)}
+    save_file(flat, os.path.join(directory, PARAMS_FILE))
+    with open(os.path.join(directory, CONFIG_FILE), "w") as f:
+        json.dump(cfg.to_dict(), f)
+
+
+def read_params_entry(directory: str) -> tuple[ModelConfig, dict]:
+    from safetensors.numpy import load_file
+
+    with open(os.path.join(directory, CONFIG_FILE)) as f:
+        cfg = ModelConfig.from_dict(json.load(f))
+    params: dict = {}
+    for name, arr in load_file(os.path.join(directory, PARAMS_FILE)).items():
+        *parents, leaf = name.split("/")
+        node = params
+        for k in parents:
+            node = node.setdefault(k, {})
+        node[leaf] = arr
+    _check_complete(params, cfg)
+    return cfg, params
+
+
+def _flatten(tree: dict, prefix: tuple[str, ...] = ()):
+    for k, v in tree.items():
+        if isinstance(v, dict):
+            yield from _flatten(v, prefix + (k,))
+        else:
+            yield prefix + (k,), v

@@ -29,11 +29,10 @@ from medusa_jax.generation import append_tokens, is_eos, lm_logits
 from medusa_jax.heads import base_lm_head, draft_logits, root_embedding, uses_root
 from medusa_jax.lookup import lookup_draft, write_tokens
 from medusa_jax.model import KVCache, Transformer, causal_mask
+from medusa_jax.options import ACCEPTANCE
 from medusa_jax.ranking import top_candidates
 from medusa_jax.sampling import SamplingParams, process_logits
 from medusa_jax.tree import TreeBuffers, build_buffers, get_tree
-
-ACCEPTANCE = ("greedy", "typical", "rejection")
 
 
 @dataclasses.dataclass(frozen=True)

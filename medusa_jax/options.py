@@ -11,9 +11,7 @@ import dataclasses
 import math
 import numbers
 
-import jax
-
-from medusa_jax.medusa_decode import ACCEPTANCE
+ACCEPTANCE = ("greedy", "typical", "rejection")  # acceptance rules of the Medusa loop
 
 SEED_LIMIT = 2**32  # PRNGKey keeps 32 bits of the seed: larger (or negative) seeds would alias smaller ones
 
@@ -106,4 +104,6 @@ class GenerateOptions:
 
 def batch_key(seed: int, index: int):
     """The PRNG key of batch `index` (or a Session's `index`-th generation) of a call seeded with `seed`."""
+    import jax  # not at import: decode.py checks options before it loads JAX
+
     return jax.random.fold_in(jax.random.PRNGKey(seed), index)

@@ -10,6 +10,12 @@ import json
 import os
 
 
+def json_error(e: json.JSONDecodeError, line: bool = True) -> str:
+    """A JSON parse error as "what at line L, column C" (json's own messages may already end in "at")."""
+    what = e.msg[: -len(" at")] if e.msg.endswith(" at") else e.msg
+    return f"{what} at line {e.lineno}, column {e.colno}" if line else f"{what} at column {e.colno}"
+
+
 def prompt_of(obj, where: str) -> str:
     """The prompt text of one parsed JSONL record; `where` ("file:line") prefixes error messages."""
     if not isinstance(obj, dict):
@@ -50,9 +56,9 @@ def read_prompts(path: str | os.PathLike, limit: int | None = None) -> list[str]
                     continue
                 where = f"{path}:{lineno}"
                 try:
-                    obj = json.loads(line)
+                    obj = json.loads(line.rstrip("\r\n"))
                 except json.JSONDecodeError as e:
-                    raise ValueError(f"{where}: invalid JSON ({e.msg} at column {e.colno})") from None
+                    raise ValueError(f"{where}: invalid JSON ({json_error(e, line=False)})") from None
                 prompts.append(prompt_of(obj, where))
     except UnicodeDecodeError as e:
         raise ValueError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None

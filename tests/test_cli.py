@@ -12,15 +12,40 @@ from pathlib import Path
 
 import pytest
 
+from decode import DEFAULT_PROMPT
+
 REPO = Path(__file__).resolve().parents[1]
 MAX_POS = 160  # the tiny model's context: small, so "does not fit" is easy to reach
 SUMMARY = re.compile(
-    r"^(\d+) prompts, (\d+) new tokens in [\d.]+ s: [\d.]+ tokens/s, [\d.]+ tokens/step \((ar|medusa)\)$", re.M
+    r"^(\d+) prompts, (\d+) new tokens in [\d.]+ s \(\+ [\d.]+ s compiling\): [\d.]+ tokens/s, [\d.]+ tokens/step "
+    r"\((ar|medusa)\)$",
+    re.M,
 )
+NO_TORCH = """# as if torch were not installed: no module spec for `torch`, so `import torch` fails
+import sys
 
 
-def run(*args: str, timeout: int = 300, input: str | None = None) -> subprocess.CompletedProcess:
-    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONWARNINGS="ignore")
+class WithoutTorch:
+    def __init__(self, inner):
+        self.inner = inner
+
+    def find_spec(self, name, path=None, target=None):
+        if name == "torch" or name.startswith("torch."):
+            return None
+        return self.inner.find_spec(name, path, target)
+
+    def __getattr__(self, attr):
+        return getattr(self.inner, attr)
+
+
+sys.meta_path[:] = [WithoutTorch(f) if hasattr(f, "find_spec") else f for f in sys.meta_path]
+"""
+
+
+def run(
+    *args: str, timeout: int = 300, input: str | None = None, env: dict | None = None
+) -> subprocess.CompletedProcess:
+    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONWARNINGS="ignore", **(env or {}))
     return subprocess.run(
         [sys.executable, str(REPO / "decode.py"), *args],
         cwd=REPO,
@@ -94,10 +119,10 @@ def test_prompts_file_output_order(tiny_ckpt, tiny_model, tmp_path):
     assert [row["prompt"] for row in rows] == prompts
     expected = tiny_model.generate(prompts, max_new_tokens=6, mode="ar")
     for row, exp in zip(rows, expected):
-        assert set(row) == {"prompt", "output_ids", "text", "new_tokens", "steps", "seconds"}
+        assert set(row) == {"prompt", "output_ids", "text", "new_tokens", "steps", "batch_seconds"}
         assert row["output_ids"] == exp.output_ids and row["text"] == exp.text
         assert row["new_tokens"] == len(row["output_ids"]) and 1 <= row["new_tokens"] <= 6
-        assert row["steps"] == row["new_tokens"] - 1 and row["seconds"] > 0
+        assert row["steps"] == row["new_tokens"] - 1 and row["batch_seconds"] > 0
         assert row["text"] in r.stdout
     assert int(m.group(2)) == sum(row["new_tokens"] for row in rows)
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no temp file left
@@ -152,9 +177,10 @@ def test_medusa_mode_with_tree(tiny_ckpt, tiny_heads, tmp_path):
         assert -(-n // 3) <= row["steps"] <= n, row
 
 
-def test_default_model_no_flags():
-    """No flags: the embedded model with its shipped Medusa heads, in the mode their calibration for this device picks
-    at batch 1 (Medusa, or AR where no tree pays off), streaming."""
+def test_default_model_no_flags_without_torch(tmp_path):
+    """No flags, and torch not importable (the README's first command on a machine without torch): the embedded
+    model with its shipped Medusa heads, in the mode their calibration for this device picks at batch 1 (Medusa, or
+    AR where no tree pays off), streaming the greedy answer; the startup line says which mode and why."""
     import medusa_jax
     from medusa_jax.calibrate import calibration_path
 
@@ -164,18 +190,31 @@ def test_default_model_no_flags():
     cal = Path(calibration_path(str(shipped), "float32"))
     # the shipped calibration's batch-1 entry, read from the file (no calibration: Medusa with the default tree)
     expected = "medusa" if not cal.exists() or json.loads(cal.read_text())["by_batch"]["1"]["tree"] else "ar"
-    r = run("--max-new-tokens", "8", timeout=600)
+    (tmp_path / "sitecustomize.py").write_text(NO_TORCH)
+    pythonpath = os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")])
+    probe = subprocess.run([sys.executable, "-c", "import torch"], env=dict(os.environ, PYTHONPATH=pythonpath),
+                           capture_output=True, text=True)  # fmt: skip
+    assert "No module named 'torch'" in probe.stderr, probe.stderr
+    r = run("--max-new-tokens", "8", timeout=600, env={"PYTHONPATH": pythonpath})
     assert r.returncode == 0, r.stderr
     m = SUMMARY.search(r.stdout)
-    assert m and m.group(1) == "1" and 1 <= int(m.group(2)) <= 8 and m.group(3) == expected, r.stdout
-    assert "Traceback" not in r.stderr
+    assert m and m.group(1) == "1" and int(m.group(2)) == 8 and m.group(3) == expected, r.stdout
+    assert r.stdout.startswith(f"### [1] {DEFAULT_PROMPT}\nThe sky is blue because"), r.stdout
+    assert "Traceback" not in r.stderr and "torch" not in r.stderr.lower(), r.stderr
+    startup = [line for line in r.stderr.splitlines() if line.startswith("decode.py: loaded ")]
+    assert len(startup) == 1 and "4 Medusa heads loaded" in startup[0], r.stderr
+    if expected == "ar":
+        assert "calibration picks plain decoding at batch 1" in startup[0], startup
 
 
 # ---------------------------------------------------------------------------------------------- bad input
+PROGRESS = ("decode.py: loading ", "decode.py: loaded ")
+
+
 def assert_usage_error(r: subprocess.CompletedProcess, *needles: str, one_line: bool = True):
     assert r.returncode == 2, (r.returncode, r.stdout, r.stderr)
     assert "Traceback" not in r.stderr, r.stderr
-    lines = r.stderr.strip().splitlines()
+    lines = [x for x in r.stderr.strip().splitlines() if not x.startswith(PROGRESS)]  # progress before the error
     if one_line:
         assert len(lines) == 1, r.stderr
     assert lines[-1].startswith("decode.py: error: "), r.stderr
@@ -205,13 +244,14 @@ def test_bad_flags(case):
 @pytest.mark.parametrize(
     "lines, needle",
     [
-        ([{"prompt": "ok"}, "{not json", {"prompt": "ok"}], ":2: invalid JSON"),
+        ([{"prompt": "ok"}, "{not json", {"prompt": "ok"}], ":2: invalid JSON (Expecting property name"),
+        (['{"prompt": "unterminated'], ":1: invalid JSON (Unterminated string starting at column 12)"),
         ([{"prompt": "ok"}, {"prompt": "ok"}, {"question": "?"}], ':3: the object has neither "prompt" nor "turns"'),
         ([{"turns": []}], ':1: "turns" must be'),
         ([{"prompt": ""}], ":1: empty prompt"),
         (["", "  "], "no prompts"),
     ],
-    ids=["bad-json", "no-prompt-key", "empty-turns", "empty-prompt", "empty-file"],
+    ids=["bad-json", "unterminated-string", "no-prompt-key", "empty-turns", "empty-prompt", "empty-file"],
 )
 def test_bad_prompts_file(tmp_path, lines, needle):
     pfile = write_lines(tmp_path / "bad.jsonl", lines)
@@ -271,7 +311,61 @@ def test_tree_deeper_than_heads(tiny_ckpt, tiny_heads, tmp_path):
     tree = tmp_path / "deep.json"
     tree.write_text("[[0], [0, 0], [0, 0, 0], [0, 0, 0, 0]]")
     r = run("--ckpt", tiny_ckpt, "--heads", tiny_heads, "--tree", str(tree), "--max-new-tokens", "4")
-    assert_usage_error(r, "[0, 0, 0, 0]", "num_heads=3")
+    assert_usage_error(r, "is 4 tokens deep", "these heads guess only 3 ahead", "depth <= 3")
+    r = run("--ckpt", tiny_ckpt, "--heads", tiny_heads, "--tree", "chain_8", "--max-new-tokens", "4")
+    assert_usage_error(r, "--tree chain_8 is 8 tokens deep", "chain_N goes up to chain_3")
+
+
+def test_medusa_options_with_plain_decoding(tiny_ckpt, tiny_heads, tmp_path):
+    """Medusa-only options cannot apply to plain decoding: an error against --mode ar, a warning when the heads'
+    calibration picks plain decoding (here a calibration that finds no tree worth it at any batch size)."""
+    import shutil
+
+    r = run("--ckpt", tiny_ckpt, "--mode", "ar", "--tree", "chain_2", "--max-new-tokens", "4")
+    assert_usage_error(r, "--tree apply to Medusa decoding, not to --mode ar")
+    heads = tmp_path / "heads"
+    shutil.copytree(tiny_heads, heads)
+    cal = {"device": "cpu-float32", "by_batch": {"1": {"tree": [], "lookup": 0, "expected_tokens_per_s": {"0": 10.0}}}}
+    from medusa_jax.calibrate import calibration_path
+
+    Path(calibration_path(str(heads), "float32")).write_text(json.dumps(cal))
+    args = ["--ckpt", tiny_ckpt, "--heads", str(heads), "--max-new-tokens", "4", "--temperature", "0.5"]
+    r = run(*args, "--acceptance", "typical", "--prompt", "hi")
+    assert r.returncode == 0, r.stderr
+    assert "calibration picks plain decoding at batch 1" in r.stderr, r.stderr
+    assert "warning: --acceptance not used: plain decoding runs" in r.stderr, r.stderr
+    m = SUMMARY.search(r.stdout)
+    assert m and m.group(3) == "ar", r.stdout
+    import medusa_jax
+
+    model = medusa_jax.load(tiny_ckpt, heads=str(heads))
+    with pytest.warns(UserWarning, match="acceptance not used: this device's calibration picks plain decoding"):
+        (res,) = model.generate("hi", max_new_tokens=2, temperature=0.5, acceptance="typical")
+    assert res.steps == res.new_tokens - 1  # plain decoding: one token per step after the prefill's
+
+
+def test_model_dir_without_tokenizer(tiny_ckpt, tmp_path, capfd):
+    """A backbone without tokenizer files loads (said once on stderr) and takes token ids; text needs a tokenizer."""
+    import shutil
+
+    import medusa_jax
+
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    for f in Path(tiny_ckpt).iterdir():
+        if not f.name.startswith(("tokenizer", "chat_template", "special_tokens", "vocab", "merges")):
+            shutil.copy(f, bare / f.name)
+    capfd.readouterr()
+    model = medusa_jax.load(str(bare))
+    notes = [x for x in capfd.readouterr().err.splitlines() if "no tokenizer files" in x]
+    assert model.tokenizer is None and len(notes) == 1, notes
+    (res,) = model.generate([[1, 2, 3]], max_new_tokens=2)
+    assert res.new_tokens == 2 and res.text == ""
+    with pytest.raises(ValueError, match="this model has no tokenizer"):
+        model.generate("hi", max_new_tokens=2)
+    r = run("--ckpt", str(bare), "--max-new-tokens", "2")
+    assert_usage_error(r, "has no tokenizer files: decode.py needs them to read text prompts", one_line=False)
+    assert len(r.stderr.strip().splitlines()) == 3, r.stderr  # loading, the note, the error
 
 
 def test_tokenizer_without_chat_template(tiny_ckpt, tmp_path):
@@ -296,7 +390,10 @@ def test_stream_and_chat(tiny_ckpt, tiny_heads, tiny_model):
     r = run("--ckpt", tiny_ckpt, "--heads", tiny_heads, "--chat", "--max-new-tokens", "5",
             input="hello\nand again\nreset\nhi\nexit\nnever read\n")  # fmt: skip
     assert r.returncode == 0, r.stderr
-    stats = re.findall(r"\((\d+) tokens, (\d+) steps, [\d.]+ tokens/s; prefilled (\d+), reused (\d+) from", r.stdout)
+    stats = re.findall(
+        r"\((\d+) tokens, (\d+) steps, [\d.]+ tokens/s(?:, compile [\d.]+ s)?; prefilled (\d+), reused (\d+) from",
+        r.stdout,
+    )
     assert len(stats) == 3 and "(conversation reset)" in r.stdout, r.stdout
     assert int(stats[0][3]) == 0 and int(stats[1][3]) > int(stats[1][2]) > 0  # turn 2 reuses turn 1's cache
     assert int(stats[2][3]) == 0  # after reset
@@ -368,3 +465,17 @@ def test_bench_runs_modes_with_tree_and_lookup(tiny_ckpt, tiny_heads, tmp_path):
     want = modes["medusa"]["tokens_per_s"] / modes["ar"]["tokens_per_s"]
     assert report["speedup"]["medusa_vs_ar"] == pytest.approx(want, rel=0.02)
     assert report["modes"]["medusa"]["tokens_per_step"] >= 1.0
+
+
+def test_decode_imports_no_jax_before_the_first_line():
+    """decode.py prints its first progress line before importing JAX; its copies of library constants agree."""
+    import decode
+    from medusa_jax.api import shipped_heads
+    from medusa_jax.lookup import DEFAULT_LOOKUP
+
+    assert decode.DEFAULT_LOOKUP == DEFAULT_LOOKUP
+    assert decode.shipped_heads("smollm2_medusa1") and not decode.shipped_heads("no_such_heads")
+    assert bool(shipped_heads("smollm2_medusa2")) == decode.shipped_heads("smollm2_medusa2")
+    probe = "import sys, decode; print('jax' in sys.modules)"
+    r = subprocess.run([sys.executable, "-c", probe], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert r.stdout.strip() == "False", r.stderr

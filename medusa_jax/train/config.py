@@ -23,6 +23,7 @@ class ModelSection:
     param_dtype: str = "float32"
     remat: bool = False
     tiny_seed: int = 0  # seed of the random "tiny" backbone
+    tokenizer: str = ""  # a "tiny" backbone's tokenizer (its vocabulary sizes the backbone): "default" or a model path
 
 
 @dataclasses.dataclass(frozen=True)

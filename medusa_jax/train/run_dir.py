@@ -1,6 +1,7 @@
 """Loading a training run directory as a `MedusaModel` (for `decode.py --ckpt RUN_DIR`).
 
-A run dir holds `config.yaml` (the resolved training config) and `checkpoints/<step>/` (orbax). `load_run` accepts
+A run dir holds `config.yaml` (the resolved training config), `checkpoints/<step>/` (orbax) and `tokenizer/` (the
+backbone's tokenizer, when it has one). `load_run` accepts
 the run dir (latest checkpoint) or one step's directory, restores the trained heads (and LoRA factors or the full
 backbone for Medusa-2), merges LoRA into the backbone and returns a `MedusaModel` with the heads attached."""
 
@@ -34,6 +35,46 @@ def is_run_dir(path: str) -> bool:
         return False
 
 
+TOKENIZER_DIR = "tokenizer"  # the backbone's tokenizer, saved in the run dir when training starts
+
+
+def source_tokenizer(cfg):
+    """The tokenizer of the run's backbone (`model.tokenizer` for a "tiny" one), or None when it has none."""
+    from medusa_jax import checkpoint
+    from medusa_jax.tokenizer import has_tokenizer_files, load_tokenizer
+
+    m = cfg.model
+    src = m.tokenizer if m.ckpt == "tiny" else m.ckpt
+    if not src:
+        return None
+    path = checkpoint.resolve(None if src == "default" else src)
+    if os.path.isdir(path) and not has_tokenizer_files(path):
+        return None
+    return load_tokenizer(path)
+
+
+def save_tokenizer(cfg, run: str) -> None:
+    """Saves the backbone's tokenizer into `run/tokenizer/` (once; written beside it and renamed into place)."""
+    from medusa_jax import cache
+
+    final = os.path.join(run, TOKENIZER_DIR)
+    if os.path.isdir(final):
+        return
+    tok = source_tokenizer(cfg)
+    if tok is None:
+        return
+    os.makedirs(run, exist_ok=True)
+    tmp = cache.new_dir(final)
+    if tmp is None:
+        return
+    try:
+        tok.save_pretrained(tmp)
+    except BaseException:
+        cache.discard(tmp)
+        raise
+    cache.publish_dir(tmp, final)
+
+
 def load_run(path: str, dtype: str = "float32", tokenizer: bool = True):
     """A `MedusaModel` with the run's trained heads (and merged LoRA / fine-tuned backbone)."""
     import orbax.checkpoint as ocp
@@ -45,7 +86,12 @@ def load_run(path: str, dtype: str = "float32", tokenizer: bool = True):
 
     run, step = _split(path)
     cfg = config_from_run(run)
-    cfg_mc, backbone, tok, name = build_backbone(cfg, tokenizer=tokenizer)
+    saved = os.path.join(run, TOKENIZER_DIR)
+    cfg_mc, backbone, tok, name = build_backbone(cfg, tokenizer=tokenizer and not os.path.isdir(saved))
+    if tokenizer and os.path.isdir(saved):
+        from medusa_jax.tokenizer import load_tokenizer
+
+        tok = load_tokenizer(saved)
     with ocp.CheckpointManager(os.path.join(run, "checkpoints")) as mngr:
         step = mngr.latest_step() if step is None else step
         if step is None:

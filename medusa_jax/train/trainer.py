@@ -89,7 +89,14 @@ def build_backbone(cfg: Config, tokenizer: bool = False):
     m = cfg.model
     tok = None
     if m.ckpt == "tiny":
-        mc, params, name = TINY, init_params(TINY, seed=m.tiny_seed), "tiny"
+        mc, name = TINY, "tiny"
+        if m.tokenizer:  # the tiny random backbone speaks this tokenizer's vocabulary
+            from medusa_jax.train.run_dir import source_tokenizer
+
+            tok = source_tokenizer(cfg)
+            mc = TINY.replace(vocab_size=len(tok), bos_token_id=tok.bos_token_id, eos_token_ids=(tok.eos_token_id,))
+            tok = tok if tokenizer else None
+        params = init_params(mc, seed=m.tiny_seed)
     else:
         from medusa_jax import checkpoint
 
@@ -596,6 +603,10 @@ def train(cfg: Config, progress: bool = True) -> TrainResult:
     is_main = jax.process_index() == 0
     mesh = sh.make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor)
     mc, backbone, _, base_name = build_backbone(cfg)
+    if is_main:
+        from medusa_jax.train.run_dir import save_tokenizer
+
+        save_tokenizer(cfg, run_dir)  # decode.py --ckpt RUN_DIR reads text with it
     flat = cfg.train.mode == "medusa1" and cfg.train.precompute_hidden
     k_heads = cfg.heads.num_heads
 
