@@ -105,3 +105,41 @@ def test_two_processes_match_one(tmp_path):
 
     one = train(load_config(TINY, COMMON + [f"run_dir={tmp_path / 'one'}"]), progress=False)
     np.testing.assert_allclose(r0["mp"]["losses"], one.losses, rtol=2e-4, atol=2e-5)
+
+
+PLAN_WORKER = textwrap.dedent(
+    """
+    import json, sys
+    import jax, numpy as np
+    from medusa_jax.train import plan as pl
+    from medusa_jax.train.config import load_config
+    cfg = load_config(sys.argv[1], ["train.mode=medusa2", "lora.rank=4"])
+    step, args = pl.step_inputs(cfg, (1, 2, 2))
+    shard_bytes = lambda x, s: int(np.prod(s.shard_shape(x.shape))) * np.dtype(x.dtype).itemsize
+    want = sum(shard_bytes(x, s) for a, sh in args for x, s in zip(jax.tree.leaves(a), jax.tree.leaves(sh)))
+    whole = sum(int(np.prod(x.shape)) * np.dtype(x.dtype).itemsize for a, _ in args for x in jax.tree.leaves(a))
+    p = pl.plan(cfg, (1, 2, 2))
+    print(json.dumps({"want": want, "whole": whole, "args": p.argument_bytes, "flops": p.flops,
+                      "temp": p.temp_bytes, "alias": p.alias_bytes}))
+    """
+)
+
+
+def test_plan_reports_sharded_memory_and_flops(tmp_path):
+    """The plan compiles the sharded step with abstract inputs: its per-device arguments are the shards' bytes
+    (less than the whole), the donated state is aliased, FLOPs exceed 6 x tokens x trainable-path params, and the
+    CLI prints the table row (exit 2 on a mesh that does not match --devices)."""
+    script = tmp_path / "plan_worker.py"
+    script.write_text(PLAN_WORKER)
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu")
+    env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
+    out = subprocess.run([sys.executable, str(script), TINY], env=env, capture_output=True, text=True, timeout=240)
+    assert out.returncode == 0, out.stderr[-3000:]
+    r = json.loads(out.stdout.strip().splitlines()[-1])
+    assert r["args"] == r["want"] < r["whole"]
+    assert r["alias"] > 0 and r["temp"] > 0
+    tokens = 8 * 32 // 4  # per device
+    assert r["flops"] > 2 * tokens * 100_000  # forward alone: 2 x tokens x (tiny backbone ~ 1e5 params)
+    cli = [sys.executable, "-m", "medusa_jax.train.plan", "--config", TINY, "--devices", "4", "--chip", "v5e"]
+    bad = subprocess.run([*cli, "--mesh", "2,1,1"], env=env, capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert bad.returncode == 2 and "--mesh 2,1,1" in bad.stderr and len(bad.stderr.strip().splitlines()) == 1

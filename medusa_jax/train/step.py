@@ -67,7 +67,8 @@ def train_step(cfg: Config, mc: ModelConfig, flat: bool, trainable, opt_state, f
 
 def jit_step(cfg: Config, mc: ModelConfig, flat: bool, trainable_sh, opt_sh, frozen_sh, batch_sh, rep):
     """`train_step` jitted with its shardings, donating trainable and optimizer state:
-    f(trainable, opt_state, frozen, batch, step) -> (trainable, opt_state, aux)."""
+    f(trainable, opt_state, frozen, batch, step) -> (trainable, opt_state, aux); `f.lower(...)` with the same
+    (possibly abstract) arguments lowers it."""
     jitted = jax.jit(
         train_step,
         static_argnums=(0, 1, 2),
@@ -75,6 +76,13 @@ def jit_step(cfg: Config, mc: ModelConfig, flat: bool, trainable_sh, opt_sh, fro
         out_shardings=(trainable_sh, opt_sh, rep),
         donate_argnums=(3, 4),
     )
-    key = trajectory_key(cfg)
-    return lambda trainable, opt_state, frozen, batch, step: jitted(key, mc, flat, trainable, opt_state, frozen,
-                                                                    batch, step)  # fmt: skip
+    static = (trajectory_key(cfg), mc, flat)
+
+    class Step:
+        def __call__(self, *args):
+            return jitted(*static, *args)
+
+        def lower(self, *args):
+            return jitted.lower(*static, *args)
+
+    return Step()
