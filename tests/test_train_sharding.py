@@ -143,3 +143,52 @@ def test_plan_reports_sharded_memory_and_flops(tmp_path):
     cli = [sys.executable, "-m", "medusa_jax.train.plan", "--config", TINY, "--devices", "4", "--chip", "v5e"]
     bad = subprocess.run([*cli, "--mesh", "2,1,1"], env=env, capture_output=True, text=True, timeout=120, cwd=ROOT)
     assert bad.returncode == 2 and "--mesh 2,1,1" in bad.stderr and len(bad.stderr.strip().splitlines()) == 1
+
+
+RESHAPE_WORKER = textwrap.dedent(
+    """
+    import json, sys
+    import jax, numpy as np
+    from medusa_jax.train.config import load_config
+    from medusa_jax.train.trainer import Hooks, train
+
+    class Kill(SystemExit):
+        pass
+
+    def stop_at(n):
+        def after(done):
+            if done == n:
+                raise Kill(3)
+        return Hooks(after_step=after)
+
+    common = ["train.steps=6", "train.save_every=2", "data.synthetic_dev_rows=0", "train.heads_warmup_steps=0"]
+    mesh = lambda d, f, t: [f"mesh.data={d}", f"mesh.fsdp={f}", f"mesh.tensor={t}"]
+    full = train(load_config(sys.argv[1], common + mesh(2, 2, 2) + ["run_dir=full"]), progress=False)
+    for shape, stop in (((2, 2, 2), 2), ((4, 1, 2), 4), ((1, 1, 1), 0)):
+        try:
+            last = train(load_config(sys.argv[1], common + mesh(*shape) + ["run_dir=moved"]), progress=False,
+                         hooks=stop_at(stop) if stop else None)
+        except Kill:
+            pass
+    losses = [json.loads(line)["loss"] for line in open("moved/metrics.jsonl")]
+    diff = max(float(np.abs(np.asarray(a) - np.asarray(b)).max())
+               for a, b in zip(jax.tree.leaves(full.trainable), jax.tree.leaves(last.trainable)))
+    print(json.dumps({"full": full.losses, "moved": losses, "resumed": last.losses, "param_diff": diff}))
+    """
+)
+
+
+def test_resume_on_another_mesh(tmp_path):
+    """Saved on a 2x2x2 mesh, resumed on 4x1x2, then on one device: the run continues at the same step and data
+    position with the same losses and final parameters as an uninterrupted 2x2x2 run."""
+    script = tmp_path / "reshape_worker.py"
+    script.write_text(RESHAPE_WORKER)
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
+    env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
+    out = subprocess.run([sys.executable, str(script), TINY], env=env, capture_output=True, text=True, timeout=300,
+                         cwd=str(tmp_path))  # fmt: skip
+    assert out.returncode == 0, out.stderr[-3000:]
+    r = json.loads(out.stdout.strip().splitlines()[-1])
+    assert len(r["moved"]) == 6 and len(r["resumed"]) == 2  # steps 5-6 on one device, after 1-2 and 3-4
+    np.testing.assert_allclose(r["moved"], r["full"], rtol=2e-4, atol=2e-5)
+    assert r["param_diff"] < 1e-4

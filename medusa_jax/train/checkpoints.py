@@ -18,7 +18,9 @@ __all__ = ["RESUME_FREE", "check_run_config", "checkpoint_manager", "export", "q
 
 # settings that may change between a run and its resumption (they do not change the trajectory)
 RESUME_FREE = {"train.save_every", "train.log_every", "train.eval_every", "train.keep_checkpoints",
-               "train.checkpoint", "data.dev_path", "train.max_bad_steps"}  # fmt: skip
+               "train.checkpoint", "data.dev_path", "train.max_bad_steps",
+               "mesh.data", "mesh.fsdp", "mesh.tensor"}  # fmt: skip
+# (a checkpoint restores onto any mesh: a preempted pod may come back in another shape)
 
 
 def checkpoint_manager(run_dir: str, cfg: Config):
