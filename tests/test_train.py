@@ -376,3 +376,27 @@ def test_distill_resumes_without_duplicates(tmp_path, monkeypatch):
     cfg = _cfg(tmp_path / "run", "data.kind=distill", f"data.path={tmp_path / 'a'},{tmp_path / 'd2'}", "data.dev_path=")
     with pytest.raises(ValueError, match="holds answers to dev_prompts"):
         train(cfg, progress=False)
+
+
+def test_device_train_quick(tmp_path):
+    """tools/device_train.py end to end with --quick on the tiny model: distilled data, a Medusa-2 run whose export
+    holds heads and the LoRA adapter, and metrics.json with throughput, dev figures and tokens/step."""
+    import sys
+
+    sys.path.insert(0, os.path.join(ROOT, "tools"))
+    import device_train
+
+    for name, n in (("train_prompts.jsonl", 8), ("dev_prompts.jsonl", 4)):
+        (tmp_path / name).write_text("".join(json.dumps({"id": f"{name[:3]}{i}", "prompt": f"question {i} " * (1 + i % 3)}) + "\n" for i in range(n)))  # fmt: skip
+    out = tmp_path / "out"
+    argv = ["--out", str(out), "--quick", "--ckpt", "tiny", "--prompts", str(tmp_path / "train_prompts.jsonl"),
+            "--dev", str(tmp_path / "dev_prompts.jsonl"), "--steps", "4"]  # fmt: skip
+    assert device_train.main(argv) == 0
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["distill"]["answer_tokens"] == 8 * 24 and m["distill"]["tokens_per_s"] > 0
+    assert m["train"]["steps_per_s"] > 0 and 0 < m["train"]["dev"]["agree"] <= 1 and m["train"]["dev"]["kl"] >= 0
+    assert m["eval"]["tokens_per_step"] >= 1.0
+    assert {"medusa_lm_head.safetensors", "adapter_model.safetensors", "adapter_config.json"} <= set(
+        os.listdir(out / "run" / "export")
+    )
+    assert device_train.main(["--out", str(out), "--prompts", str(tmp_path / "missing.jsonl")]) == 2

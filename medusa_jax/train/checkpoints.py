@@ -87,10 +87,19 @@ def check_run_config(cfg: Config, run_dir: str) -> None:
 
 
 def trim_metrics(path: str, last_step: int) -> None:
+    """Keep the metrics lines of steps <= `last_step` (the resumed checkpoint); a line cut short by a kill (no
+    newline, not JSON) goes too."""
     if not os.path.exists(path):
         return
+
+    def step_of(line: str) -> int | None:
+        try:
+            return int(json.loads(line).get("step", 0)) if line.endswith("\n") else None
+        except ValueError:
+            return None
+
     with open(path) as f:
-        lines = [ln for ln in f if ln.strip() and json.loads(ln).get("step", 0) <= last_step]
+        lines = [ln for ln in f if ln.strip() and (step_of(ln) is not None and step_of(ln) <= last_step)]
     tmp = path + ".tmp"
     with open(tmp, "w") as f:
         f.writelines(lines)

@@ -20,6 +20,7 @@ from medusa_jax.train import data as data_lib
 from medusa_jax.train import sharding as sh
 from medusa_jax.train.config import Config
 from medusa_jax.train.hidden import cached_hidden, teacher_index
+from medusa_jax.train.rows import RowSource
 
 
 @dataclasses.dataclass
@@ -43,21 +44,28 @@ class Inputs:
 def prepare_inputs(cfg: Config, mc, backbone: dict, mesh, run_dir: str, log=print) -> Inputs:
     flat = cfg.train.mode == "medusa1" and cfg.train.precompute_hidden
     k_heads = cfg.heads.num_heads
-    parts = data_lib.load_data_parts(cfg, mc.vocab_size)
     has_dev = cfg.data.dev_path if cfg.data.kind == "distill" else cfg.data.synthetic_dev_rows
     dev_rows = data_lib.load_data_rows(cfg, mc.vocab_size, dev=True) if has_dev else None
     dev = None
     if not flat:
-        ids, mask = data_lib.pack([row for part in parts for row in part], cfg.data.max_len)
+        max_len = cfg.data.max_len
+        if cfg.data.kind == "distill":  # each process reads only the rows of its share of each batch
+            source = RowSource(data_lib.check_path(cfg), max_len, cfg.data.num_rows, log)
+            n, local_rows = len(source), lambda idx: dict(zip(("input_ids", "loss_mask"),
+                                                              data_lib.pack(source.rows(idx), max_len)))  # fmt: skip
+        else:
+            rows = data_lib.load_data_rows(cfg, mc.vocab_size)
+            ids, mask = data_lib.pack(rows, max_len)
+            n, local_rows = len(ids), lambda idx: {"input_ids": ids[idx], "loss_mask": mask[idx]}
         if dev_rows is not None:
-            dev = data_lib.pack(dev_rows, cfg.data.max_len)
+            dev = data_lib.pack(dev_rows, max_len)
         frozen = {"backbone": backbone}
         if cfg.train.mode == "medusa2" and not cfg.lora.rank:  # full fine-tuning: the teacher only for KL
             frozen = {"backbone": jax.tree.map(jnp.copy, backbone)} if cfg.train.backbone_loss == "kl" else {}
-        return Inputs(False, frozen, frozen, dev, len(ids), cfg.train.batch_size, cfg.train.batch_size * ids.shape[1],
-                      lambda idx: {"input_ids": ids[idx], "loss_mask": mask[idx]},
-                      {"input_ids": 2, "loss_mask": 2})  # fmt: skip
+        per = cfg.train.batch_size
+        return Inputs(False, frozen, frozen, dev, n, per, per * max_len, local_rows, {"input_ids": 2, "loss_mask": 2})
 
+    parts = data_lib.load_data_parts(cfg, mc.vocab_size)
     hidden_of = functools.partial(cached_hidden, os.path.join(run_dir, "cache"), mc, backbone, k_heads, mesh,
                                   cfg.data.max_len)  # fmt: skip
     hid, tgt, w, roots, teach = hidden_of("train", parts)

@@ -15,6 +15,20 @@ from medusa_jax.train.backbone import current_backbone
 from medusa_jax.train.config import Config
 
 
+def batch_sharded(x, axis: int = 0):
+    """`x` constrained to be split over the mesh's (data, fsdp) axes along its batch axis (and the last axis over
+    tensor for vocabulary-sized arrays), when the step runs under a mesh: without it, XLA may keep FSDP-sharded
+    weights and gather the activations of the whole global batch on every device instead."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty or "fsdp" not in mesh.axis_names:
+        return x
+    spec = [None] * x.ndim
+    spec[axis] = ("data", "fsdp")
+    if x.ndim >= 3 and x.shape[-1] % mesh.shape["tensor"] == 0 and x.shape[-1] > 4 * mesh.shape["tensor"]:
+        spec[-1] = "tensor" if x.shape[-1] != x.shape[axis] else None
+    return jax.lax.with_sharding_constraint(x, jax.sharding.PartitionSpec(*spec))
+
+
 def jnp_roots(ids):
     """ids `[B, L]` -> the root token at each position `[B, L]` (teacher forcing: token t+1; 0 after the end)."""
     return jnp.concatenate([ids[:, 1:], jnp.zeros_like(ids[:, :1])], axis=1)
@@ -39,6 +53,8 @@ def heads_loss(heads, hidden, lm_head, tgt, w, decay, dtype, root_emb=None, teac
     teacher's distribution per target, 0 where it is not available), each target's loss is
     (1 - soft) · CE(one-hot y) + soft · CE(softmax(teacher)): self-distillation with soft labels."""
     logits = heads_logits(heads, hidden, lm_head, dtype, root_emb)  # [K, ..., V]
+    if logits.ndim == 4:
+        logits = batch_sharded(logits, 1)
     k = logits.shape[0]
     tgt_k, w_k = jnp.moveaxis(tgt, -1, 0), jnp.moveaxis(w, -1, 0)
     logz = jax.nn.logsumexp(logits, axis=-1)
@@ -72,12 +88,12 @@ def forward_hidden(mc: ModelConfig, params, ids):
     model = Transformer(mc)
     b, t = ids.shape
     hidden, _ = model.apply({"params": params}, ids, jnp.broadcast_to(jnp.arange(t), (b, t)), causal_mask(t))
-    return hidden
+    return batch_sharded(hidden)
 
 
 def base_logits(mc: ModelConfig, params, hidden):
     model = Transformer(mc)
-    return model.apply({"params": params}, hidden, method=model.logits)
+    return batch_sharded(model.apply({"params": params}, hidden, method=model.logits))
 
 
 def lambda0_at(cfg: Config, step):

@@ -44,7 +44,7 @@ class Plan:
         return self.argument_bytes + self.output_bytes - self.alias_bytes + self.temp_bytes
 
 
-def model_config(cfg, layers: int = 0):
+def model_config(cfg, layers: int = 0, unrolled: bool = False):
     """The config's backbone as a ModelConfig (a known hub id, a local checkpoint's config, or tiny)."""
     from medusa_jax.config import ModelConfig
 
@@ -60,7 +60,8 @@ def model_config(cfg, layers: int = 0):
 
         mc, _ = checkpoint.read_backbone(checkpoint.resolve(None if m.ckpt == "default" else m.ckpt))
     mc = mc.replace(dtype=m.dtype, param_dtype=m.param_dtype, remat=m.remat)
-    return mc.replace(num_layers=layers) if layers else mc
+    mc = mc.replace(num_layers=layers) if layers else mc
+    return mc.replace(scan_unroll=mc.num_layers) if unrolled else mc
 
 
 def abstract_trainable(cfg, mc, backbone) -> dict:
@@ -105,7 +106,7 @@ def default_mesh(devices: int, batch: int, tensor: int = 1) -> tuple[int, int, i
     return 1, devices // t, t
 
 
-def step_inputs(cfg, mesh_shape: tuple[int, int, int], layers: int = 0):
+def step_inputs(cfg, mesh_shape: tuple[int, int, int], layers: int = 0, unrolled: bool = False):
     """The config's jitted train step for `mesh_shape` and its abstract arguments: (step, [(abstract pytree,
     shardings)] for trainable, optimizer state, frozen params, batch and step number)."""
     import jax
@@ -119,7 +120,7 @@ def step_inputs(cfg, mesh_shape: tuple[int, int, int], layers: int = 0):
         raise ValueError(
             "Medusa-1 on precomputed hidden states needs no pod: plan it with train.precompute_hidden=false"
         )
-    mc = model_config(cfg, layers)
+    mc = model_config(cfg, layers, unrolled)
     mesh = sh.make_mesh(*mesh_shape)
     tokens = jnp.zeros((1, 4), jnp.int32)
     init = lambda m: m.logits(m(tokens, tokens, causal_mask(4))[0])  # noqa: E731
@@ -143,17 +144,30 @@ def step_inputs(cfg, mesh_shape: tuple[int, int, int], layers: int = 0):
     return step, args
 
 
-def plan(cfg, mesh_shape: tuple[int, int, int], layers: int = 0) -> Plan:
-    """Lower and compile the config's train step for `mesh_shape` on this host's (simulated) devices."""
-    step, args = step_inputs(cfg, mesh_shape, layers)
-    t0 = time.perf_counter()
-    compiled = step.lower(*[a for a, _ in args]).compile()
-    dt = time.perf_counter() - t0
-    mem = compiled.memory_analysis()
+def _compile(cfg, mesh_shape, layers: int, unrolled: bool = False):
+    step, args = step_inputs(cfg, mesh_shape, layers, unrolled)
+    return step.lower(*[a for a, _ in args]).compile()
+
+
+def _flops(compiled) -> float:
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+    return float(cost.get("flops", 0.0))
+
+
+def plan(cfg, mesh_shape: tuple[int, int, int], layers: int = 0) -> Plan:
+    """Lower and compile the config's train step for `mesh_shape` on this host's (simulated) devices. Memory comes
+    from that compilation; FLOPs from two small ones with the layer loop unrolled (1 and 2 layers: XLA's cost
+    analysis counts a loop body once), extrapolated linearly to the model's layers."""
+    t0 = time.perf_counter()
+    compiled = _compile(cfg, mesh_shape, layers)
+    dt = time.perf_counter() - t0
+    mem = compiled.memory_analysis()
+    n = layers or model_config(cfg).num_layers
+    one, two = (_flops(_compile(cfg, mesh_shape, k, unrolled=True)) for k in (1, 2))
+    flops = one + (two - one) * (n - 1)
     return Plan(mesh_shape, int(mem.argument_size_in_bytes), int(mem.output_size_in_bytes),
-                int(mem.alias_size_in_bytes), int(mem.temp_size_in_bytes), float(cost.get("flops", 0.0)), dt)  # fmt: skip
+                int(mem.alias_size_in_bytes), int(mem.temp_size_in_bytes), flops, dt)  # fmt: skip
 
 
 def report(p: Plan, chip: str, batch: int, layers_scale: float = 1.0) -> dict:

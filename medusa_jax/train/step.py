@@ -77,12 +77,15 @@ def jit_step(cfg: Config, mc: ModelConfig, flat: bool, trainable_sh, opt_sh, fro
         donate_argnums=(3, 4),
     )
     static = (trajectory_key(cfg), mc, flat)
+    mesh = rep.mesh
 
     class Step:
         def __call__(self, *args):
-            return jitted(*static, *args)
+            with jax.set_mesh(mesh):
+                return jitted(*static, *args)
 
         def lower(self, *args):
-            return jitted.lower(*static, *args)
+            with jax.set_mesh(mesh):
+                return jitted.lower(*static, *args)
 
     return Step()
