@@ -400,3 +400,27 @@ def test_device_train_quick(tmp_path):
         os.listdir(out / "run" / "export")
     )
     assert device_train.main(["--out", str(out), "--prompts", str(tmp_path / "missing.jsonl")]) == 2
+
+
+def test_hard_kills_resume_exactly(tmp_path):
+    """SIGKILL at a seeded random moment of training (checkpoints every step) and of self-distillation, then a rerun
+    to the end: the same losses / rows as an uninterrupted run (tools/kill_trials.py runs more trials)."""
+    import sys
+
+    sys.path.insert(0, os.path.join(ROOT, "tools"))
+    import kill_trials
+
+    for what in ("train", "distill"):
+        s = kill_trials.trials(what, 1, seed=1, work=str(tmp_path), log=lambda *_: None)
+        assert s["failures"] == 0 and s["units"] > 0, s
+
+
+def test_metrics_line_cut_by_a_kill_is_dropped(tmp_path):
+    from medusa_jax.train.checkpoints import trim_metrics
+
+    path = tmp_path / "metrics.jsonl"
+    path.write_text('{"step": 1, "loss": 2.0}\n{"step": 2, "loss": 1.5}\n{"step": 3, "lo')
+    trim_metrics(str(path), 2)
+    assert path.read_text() == '{"step": 1, "loss": 2.0}\n{"step": 2, "loss": 1.5}\n'
+    trim_metrics(str(path), 1)
+    assert path.read_text() == '{"step": 1, "loss": 2.0}\n'
