@@ -20,6 +20,7 @@ import sys
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
 TRAIN = ["train.steps=10", "train.save_every=1", "train.keep_checkpoints=2", "data.synthetic_dev_rows=0"]
 DISTILL = """
 import sys
