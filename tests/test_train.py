@@ -424,3 +424,21 @@ def test_metrics_line_cut_by_a_kill_is_dropped(tmp_path):
     assert path.read_text() == '{"step": 1, "loss": 2.0}\n{"step": 2, "loss": 1.5}\n'
     trim_metrics(str(path), 1)
     assert path.read_text() == '{"step": 1, "loss": 2.0}\n'
+
+
+def test_hidden_cache_key_covers_masks_and_backbone():
+    """The cache key of a block of hidden states changes with its loss masks (same tokens) and with the backbone."""
+    from medusa_jax.model import init_params
+    from medusa_jax.train.hidden import backbone_fingerprint, data_fingerprint
+
+    ids = np.arange(24, dtype=np.int32).reshape(2, 12)
+    mask = np.zeros_like(ids)
+    mask[:, 6:] = 1
+    moved = np.roll(mask, 1, axis=1)
+    assert data_fingerprint(ids, mask) == data_fingerprint(ids.copy(), mask.copy())
+    assert data_fingerprint(ids, mask) != data_fingerprint(ids, moved)  # the old key (shape + token sum) was equal
+    params = init_params(TINY, seed=0)
+    other = jax.tree.map(lambda a: a, params)
+    other["layers"]["attn"]["q_proj"]["kernel"] = params["layers"]["attn"]["q_proj"]["kernel"].at[0, 0, 0].add(1.0)
+    assert backbone_fingerprint(TINY, params) == backbone_fingerprint(TINY, init_params(TINY, seed=0))
+    assert backbone_fingerprint(TINY, params) != backbone_fingerprint(TINY, other)
