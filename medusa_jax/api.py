@@ -301,7 +301,7 @@ def load(
     if dtype not in ("float32", "bfloat16", "float16"):
         raise ValueError(f"dtype must be float32, bfloat16 or float16, got {dtype!r}")
     if ckpt is not None and os.path.isdir(ckpt):
-        from medusa_jax.train.run_dir import is_run_dir, load_run
+        from medusa_jax.run_io import is_run_dir, load_run
 
         if is_run_dir(ckpt):
             return load_run(ckpt, dtype=dtype, tokenizer=tokenizer)
@@ -333,7 +333,7 @@ def load(
 
         model.heads = load_heads(heads, model)
         if os.path.isdir(heads) and os.path.exists(os.path.join(heads, "adapter_model.safetensors")):
-            from medusa_jax.train.lora import apply_adapter
+            from medusa_jax.lora import apply_adapter
 
             apply_adapter(model, heads)  # a Medusa-2 set: LoRA adapters for the backbone beside the heads
         if draft_vocab is not False and os.path.isdir(heads):

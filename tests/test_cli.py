@@ -411,7 +411,7 @@ def test_closed_event_loop_report_is_dropped_after_failed_restore(monkeypatch):
     import threading
     import types
 
-    from medusa_jax.train.trainer import quiet_closed_event_loop
+    from medusa_jax.run_io import quiet_closed_event_loop
 
     seen, seen_t = [], []
     monkeypatch.setattr(sys, "unraisablehook", seen.append)

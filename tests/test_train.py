@@ -13,8 +13,10 @@ import pytest
 
 from medusa_jax.train import lora as lora_lib
 from medusa_jax.train import sharding as sh
+from medusa_jax.train import trainer
+from medusa_jax.train.backbone import TINY
 from medusa_jax.train.config import ConfigError, load_config
-from medusa_jax.train.trainer import CRASH_ENV, NAN_ENV, SIGINT_ENV, TINY, SimulatedKill, train
+from medusa_jax.train.trainer import Hooks, train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY_YAML = os.path.join(ROOT, "configs", "tiny.yaml")
@@ -22,6 +24,46 @@ TINY_YAML = os.path.join(ROOT, "configs", "tiny.yaml")
 
 def _cfg(run_dir, *over):
     return load_config(TINY_YAML, [f"run_dir={run_dir}", "data.synthetic_dev_rows=8", *over])
+
+
+class SimulatedKill(SystemExit):
+    pass
+
+
+def _crash_at(n):
+    """Hooks that stop the run abruptly after step n (a simulated kill)."""
+
+    def after(done):
+        if done == n:
+            raise SimulatedKill(3)
+
+    return Hooks(after_step=after)
+
+
+def _sigint_at(n):
+    """Hooks that send the process a real SIGINT (Ctrl-C) after step n."""
+    import signal
+
+    return Hooks(after_step=lambda done: os.kill(os.getpid(), signal.SIGINT) if done == n else None)
+
+
+def _nan_at(*steps):
+    """Hooks that make the loss of these (1-based) steps NaN, through NaN frozen embeddings for that step."""
+
+    def frozen_for_step(step, frozen):
+        if step + 1 not in steps:
+            return frozen
+        bb = frozen["backbone"]
+        return {**frozen, "backbone": {**bb, "embed": jax.tree.map(lambda a: a * np.nan, bb["embed"])}}
+
+    return Hooks(frozen_for_step=frozen_for_step)
+
+
+def _with_hooks(monkeypatch, hooks):
+    """Make train.py's runs use these hooks."""
+    import functools
+
+    monkeypatch.setattr(trainer, "train", functools.partial(train, hooks=hooks))
 
 
 def _losses(run_dir):
@@ -41,10 +83,8 @@ def test_config_errors(capsys):
 
 def test_resume_after_kill_matches_uninterrupted(tmp_path, monkeypatch):
     full = train(_cfg(tmp_path / "full"), progress=False)
-    monkeypatch.setenv(CRASH_ENV, "6")  # killed after step 6; the last checkpoint is step 4
-    with pytest.raises(SimulatedKill):
-        train(_cfg(tmp_path / "killed"), progress=False)
-    monkeypatch.delenv(CRASH_ENV)
+    with pytest.raises(SimulatedKill):  # killed after step 6; the last checkpoint is step 4
+        train(_cfg(tmp_path / "killed"), progress=False, hooks=_crash_at(6))
     resumed = train(_cfg(tmp_path / "killed"), progress=False)
     assert len(resumed.losses) == 4  # steps 5..8 again
     a, b = _losses(tmp_path / "full"), _losses(tmp_path / "killed")
@@ -61,10 +101,10 @@ def test_resume_after_kill_matches_uninterrupted(tmp_path, monkeypatch):
     import train as train_cli
 
     cli = ["--config", TINY_YAML, "--no-progress", f"run_dir={tmp_path / 'ctrl_c'}", "data.synthetic_dev_rows=8"]
-    monkeypatch.setenv(SIGINT_ENV, "5")
+    _with_hooks(monkeypatch, _sigint_at(5))
     assert train_cli.main(cli) == 130
     assert sorted(os.listdir(tmp_path / "ctrl_c" / "checkpoints")) == ["4", "5"]
-    monkeypatch.delenv(SIGINT_ENV)
+    monkeypatch.undo()
     assert train_cli.main(cli) == 0
     c = _losses(tmp_path / "ctrl_c")
     assert [s for s, _ in c] == list(range(1, 9))
@@ -81,8 +121,7 @@ def test_resume_after_kill_matches_uninterrupted(tmp_path, monkeypatch):
 def test_nan_steps_are_skipped_then_bounded(tmp_path, monkeypatch, capsys):
     import train as train_cli
 
-    monkeypatch.setenv(NAN_ENV, "3,5")
-    r = train(_cfg(tmp_path / "nan"), progress=False)
+    r = train(_cfg(tmp_path / "nan"), progress=False, hooks=_nan_at(3, 5))
     with open(tmp_path / "nan" / "metrics.jsonl") as f:
         recs = [json.loads(line) for line in f]
     assert [x["loss"] is None for x in recs] == [s in (3, 5) for s in range(1, 9)]
@@ -90,6 +129,7 @@ def test_nan_steps_are_skipped_then_bounded(tmp_path, monkeypatch, capsys):
     assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(r.trainable))
     capsys.readouterr()
     cli = ["--config", TINY_YAML, "--no-progress", f"run_dir={tmp_path / 'bound'}", "train.max_bad_steps=1"]
+    _with_hooks(monkeypatch, _nan_at(3, 5))
     assert train_cli.main(cli) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "train.max_bad_steps=1" in err and "step 5" in err, err
@@ -120,7 +160,7 @@ def test_hidden_state_cache_per_part_and_block(tmp_path, monkeypatch):
     precompute's rerun) computes only the missing blocks, and cached blocks give what a fresh computation gives."""
     from medusa_jax.model import init_params
     from medusa_jax.train import data as data_lib
-    from medusa_jax.train import trainer as tr
+    from medusa_jax.train import hidden as tr
 
     dirs = []
     for p in range(2):
@@ -204,10 +244,11 @@ def test_soft_labels_same_on_both_training_paths():
     flat arrays) equals the loss on whole sequences (teacher = the shifted base logits), and differs from hard CE."""
     import jax.numpy as jnp
 
-    from medusa_jax.heads import HeadsConfig, init_heads
+    from medusa_jax.heads import HeadsConfig, base_lm_head, init_heads
     from medusa_jax.model import init_params
     from medusa_jax.train import data as data_lib
-    from medusa_jax.train import trainer as tr
+    from medusa_jax.train import hidden as tr
+    from medusa_jax.train.losses import make_loss
 
     params = init_params(TINY, seed=1)
     rows = data_lib.synthetic_rows(6, 20, TINY.vocab_size, seed=3)
@@ -226,7 +267,7 @@ def test_soft_labels_same_on_both_training_paths():
         base = _cfg("unused", "train.mode=medusa1", f"train.distill_weight={soft}", "heads.num_heads=3",
                     "heads.shared_lm_head=true", "heads.root_token=true")  # fmt: skip
         nxt = tr.teacher_index(np.arange(len(hid)), 3, len(hid))
-        frozen = {"lm_head": {"kernel": tr.base_lm_head(params)}, "embed": params["embed"]}
+        frozen = {"lm_head": {"kernel": base_lm_head(params)}, "embed": params["embed"]}
         batch = {
             "hidden": hid,
             "targets": tgt,
@@ -235,8 +276,8 @@ def test_soft_labels_same_on_both_training_paths():
             "teacher_hidden": hid[nxt],
             "teach": teach,
         }
-        flat = tr.make_loss(base, TINY, True)(heads, frozen, batch, jnp.int32(0))[0]
-        seq = tr.make_loss(base, TINY, False)(heads, {"backbone": params}, {"input_ids": ids, "loss_mask": mask},
+        flat = make_loss(base, TINY, True)(heads, frozen, batch, jnp.int32(0))[0]
+        seq = make_loss(base, TINY, False)(heads, {"backbone": params}, {"input_ids": ids, "loss_mask": mask},
                                               jnp.int32(0))[0]  # fmt: skip
         np.testing.assert_allclose(float(flat), float(seq), rtol=2e-5)
         losses[soft] = float(flat)
@@ -340,3 +381,69 @@ def test_distill_resumes_without_duplicates(tmp_path, monkeypatch):
     cfg = _cfg(tmp_path / "run", "data.kind=distill", f"data.path={tmp_path / 'a'},{tmp_path / 'd2'}", "data.dev_path=")
     with pytest.raises(ValueError, match="holds answers to dev_prompts"):
         train(cfg, progress=False)
+
+
+def test_device_train_quick(tmp_path):
+    """tools/device_train.py end to end with --quick on the tiny model: distilled data, a Medusa-2 run whose export
+    holds heads and the LoRA adapter, and metrics.json with throughput, dev figures and tokens/step."""
+    import sys
+
+    sys.path.insert(0, os.path.join(ROOT, "tools"))
+    import device_train
+
+    for name, n in (("train_prompts.jsonl", 8), ("dev_prompts.jsonl", 4)):
+        (tmp_path / name).write_text("".join(json.dumps({"id": f"{name[:3]}{i}", "prompt": f"question {i} " * (1 + i % 3)}) + "\n" for i in range(n)))  # fmt: skip
+    out = tmp_path / "out"
+    argv = ["--out", str(out), "--quick", "--ckpt", "tiny", "--prompts", str(tmp_path / "train_prompts.jsonl"),
+            "--dev", str(tmp_path / "dev_prompts.jsonl"), "--steps", "4"]  # fmt: skip
+    assert device_train.main(argv) == 0
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["distill"]["answer_tokens"] == 8 * 24 and m["distill"]["tokens_per_s"] > 0
+    assert m["train"]["steps_per_s"] > 0 and 0 < m["train"]["dev"]["agree"] <= 1 and m["train"]["dev"]["kl"] >= 0
+    assert m["eval"]["tokens_per_step"] >= 1.0
+    assert {"medusa_lm_head.safetensors", "adapter_model.safetensors", "adapter_config.json"} <= set(
+        os.listdir(out / "run" / "export")
+    )
+    assert device_train.main(["--out", str(out), "--prompts", str(tmp_path / "missing.jsonl")]) == 2
+
+
+def test_hard_kills_resume_exactly(tmp_path):
+    """SIGKILL at a seeded random moment of training (checkpoints every step) and of self-distillation, then a rerun
+    to the end: the same losses / rows as an uninterrupted run (tools/kill_trials.py runs more trials)."""
+    import sys
+
+    sys.path.insert(0, os.path.join(ROOT, "tools"))
+    import kill_trials
+
+    for what in ("train", "distill"):
+        s = kill_trials.trials(what, 1, seed=1, work=str(tmp_path), log=lambda *_: None)
+        assert s["failures"] == 0 and s["units"] > 0, s
+
+
+def test_metrics_line_cut_by_a_kill_is_dropped(tmp_path):
+    from medusa_jax.train.checkpoints import trim_metrics
+
+    path = tmp_path / "metrics.jsonl"
+    path.write_text('{"step": 1, "loss": 2.0}\n{"step": 2, "loss": 1.5}\n{"step": 3, "lo')
+    trim_metrics(str(path), 2)
+    assert path.read_text() == '{"step": 1, "loss": 2.0}\n{"step": 2, "loss": 1.5}\n'
+    trim_metrics(str(path), 1)
+    assert path.read_text() == '{"step": 1, "loss": 2.0}\n'
+
+
+def test_hidden_cache_key_covers_masks_and_backbone():
+    """The cache key of a block of hidden states changes with its loss masks (same tokens) and with the backbone."""
+    from medusa_jax.model import init_params
+    from medusa_jax.train.hidden import backbone_fingerprint, data_fingerprint
+
+    ids = np.arange(24, dtype=np.int32).reshape(2, 12)
+    mask = np.zeros_like(ids)
+    mask[:, 6:] = 1
+    moved = np.roll(mask, 1, axis=1)
+    assert data_fingerprint(ids, mask) == data_fingerprint(ids.copy(), mask.copy())
+    assert data_fingerprint(ids, mask) != data_fingerprint(ids, moved)  # the old key (shape + token sum) was equal
+    params = init_params(TINY, seed=0)
+    other = jax.tree.map(lambda a: a, params)
+    other["layers"]["attn"]["q_proj"]["kernel"] = params["layers"]["attn"]["q_proj"]["kernel"].at[0, 0, 0].add(1.0)
+    assert backbone_fingerprint(TINY, params) == backbone_fingerprint(TINY, init_params(TINY, seed=0))
+    assert backbone_fingerprint(TINY, params) != backbone_fingerprint(TINY, other)

@@ -41,9 +41,9 @@ WORKER = textwrap.dedent(
 )
 
 
-def _run(tmp_path, nproc, devices, runs, timeout=240):
+def _run(tmp_path, nproc, devices, runs, timeout=240, worker=WORKER):
     script = tmp_path / "worker.py"
-    script.write_text(WORKER)
+    script.write_text(worker)
     env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}", JAX_PLATFORMS="cpu")
     env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
     with socket.socket() as s:
@@ -106,3 +106,121 @@ def test_two_processes_match_one(tmp_path):
 
     one = train(load_config(TINY, COMMON + [f"run_dir={tmp_path / 'one'}"]), progress=False)
     np.testing.assert_allclose(r0["mp"]["losses"], one.losses, rtol=2e-4, atol=2e-5)
+
+
+PLAN_WORKER = textwrap.dedent(
+    """
+    import json, sys
+    import jax, numpy as np
+    from medusa_jax.train import plan as pl
+    from medusa_jax.train.config import load_config
+    cfg = load_config(sys.argv[1], ["train.mode=medusa2", "lora.rank=4"])
+    step, args = pl.step_inputs(cfg, (1, 2, 2))
+    shard_bytes = lambda x, s: int(np.prod(s.shard_shape(x.shape))) * np.dtype(x.dtype).itemsize
+    want = sum(shard_bytes(x, s) for a, sh in args for x, s in zip(jax.tree.leaves(a), jax.tree.leaves(sh)))
+    whole = sum(int(np.prod(x.shape)) * np.dtype(x.dtype).itemsize for a, _ in args for x in jax.tree.leaves(a))
+    p = pl.plan(cfg, (1, 2, 2))
+    print(json.dumps({"want": want, "whole": whole, "args": p.argument_bytes, "flops": p.flops,
+                      "temp": p.temp_bytes, "alias": p.alias_bytes}))
+    """
+)
+
+
+def test_plan_reports_sharded_memory_and_flops(tmp_path):
+    """The plan compiles the sharded step with abstract inputs: its per-device arguments are the shards' bytes
+    (less than the whole), the donated state is aliased, FLOPs exceed 6 x tokens x trainable-path params, and the
+    CLI prints the table row (exit 2 on a mesh that does not match --devices)."""
+    script = tmp_path / "plan_worker.py"
+    script.write_text(PLAN_WORKER)
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu")
+    env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
+    out = subprocess.run([sys.executable, str(script), TINY], env=env, capture_output=True, text=True, timeout=240)
+    assert out.returncode == 0, out.stderr[-3000:]
+    r = json.loads(out.stdout.strip().splitlines()[-1])
+    assert r["args"] == r["want"] < r["whole"]
+    assert r["alias"] > 0 and r["temp"] > 0
+    tokens = 8 * 32 // 4  # per device
+    assert r["flops"] > 2 * tokens * 100_000  # forward alone: 2 x tokens x (tiny backbone ~ 1e5 params)
+    cli = [sys.executable, "-m", "medusa_jax.train.plan", "--config", TINY, "--devices", "4", "--chip", "v5e"]
+    bad = subprocess.run([*cli, "--mesh", "2,1,1"], env=env, capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert bad.returncode == 2 and "--mesh 2,1,1" in bad.stderr and len(bad.stderr.strip().splitlines()) == 1
+
+
+DATA_WORKER = textwrap.dedent(
+    """
+    import json, sys
+    nproc, pid, port, out = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4]
+    runs = json.loads(sys.argv[5])
+    import jax
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    if nproc > 1:
+        jax.distributed.initialize(coordinator_address=f"localhost:{port}", num_processes=nproc, process_id=pid)
+    from medusa_jax.train import distill, rows as rows_lib
+    seen = []
+    real = rows_lib.RowSource.rows
+    def rows(self, idx):
+        got = real(self, idx)
+        seen.append([r["id"] for r in got])
+        return got
+    def whole(*a, **k):
+        raise AssertionError("a process read the whole data set")
+    rows_lib.RowSource.rows, rows_lib.build_index, distill.load_rows = rows, whole, whole
+    from medusa_jax.train.config import load_config
+    from medusa_jax.train.trainer import Hooks, train
+    class Kill(SystemExit):
+        pass
+    def stop_at(n):
+        def after(done):
+            if done == n:
+                raise Kill(3)
+        return Hooks(after_step=after)
+    res = {}
+    for name, (ov, stop) in runs.items():
+        seen.clear()
+        try:
+            train(load_config(sys.argv[6], ov), progress=False, hooks=stop_at(stop))
+        except Kill:
+            pass
+        res[name] = list(seen)
+    with open(f"{out}.{pid}.json", "w") as f:
+        json.dump(res, f)
+    """
+)
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="gloo CPU collectives")
+def test_each_process_reads_its_own_rows(tmp_path):
+    """Two processes read only their halves of each global batch (through the shards' row index, never the whole
+    set) on a 2x2x2 mesh; restarted as one process on a 4x1x2 mesh, then on one device, the run continues at the
+    same data position each time: every step's rows equal the single-process run's, none lost or repeated, and so
+    do the losses (parameters and optimizer state restored onto each new mesh)."""
+    from medusa_jax.train.rows import build_index
+
+    data = tmp_path / "data"
+    data.mkdir()
+    rng = np.random.default_rng(0)
+    for s in range(4):
+        lines = []
+        for i in range(10):
+            start, n = int(rng.integers(1, 100)), int(rng.integers(12, 30))
+            ids = [1 + (start + 3 * j) % 120 for j in range(n)]
+            lines.append(json.dumps({"id": s * 10 + i, "input_ids": ids, "loss_mask": [0] * 4 + [1] * (n - 4)}))
+        (data / f"shard_{s:05d}.jsonl").write_text("\n".join(lines) + "\n")
+        build_index(str(data / f"shard_{s:05d}.jsonl"))  # as distill does beside each shard
+    common = ["train.steps=6", "train.save_every=2", "data.kind=distill", f"data.path={data}", "data.dev_path=",
+              "train.heads_warmup_steps=0", "run_dir=moved"]  # fmt: skip
+    mesh = lambda d, f, t: [f"mesh.data={d}", f"mesh.fsdp={f}", f"mesh.tensor={t}"]  # noqa: E731
+    r0, r1 = _run(tmp_path, 2, 4, {"two": [common + mesh(2, 2, 2), 2]}, worker=DATA_WORKER)
+    runs = {"ref": [common + mesh(2, 2, 2) + ["run_dir=ref"], 0], "mesh412": [common + mesh(4, 1, 2), 4],
+            "one_device": [common + mesh(1, 1, 1), 0]}  # fmt: skip
+    (one,) = _run(tmp_path, 1, 8, runs, worker=DATA_WORKER)
+    ref = one["ref"]
+    assert len(ref) == 6 and all(len(b) == 8 for b in ref)
+    for step in range(2):  # each process: its 4 rows of the step's 8, disjoint, together the single-process batch
+        a, b = r0["two"][step], r1["two"][step]
+        assert len(a) == len(b) == 4 and not set(a) & set(b)
+        assert sorted(a + b) == sorted(ref[step])
+    assert one["mesh412"] == ref[2:4] and one["one_device"] == ref[4:]  # the same rows after each restart
+    assert sum(map(len, r0["two"])) == 8 < 40  # no process read the whole set (40 rows)
+    losses = lambda d: [json.loads(x)["loss"] for x in (tmp_path / d / "metrics.jsonl").read_text().splitlines()]  # noqa: E731
+    np.testing.assert_allclose(losses("moved"), losses("ref"), rtol=2e-4, atol=2e-5)

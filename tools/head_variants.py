@@ -1,6 +1,6 @@
 """A/B of Medusa head layouts on cached hidden states (docs/TRAINING.md §4): plain heads, root-token heads, more
 ResBlock layers, each trained from scratch for the same steps on the same batches, dev top-1/top-5 over the full
-vocabulary. Reuses a Medusa-1 run's hidden-state cache (`RUN_DIR/cache`, see `trainer.cached_hidden`).
+vocabulary. Reuses a Medusa-1 run's hidden-state cache (`RUN_DIR/cache`, see `medusa_jax.train.hidden.cached_hidden`).
 
     PYTHONPATH=. python tools/head_variants.py --run runs/m1_v3 --steps 600 --variants plain:1,root:1,plain:2
 
@@ -18,10 +18,11 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from medusa_jax.heads import HeadsConfig, init_heads, root_embedding
+from medusa_jax.heads import HeadsConfig, base_lm_head, init_heads, root_embedding
+from medusa_jax.train import backbone as trainer
 from medusa_jax.train import data as data_lib
+from medusa_jax.train import hidden, losses
 from medusa_jax.train import sharding as sh
-from medusa_jax.train import trainer
 
 
 def main():
@@ -37,7 +38,7 @@ def main():
     k = cfg.heads.num_heads
     mc, backbone, _, _ = trainer.build_backbone(cfg)
     mesh = sh.make_mesh(1, 1, 1)
-    cached = lambda name, parts: trainer.cached_hidden(  # noqa: E731
+    cached = lambda name, parts: hidden.cached_hidden(  # noqa: E731
         os.path.join(args.run, "cache"), mc, backbone, k, mesh, cfg.data.max_len, name, parts
     )
     tr = cached("train", data_lib.load_data_parts(cfg, mc.vocab_size))
@@ -46,7 +47,7 @@ def main():
     dv = cached("dev", [data_lib.load_data_rows(cfg, mc.vocab_size, dev=True)])
     subset = np.unique(tr[1][tr[2] > 0])  # training softmax over the training targets' tokens, as vocab_subset
     tr_t = np.searchsorted(subset, tr[1]).clip(0, len(subset) - 1).astype(np.int32)
-    lm = trainer.base_lm_head(backbone)
+    lm = base_lm_head(backbone)
     lm_s = lm[:, subset]
     print(f"train positions {len(tr[0])}, dev positions {len(dv[0])}", flush=True)
     i, kk = np.nonzero(tr[4][:20000])  # the teacher's argmax at position t+k+1 is the (greedy) data's target
@@ -77,7 +78,7 @@ def run_variant(layout, layers, steps, cfg, backbone, tr, tr_t, dv, lm, lm_s, so
         re = root_embedding({"embed": emb}, r) if root else None
         teacher = jnp.einsum("bke,ev->kbv", th, proj) if soft else None
         sw = soft * ok.astype(jnp.float32)
-        return trainer.heads_loss(hd, h, proj, t, w, cfg.train.decay, jnp.float32, re, teacher, sw)[0]
+        return losses.heads_loss(hd, h, proj, t, w, cfg.train.decay, jnp.float32, re, teacher, sw)[0]
 
     @jax.jit
     def step(hd, opt, emb, proj, h, t, w, r, th, ok):
@@ -88,7 +89,7 @@ def run_variant(layout, layers, steps, cfg, backbone, tr, tr_t, dv, lm, lm_s, so
     @jax.jit
     def counts(hd, emb, proj, h, t, w, r):
         re = root_embedding({"embed": emb}, r) if root else None
-        return jnp.stack(trainer.eval_counts(hd, h, proj, t, w, jnp.float32, root_emb=re))
+        return jnp.stack(losses.eval_counts(hd, h, proj, t, w, jnp.float32, root_emb=re))
 
     t0 = time.time()
     for s in range(steps):

@@ -38,14 +38,9 @@ def load_data_parts(cfg: Config, vocab: int, dev: bool = False) -> list[list[dic
     if cfg.data.kind == "synthetic":
         n = cfg.data.synthetic_rows if not dev else cfg.data.synthetic_dev_rows
         return [synthetic_rows(n, cfg.data.synthetic_len, vocab, seed=cfg.train.seed + (1000 if dev else 0))]
-    from medusa_jax.train.distill import load_rows, prompts_of
+    from medusa_jax.train.distill import load_rows
 
-    path = cfg.data.dev_path if dev else cfg.data.path
-    if "dev_prompts" in path or (not dev and cfg.data.dev_path and cfg.data.dev_path in path.split(",")):
-        raise ValueError(f"data.path {path!r} looks like dev data: never train on it")
-    made_from_dev = [p for p in path.split(",") if "dev_prompts" in os.path.basename(prompts_of(p.strip()))]
-    if made_from_dev and not dev:
-        raise ValueError(f"data.path {made_from_dev[0]!r} holds answers to dev_prompts: never train on it")
+    path = check_path(cfg, dev)
     parts = [load_rows(part.strip()) for part in path.split(",") if part.strip()]
     if cfg.data.num_rows and not dev:
         left, cut = cfg.data.num_rows, []
@@ -63,6 +58,19 @@ def load_data_parts(cfg: Config, vocab: int, dev: bool = False) -> list[list[dic
     if kept < total:
         print(f"{path}: skipped {total - kept} of {total} rows with empty answers")
     return [rows for rows in parts if rows]
+
+
+def check_path(cfg: Config, dev: bool = False) -> str:
+    """`data.path` (or `data.dev_path`), refused when it holds dev data and is used for training."""
+    from medusa_jax.train.distill import prompts_of
+
+    path = cfg.data.dev_path if dev else cfg.data.path
+    if "dev_prompts" in path or (not dev and cfg.data.dev_path and cfg.data.dev_path in path.split(",")):
+        raise ValueError(f"data.path {path!r} looks like dev data: never train on it")
+    made_from_dev = [p for p in path.split(",") if "dev_prompts" in os.path.basename(prompts_of(p.strip()))]
+    if made_from_dev and not dev:
+        raise ValueError(f"data.path {made_from_dev[0]!r} holds answers to dev_prompts: never train on it")
+    return path
 
 
 def pack(rows: list[dict], max_len: int) -> tuple[np.ndarray, np.ndarray]:

@@ -25,6 +25,8 @@ import os
 import sys
 import time
 
+from medusa_jax.train.rows import build_index
+
 SHARD_FMT = "shard_{:05d}.jsonl"
 
 
@@ -116,7 +118,8 @@ def load_rows(data_dir: str) -> list[dict]:
     return rows
 
 
-def main(argv=None) -> int:
+def main(argv=None, model=None) -> int:
+    """The CLI; `model`: a loaded `MedusaModel` to distill from instead of `--ckpt`."""
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--prompts", help="JSONL of {id, prompt}")
     ap.add_argument("--extend", default=None, help="a data dir whose unfinished answers to continue (see above)")
@@ -135,7 +138,7 @@ def main(argv=None) -> int:
         print("give either --prompts (new answers) or --extend DATA_DIR (longer answers)", file=sys.stderr)
         return 2
     if args.extend:
-        return extend(args)
+        return extend(args, model)
     if "dev_prompts" in os.path.basename(args.prompts) and not args.allow_dev:
         print("refusing dev_prompts.jsonl without --allow-dev: it is for evaluation only", file=sys.stderr)
         return 2
@@ -164,7 +167,7 @@ def main(argv=None) -> int:
     todo, done_rows = pending_shards(args.out, len(rows), chunk)
     if not todo:
         return 0
-    model = load(args.ckpt, dtype=args.dtype)
+    model = model if model is not None else load(args.ckpt, dtype=args.dtype)
     bar = tqdm(total=len(rows), initial=done_rows, unit="prompt")
     t0, new_tokens = time.perf_counter(), 0
     for i in todo:
@@ -190,6 +193,7 @@ def main(argv=None) -> int:
                 )
                 new_tokens += len(r.output_ids)
         write_atomic(shard_path(args.out, i), "".join(line + "\n" for line in lines))
+        build_index(shard_path(args.out, i))
         bar.update(len(part))
         dt = time.perf_counter() - t0
         bar.set_postfix(tok_s=f"{new_tokens / dt:.0f}", skipped=len(part) - len(keep))
@@ -225,7 +229,7 @@ def start_out(out: str, meta: dict) -> bool:
     return True
 
 
-def extend(args) -> int:
+def extend(args, model=None) -> int:
     """`--extend SRC`: continue SRC's answers that reached its cap without an end token (see the module doc)."""
     src = args.extend
     try:
@@ -269,7 +273,7 @@ def extend(args) -> int:
     from medusa_jax.api import load
 
     ckpt = None if meta["ckpt"] == "default" else meta["ckpt"]
-    model = load(ckpt, dtype=args.dtype)
+    model = model if model is not None else load(ckpt, dtype=args.dtype)
     eos = set(model.eos_ids)
     bar = tqdm(total=len(src_rows), initial=done_rows, unit="row")
     t0, new_tokens = time.perf_counter(), 0
@@ -289,6 +293,7 @@ def extend(args) -> int:
                 r["loss_mask"] = list(r["loss_mask"]) + [1] * len(g.output_ids)
                 new_tokens += len(g.output_ids)
         write_atomic(shard_path(args.out, i), "".join(json.dumps(r) + "\n" for r in part))
+        build_index(shard_path(args.out, i))
         bar.update(len(part))
         bar.set_postfix(tok_s=f"{new_tokens / (time.perf_counter() - t0):.0f}", continued=len(open_rows))
     bar.close()

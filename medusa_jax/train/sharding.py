@@ -155,3 +155,12 @@ def batch_from_local(local: dict, mesh: Mesh) -> dict:
         k: jax.make_array_from_process_local_data(batch_sharding(mesh, np.ndim(v)), np.asarray(v))
         for k, v in local.items()
     }
+
+
+def gather_to_host(tree):
+    """Global (possibly multi-process sharded) arrays -> numpy on every process."""
+    if jax.process_count() == 1:
+        return jax.tree.map(np.asarray, tree)
+    from jax.experimental import multihost_utils
+
+    return jax.tree.map(np.asarray, multihost_utils.process_allgather(tree, tiled=True))

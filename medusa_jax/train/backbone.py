@@ -1,0 +1,66 @@
+"""The model side of a run: its backbone (dtype and remat of the config), the trainable pytree (heads, and LoRA
+factors or the whole backbone for Medusa-2) and the backbone those make."""
+
+from __future__ import annotations
+
+import os
+
+import jax
+import jax.numpy as jnp
+
+from medusa_jax.heads import HeadsConfig, init_heads
+from medusa_jax.lora import init_lora, merge
+from medusa_jax.run_io import TINY, read_backbone
+from medusa_jax.train.config import Config, from_dict
+
+__all__ = ["TINY", "build_backbone", "config_from_run", "current_backbone", "heads_config", "init_trainable"]
+
+
+def build_backbone(cfg: Config, tokenizer: bool = False):
+    """(ModelConfig with the run's dtype/remat, float params, tokenizer or None, base model name)."""
+    m = cfg.model
+    mc, params, tok, name = read_backbone(m.ckpt, m.tiny_seed, tokenizer, m.tokenizer)
+    mc = mc.replace(dtype=m.dtype, param_dtype=m.param_dtype, remat=m.remat)
+    params = jax.tree.map(lambda a: jnp.asarray(a, mc.jnp_param_dtype), params)
+    return mc, params, tok, name
+
+
+def heads_config(cfg: Config) -> HeadsConfig:
+    h = cfg.heads
+    return HeadsConfig(h.num_heads, h.num_layers, h.shared_lm_head, h.root_token)
+
+
+def init_trainable(cfg: Config, backbone: dict) -> dict:
+    hc = heads_config(cfg)
+    if cfg.heads.init:
+        from medusa_jax.heads_io import read_heads
+
+        heads, _ = read_heads(cfg.heads.init)
+        heads = jax.tree.map(lambda a: jnp.asarray(a, jnp.float32), heads)
+        if hc.root_token and "root" not in heads:  # plain heads -> root_token heads (zero U: the same outputs)
+            e = heads["blocks"]["kernel"].shape[-1]
+            heads["root"] = {"kernel": jnp.zeros((heads["blocks"]["kernel"].shape[0], e, e), jnp.float32)}
+        elif "root" in heads and not hc.root_token:
+            raise ValueError(f"heads.init {cfg.heads.init} holds root_token heads: set heads.root_token=true")
+    else:
+        heads = init_heads(hc, backbone, seed=cfg.train.seed)
+    out = {"heads": heads}
+    if cfg.train.mode == "medusa2":
+        if cfg.lora.rank:
+            out["lora"] = init_lora(backbone, cfg.lora.targets, cfg.lora.rank, seed=cfg.train.seed)
+        else:
+            out["backbone"] = backbone
+    return out
+
+
+def current_backbone(cfg: Config, trainable: dict, frozen: dict) -> dict:
+    if "backbone" in trainable:
+        return trainable["backbone"]
+    return merge(frozen["backbone"], trainable.get("lora"), cfg.lora.rank, cfg.lora.alpha)
+
+
+def config_from_run(run_dir: str) -> Config:
+    import yaml
+
+    with open(os.path.join(run_dir, "config.yaml")) as f:
+        return from_dict(yaml.safe_load(f))
