@@ -11,13 +11,13 @@ import medusa_jax
 from medusa_jax.prompts import read_prompts
 
 m = medusa_jax.load(heads=False)
-ps = read_prompts("runs/calib_prompts.jsonl", 96)  # held out from distillation 
+ps = read_prompts("runs/calib_prompts.jsonl", 96)  # held out from distillation
 B, N = 32, 64
 
 
 def unsorted():
     return [
-        r for i in range(0, len(ps), B) for r in m.generate(ps[i: i + B], max_new_tokens=N, mode="ar", batch_size=B)
+        r for i in range(0, len(ps), B) for r in m.generate(ps[i : i + B], max_new_tokens=N, mode="ar", batch_size=B)
     ]
 
 

@@ -96,7 +96,7 @@ def run_variant(layout, layers, steps, cfg, backbone, tr, tr_t, dv, lm, lm_s, so
         th = tr[0][np.minimum(idx[:, None] + np.arange(1, k + 1), len(tr[0]) - 1)] if soft else tr[0][idx[:1, None]]
         heads, opt = step(heads, opt, embed, lm_s, tr[0][idx], tr_t[idx], tr[2][idx], tr[3][idx], th, tr[4][idx])
     tot = sum(
-        np.asarray(counts(heads, embed, lm, *(a[i: i + 512] for a in dv[:4]))) for i in range(0, len(dv[0]), 512)
+        np.asarray(counts(heads, embed, lm, *(a[i : i + 512] for a in dv[:4]))) for i in range(0, len(dv[0]), 512)
     )
     return {"layout": layout, "layers": layers, "soft": soft, "steps": steps, "top1": (tot[0] / tot[2]).round(4).tolist(),
             "top5": (tot[1] / tot[2]).round(4).tolist(), "train_s": round(time.time() - t0)}  # fmt: skip
