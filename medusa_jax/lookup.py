@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 
 NGRAM = 3  # longest n-gram matched (3, 2, then 1): on SmolLM2's dev answers n = 1..4 draft equally well
-DEFAULT_LOOKUP = 10  # lookup-chain nodes when the caller names no tree (docs/BENCHMARKS.md, "Session 6")
+DEFAULT_LOOKUP = 10  # lookup-chain nodes when the caller names no tree (docs/BENCHMARKS.md)
 
 
 def lookup_draft(seq: jax.Array, lengths: jax.Array, root: jax.Array, size: int, ngram: int = NGRAM):

@@ -5,7 +5,7 @@ seconds: one forward per answer, then a walk per variant.
         --trees cpu_16,mc_sim_7b_63 --lookups 0,10,16 [--heads smollm2_medusa2] [--branches 1,2] [--anchors 1,2]
 
 `--answers`: a `decode.py --output` file of greedy answers (the prompts are encoded again with the chat template).
-`--branches B` and `--anchors` try lookup variants the decoder does not have (docs/BENCHMARKS.md, "Session 6"): B
+`--branches B` and `--anchors` try lookup variants the decoder does not have (docs/BENCHMARKS.md): B
 chains from the B latest occurrences with different next tokens, and chains that continue the heads' top-1 path of
 depth d. `--trees none` is the lookup chain alone.
 """

@@ -1,7 +1,7 @@
-"""Interleaved A/B of self-distillation throughput (docs/BENCHMARKS.md, session 4): `generate()` with the prompts
+"""Interleaved A/B of self-distillation throughput: `generate()` with the prompts
 grouped by length (one call over several batches) against batches in file order (one call per batch).
 
-    PYTHONPATH=. python tools/distill_sort_ab.py   # 96 prompts of runs/calib_prompts.jsonl, batch 32, 64 tokens
+    PYTHONPATH=. python experiments/distill_sort_ab.py   # 96 prompts of runs/calib_prompts.jsonl, batch 32, 64 tokens
 """
 
 import statistics
@@ -11,7 +11,7 @@ import medusa_jax
 from medusa_jax.prompts import read_prompts
 
 m = medusa_jax.load(heads=False)
-ps = read_prompts("runs/calib_prompts.jsonl", 96)  # held out from distillation (docs/TRAINING.md §4)
+ps = read_prompts("runs/calib_prompts.jsonl", 96)  # held out from distillation
 B, N = 32, 64
 
 

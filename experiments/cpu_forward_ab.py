@@ -1,5 +1,5 @@
-"""Interleaved A/B behind docs/BENCHMARKS.md (session 2): the scanned layer loop vs fully unrolled (scan_unroll=30),
-forward of L tokens with a 256-slot cache, SmolLM2, batch 1. Run: PYTHONPATH=. python tools/cpu_forward_ab.py"""
+"""Interleaved A/B behind the CPU step-cost study: the scanned layer loop vs fully unrolled (scan_unroll=30),
+forward of L tokens with a 256-slot cache, SmolLM2, batch 1. Run: PYTHONPATH=. python experiments/cpu_forward_ab.py"""
 
 import statistics
 import time

@@ -1,8 +1,8 @@
-"""A/B of Medusa head layouts on cached hidden states (docs/TRAINING.md §4): plain heads, root-token heads, more
+"""A/B of Medusa head layouts on cached hidden states: plain heads, root-token heads, more
 ResBlock layers, each trained from scratch for the same steps on the same batches, dev top-1/top-5 over the full
 vocabulary. Reuses a Medusa-1 run's hidden-state cache (`RUN_DIR/cache`, see `medusa_jax.train.hidden.cached_hidden`).
 
-    PYTHONPATH=. python tools/head_variants.py --run runs/m1_v3 --steps 600 --variants plain:1,root:1,plain:2
+    PYTHONPATH=. python experiments/head_variants.py --run runs/m1_v3 --steps 600 --variants plain:1,root:1,plain:2
 
 A third field, `root:1:0.5`, trains with soft labels: that weight of each target's loss on the base model's own
 distribution over it (`train.distill_weight`).

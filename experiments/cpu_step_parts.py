@@ -1,5 +1,5 @@
-"""Micro-benchmark behind docs/BENCHMARKS.md (session 2): forward of L tokens, vocabulary projection rows, heads,
-compaction on SmolLM2 at batch B (argv[1]). Run: PYTHONPATH=. python tools/cpu_step_parts.py 1"""
+"""Micro-benchmark behind the CPU step-cost study: forward of L tokens, vocabulary projection rows, heads,
+compaction on SmolLM2 at batch B (argv[1]). Run: PYTHONPATH=. python experiments/cpu_step_parts.py 1"""
 
 import statistics
 import sys

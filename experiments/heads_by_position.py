@@ -1,7 +1,7 @@
-"""Each Medusa head's top-1 accuracy by answer position, on the model's own greedy answers (docs/TRAINING.md §4):
+"""Each Medusa head's top-1 accuracy by answer position, on the model's own greedy answers :
 do heads trained on answers capped at N tokens guess worse past N?
 
-    PYTHONPATH=. python tools/heads_by_position.py --prompts-file ../shared/data/dev_prompts.jsonl --num-prompts 48 \\
+    PYTHONPATH=. python experiments/heads_by_position.py --prompts-file ../shared/data/dev_prompts.jsonl --num-prompts 48 \\
         --max-new-tokens 128 --split 64 [--heads DIR_OR_NAME]
 """
 
