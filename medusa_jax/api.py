@@ -51,19 +51,24 @@ class GenerationResult:
         return self.new_tokens / max(self.steps, 1)
 
 
+@dataclasses.dataclass(eq=False)
 class MedusaModel:
     """A backbone (plus optional Medusa heads) with its tokenizer. Params are plain pytrees in `.params` and
-    `.heads`; everything here is a thin host-side wrapper over jitted pure functions."""
+    `.heads`; everything here is a thin host-side wrapper over jitted pure functions. Build one with `load()`."""
 
-    def __init__(self, cfg: ModelConfig, params, tokenizer=None, heads=None, name: str = "", tree=None):
-        self.cfg = cfg
-        self.params = params
-        self.tokenizer = tokenizer
-        self.heads = heads
-        self.name = name
-        self.tree = tree  # default Medusa tree choices (list of paths) or None
-        self.calibration = None  # calibrate.py's result for this device and dtype: a tree per batch size
-        self.max_cache = cfg.max_position_embeddings
+    cfg: ModelConfig
+    params: dict  # the backbone's params pytree (adapters already merged)
+    tokenizer: object | None = None  # a transformers tokenizer, or None (prompts as token ids)
+    heads: dict | None = None  # the Medusa heads' params pytree (with "draft" when a draft vocabulary is attached)
+    name: str = ""
+    tree: list | None = None  # the heads' own default tree (`tree.json` beside them): a list of paths
+    calibration: dict | None = None  # the tree per batch size measured for this device and dtype (`calibrate`)
+    train_config: str | None = None  # the resolved training config (YAML) of a run directory
+    max_cache: int = 0  # cache positions a conversation may use (0: the model's context length)
+
+    def __post_init__(self):
+        if not self.max_cache:
+            self.max_cache = self.cfg.max_position_embeddings
 
     @property
     def heads_config(self) -> HeadsConfig | None:
@@ -301,7 +306,7 @@ def load(
     if dtype not in ("float32", "bfloat16", "float16"):
         raise ValueError(f"dtype must be float32, bfloat16 or float16, got {dtype!r}")
     if ckpt is not None and os.path.isdir(ckpt):
-        from medusa_jax.run_io import is_run_dir, load_run
+        from medusa_jax.run_io import is_run_dir
 
         if is_run_dir(ckpt):
             return load_run(ckpt, dtype=dtype, tokenizer=tokenizer)
@@ -329,30 +334,49 @@ def load(
     tok = _load_tokenizer(path) if tokenizer else None
     model = MedusaModel(cfg, params, tok, name=os.path.basename(path.rstrip("/")))
     if heads is not None:
-        from medusa_jax.heads_io import load_heads
-
-        model.heads = load_heads(heads, model)
-        if os.path.isdir(heads) and os.path.exists(os.path.join(heads, "adapter_model.safetensors")):
-            from medusa_jax.lora import apply_adapter
-
-            apply_adapter(model, heads)  # a Medusa-2 set: LoRA adapters for the backbone beside the heads
-        if draft_vocab is not False and os.path.isdir(heads):
-            from medusa_jax.draft_vocab import read
-
-            ids = read(heads, None if draft_vocab is True else draft_vocab, vocab_size=model.cfg.vocab_size)
-            if ids is not None:
-                model.heads = attach_draft_vocab(model.heads, base_lm_head(model.params), ids)
-        tree_file = os.path.join(heads, "tree.json") if os.path.isdir(heads) else None
-        if tree_file and os.path.exists(tree_file):
-            from medusa_jax.tree import get_tree
-
-            model.tree = get_tree(tree_file)  # a fixed tree shipped with these heads
-        if os.path.isdir(heads):
-            from medusa_jax.calibrate import read_calibration
-
-            model.calibration = read_calibration(heads, dtype)  # trees sized to this device, per batch size
+        model = with_heads(model, heads, dtype, draft_vocab)
     elif medusa2:
         from medusa_jax.heads_io import check_heads, heads_from_tensors
 
-        model.heads = check_heads(heads_from_tensors(medusa2, "medusa_head."), model, {"source": path})
+        found = check_heads(heads_from_tensors(medusa2, "medusa_head."), model, {"source": path})
+        model = dataclasses.replace(model, heads=found)
     return model
+
+
+def with_heads(model: MedusaModel, heads: str, dtype: str, draft_vocab: bool | int = True) -> MedusaModel:
+    """`model` with the heads at `heads` (a directory, file or hub id) and what lies beside them: a Medusa-2 LoRA
+    adapter (merged into the backbone's params), the draft vocabulary, a fixed `tree.json` and this device's
+    calibration. Returns a new model; `model` is left as it was."""
+    from medusa_jax.heads_io import load_heads
+
+    folder = heads if os.path.isdir(heads) else None
+    if folder and os.path.exists(os.path.join(folder, "adapter_model.safetensors")):
+        from medusa_jax.lora import merge_adapter
+
+        params = merge_adapter(model.params, folder, model.cfg.jnp_param_dtype)  # Medusa-2: LoRA beside the heads
+        model = dataclasses.replace(model, params=params)
+    found = load_heads(heads, model)
+    tree = calibration = None
+    if folder:
+        from medusa_jax.calibrate import read_calibration
+        from medusa_jax.heads_io import read_draft_vocab
+        from medusa_jax.tree import get_tree
+
+        if draft_vocab is not False:
+            size = None if draft_vocab is True else draft_vocab
+            ids = read_draft_vocab(folder, size, vocab_size=model.cfg.vocab_size)
+            if ids is not None:
+                found = attach_draft_vocab(found, base_lm_head(model.params), ids)
+        tree_file = os.path.join(folder, "tree.json")
+        tree = get_tree(tree_file) if os.path.exists(tree_file) else None  # a fixed tree shipped with these heads
+        calibration = read_calibration(folder, dtype)  # trees sized to this device, per batch size
+    return dataclasses.replace(model, heads=found, tree=tree, calibration=calibration)
+
+
+def load_run(path: str, dtype: str = "float32", tokenizer: bool = True) -> MedusaModel:
+    """A training run directory (its latest checkpoint) or one step's directory in it -> a `MedusaModel` with the
+    run's trained heads, its LoRA merged (or its fine-tuned backbone) and the backbone's tokenizer."""
+    from medusa_jax.run_io import read_run
+
+    run = read_run(path, dtype=dtype, tokenizer=tokenizer)
+    return MedusaModel(run.cfg, run.params, run.tokenizer, heads=run.heads, name=run.name, train_config=run.config)

@@ -74,9 +74,9 @@ def from_peft_tensors(tensors: dict[str, np.ndarray]) -> dict:
     }
 
 
-def apply_adapter(model, path: str):
-    """Merge a PEFT-layout LoRA adapter (`adapter_config.json` + `adapter_model.safetensors`, as exported by the
-    trainer) into `model.params` in place; returns the model."""
+def merge_adapter(params: dict, path: str, dtype) -> dict:
+    """`params` with the PEFT-layout LoRA adapter in `path` (`adapter_config.json` + `adapter_model.safetensors`, as
+    the trainer exports it) merged in, as `dtype` arrays. A new pytree; `params` is not changed."""
     import json
     import os
 
@@ -85,6 +85,5 @@ def apply_adapter(model, path: str):
     with open(os.path.join(path, "adapter_config.json")) as f:
         conf = json.load(f)
     lora = from_peft_tensors(load_file(os.path.join(path, "adapter_model.safetensors")))
-    merged = merge(model.params, lora, int(conf["r"]), float(conf["lora_alpha"]))
-    model.params = jax.tree.map(lambda a: jnp.asarray(a, model.cfg.jnp_param_dtype), merged)
-    return model
+    merged = merge(params, lora, int(conf["r"]), float(conf["lora_alpha"]))
+    return jax.tree.map(lambda a: jnp.asarray(a, dtype), merged)

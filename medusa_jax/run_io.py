@@ -8,6 +8,7 @@ the run exports is read here: this module does not import the trainer."""
 
 from __future__ import annotations
 
+import dataclasses
 import os
 
 import jax
@@ -149,12 +150,23 @@ def short_error(e: BaseException, limit: int = 160) -> str:
     return msg if len(msg) <= limit else msg[: limit - 3] + "..."
 
 
-def load_run(path: str, dtype: str = "float32", tokenizer: bool = True):
-    """A `MedusaModel` with the run's trained heads (and merged LoRA / fine-tuned backbone)."""
+@dataclasses.dataclass(frozen=True)
+class RunParts:
+    """What a run directory holds for decoding (`medusa_jax.api.load_run` makes a `MedusaModel` of it)."""
+
+    cfg: ModelConfig
+    params: dict  # the backbone, LoRA merged (or the fine-tuned backbone)
+    tokenizer: object | None
+    heads: dict
+    name: str  # RUN@STEP
+    config: str  # the resolved training config, YAML
+
+
+def read_run(path: str, dtype: str = "float32", tokenizer: bool = True) -> RunParts:
+    """The run's trained heads, backbone (LoRA merged) and tokenizer, from its latest checkpoint or one step's."""
     import orbax.checkpoint as ocp
 
     from medusa_jax import lora as lora_lib
-    from medusa_jax.api import MedusaModel
 
     run, step = split_run_path(path)
     conf, text = read_run_config(run)
@@ -191,6 +203,4 @@ def load_run(path: str, dtype: str = "float32", tokenizer: bool = True):
     mc = cfg_mc.replace(dtype=dtype, param_dtype=dtype, remat=False)
     params = jax.tree.map(lambda a: jnp.asarray(a, mc.jnp_param_dtype), backbone)
     heads = jax.tree.map(lambda a: jnp.asarray(a, mc.jnp_param_dtype), trainable["heads"])
-    model = MedusaModel(mc, params, tok, heads=heads, name=f"{os.path.basename(run)}@{step}")
-    model.train_config = text
-    return model
+    return RunParts(mc, params, tok, heads, f"{os.path.basename(run)}@{step}", text)

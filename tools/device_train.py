@@ -146,8 +146,8 @@ def main(argv=None) -> int:
     print(f"trained {sizes['steps']} steps in {dt:.0f}s; dev {res.eval}")
 
     # 3. tokens per step on dev prompts with the trained heads (mc_sim_7b_63 tree + lookup chain)
+    from medusa_jax.api import load_run
     from medusa_jax.lookup import DEFAULT_LOOKUP
-    from medusa_jax.run_io import load_run
     from medusa_jax.train.distill import read_prompt_file
 
     trained = load_run(cfg.run_dir, dtype=args.dtype, tokenizer=not tiny)

@@ -1,5 +1,6 @@
-"""Loading a training run directory as a `MedusaModel`: see `medusa_jax.run_io` (inference reads run dirs there)."""
+"""Loading a training run directory as a `MedusaModel` (`medusa_jax.load(RUN_DIR)` does the same)."""
 
-from medusa_jax.run_io import is_run_dir, load_run, split_run_path
+from medusa_jax.api import load_run
+from medusa_jax.run_io import is_run_dir, split_run_path
 
 __all__ = ["is_run_dir", "load_run", "split_run_path"]
