@@ -58,6 +58,12 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--top-k", type=int, default=0, help="0 = off")
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--batch-size", type=int, help="prompts per batch (default: all, up to 16)")
+    g.add_argument(
+        "--max-memory",
+        metavar="SIZE",
+        help="memory for one batch's KV cache and temporaries, e.g. 4G; batches are sized to fit "
+        "(default: half the available memory)",
+    )
     g.add_argument("--mode", choices=("ar", "medusa"), help="default: medusa when the model has heads, else ar")
     g.add_argument("--tree", metavar="NAME|FILE", help="Medusa tree: a shipped name (e.g. mc_sim_7b_63) or JSON")
     g.add_argument(
@@ -98,6 +104,13 @@ def validate(args) -> list[str]:
         raise InputError(f"--top-k must be >= 0, got {args.top_k}")
     if args.batch_size is not None and args.batch_size < 1:
         raise InputError(f"--batch-size must be >= 1, got {args.batch_size}")
+    if args.max_memory is not None:
+        from medusa_jax.memory import parse_bytes
+
+        try:
+            args.max_memory = parse_bytes(args.max_memory)
+        except ValueError as e:
+            raise InputError(f"--max-memory: {e}") from None
     if args.lookup is not None and args.lookup < 0:
         raise InputError(f"--lookup must be >= 0 (0 = no lookup chain), got {args.lookup}")
     if args.num_prompts is not None and args.num_prompts < 1:
@@ -169,6 +182,7 @@ def generate(model, prompts: list[str], args) -> tuple[list, float]:
         seed=args.seed,
         mode=args.mode,
         batch_size=args.batch_size,
+        max_memory=args.max_memory,
         **kw,
     )
     return results, time.perf_counter() - t0
