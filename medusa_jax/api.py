@@ -187,7 +187,10 @@ class MedusaModel:
         else:
             tree, lookup = self.default_tree(batch) or None, kw.get("lookup", self.default_lookup(batch))
         tree = tree if tree is not None else self.tree
-        return resolve_tree(tree, self.heads_config.num_heads, kw.get("topk", 10), lookup).num_nodes
+        try:
+            return resolve_tree(tree, self.heads_config.num_heads, kw.get("topk", 10), lookup).num_nodes
+        except ValueError:
+            return 1  # a bad tree: the batch run reports it (after its other checks)
 
     def default_tree(self, batch: int):
         """The tree used when none is named: the calibrated one for this batch size, else the heads' `tree.json`,
@@ -209,7 +212,7 @@ class MedusaModel:
 
     def check_fits(self, prompt_len: int, max_new_tokens: int, extra: int = 0) -> int:
         """The cache slots a batch needs; raises ValueError when it cannot fit the model's context."""
-        slots = bucket(bucket(prompt_len) + bucket(max_new_tokens, 16) + extra, 64)
+        slots = -(-(bucket(prompt_len) + bucket(max_new_tokens, 16) + extra) // 64) * 64  # a multiple of 64
         need = prompt_len + max_new_tokens + extra
         if need > self.max_cache:
             raise ValueError(

@@ -183,6 +183,7 @@ BAD_FLAGS = {
     "top-p above one": (["--top-p", "1.5"], "--top-p"),
     "negative temperature": (["--temperature", "-0.5"], "--temperature"),
     "batch size zero": (["--batch-size", "0"], "--batch-size"),
+    "bad max-memory": (["--max-memory", "lots"], "--max-memory"),
     "empty prompt": (["--prompt", "  "], "empty"),
     "unknown tree": (["--tree", "no_such_tree"], "no_such_tree"),
     "missing prompts file": (["--prompts-file", "/no/such/file.jsonl"], "/no/such/file.jsonl"),
