@@ -359,3 +359,4 @@ def test_bench_runs_modes_with_tree_and_lookup(tiny_ckpt, tiny_heads, tmp_path):
     report = json.loads(out.read_text())
     assert set(report["modes"]) == {"ar", "medusa"} and report["speedup"]["medusa_vs_ar"] > 0
     assert report["modes"]["medusa"]["tokens_per_step"] >= 1.0
+    assert report["peak_memory"]["host_peak_rss"] > 0
