@@ -269,8 +269,8 @@ def draft_ids_of(heads):
 def start_state(cfg, loop: MedusaLoop, params, heads, cache: KVCache, start, tokens, lengths, max_new, rng,
                 history=None):  # fmt: skip
     """Prefill `tokens` `[B, T]` (right-padded, `lengths` `[B]` real tokens) into `cache` at slots `start` `[B]` on
-    (a scalar 0 for new prompts; the conversation so far in a chat) and set up the loop carry. history `[B, slots]` (or None):
-    the tokens already in the cache, by slot (-1 unknown), for the lookup chain."""
+    (a scalar 0 for new prompts; the conversation so far in a chat) and set up the loop carry. history `[B, slots]`
+    (or None): the tokens already in the cache, by slot (-1 unknown), for the lookup chain."""
     b = tokens.shape[0]
     row_start = jnp.broadcast_to(start, (b,))
     seq = jnp.zeros((b, 0), jnp.int32)
