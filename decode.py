@@ -72,6 +72,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     g.add_argument("--batch-size", type=int, help="prompts per batch (default: all, up to 16)")
     g.add_argument(
+        "--max-memory",
+        metavar="SIZE",
+        help="memory for one batch's KV cache and temporaries, e.g. 4G; batches are sized to fit "
+        "(default: half the available memory)",
+    )
+    g.add_argument(
         "--mode",
         choices=("ar", "medusa"),
         help="default: medusa when heads are loaded and this device's calibration picks a tree at this batch size "
@@ -114,6 +120,13 @@ def validate(args) -> list[str]:
         GenerateOptions.from_kwargs(**vars(args))
     except OptionError as e:
         raise InputError(e.message(cli=True)) from None
+    if args.max_memory is not None:
+        from medusa_jax.memory import parse_bytes
+
+        try:
+            args.max_memory = parse_bytes(args.max_memory)
+        except ValueError as e:
+            raise InputError(f"--max-memory: {e}") from None
     if args.num_prompts is not None and args.num_prompts < 1:
         raise InputError(f"--num-prompts must be >= 1, got {args.num_prompts}")
     if args.num_prompts is not None and not args.prompts_file:
@@ -225,6 +238,7 @@ def generate(model, prompts: list[str], args) -> tuple[list, float, float]:
         seed=args.seed,
         mode=args.mode,
         batch_size=args.batch_size,
+        max_memory=args.max_memory,
         **kw,
     )
     return results, time.perf_counter() - t0, COMPILE.seconds - c0

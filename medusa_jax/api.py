@@ -120,13 +120,15 @@ class MedusaModel:
         mode: str | None = None,
         raw: bool = False,
         batch_size: int | None = None,
+        max_memory: int | None = None,
         **medusa_kw,
     ) -> list[GenerationResult]:
         """Generate for each prompt (a string, or a list of token ids). Returns one result per prompt, in order.
 
         mode: "ar" or "medusa" (default: "medusa" when heads are loaded, except for batch sizes whose calibrated
-        tree is empty, where verification costs more than it gains). Prompts run in batches of `batch_size`
-        (default: all at once, up to 16); with more prompts than one batch, prompts of similar length share a batch.
+        tree is empty, where verification costs more than it gains). Prompts run in batches of up to `batch_size`
+        (default 16) whose KV cache and temporaries fit `max_memory` bytes (default: half the available memory, see
+        `medusa_jax.memory`); with more prompts than one batch, prompts of similar length share a batch.
         Sampling (T > 0): batch j draws from `fold_in(PRNGKey(seed), j)`, so calls with different seeds share no
         random stream; the same prompts, batch_size and seed give the same output. Bad options raise ValueError."""
         if isinstance(prompts, str) or (len(prompts) and isinstance(prompts[0], int | np.integer)):
@@ -142,14 +144,15 @@ class MedusaModel:
         if mode == "medusa" and self.heads is None:
             raise ValueError("mode='medusa' needs Medusa heads: load(ckpt, heads=PATH)")
         encoded = [self.encode(p, raw) for p in prompts]
-        batch_size = batch_size or min(len(encoded), 16)
         # more prompts than one batch: batch them by length (less padding in prefill, cache and attention)
-        order = sorted(range(len(encoded)), key=lambda j: len(encoded[j])) if len(encoded) > batch_size else None
+        batches = self.plan_batches(encoded, max_new_tokens, mode, batch_size, max_memory, medusa_kw)
+        order = [j for idx in batches for j in idx] if len(batches) > 1 else None
         if order is not None:
             encoded = [encoded[j] for j in order]
         results = []
-        for j, i in enumerate(range(0, len(encoded), batch_size)):
-            chunk = encoded[i : i + batch_size]
+        i = 0
+        for j, size in enumerate(map(len, batches)):
+            chunk, i = encoded[i : i + size], i + size
             kw, m = dict(medusa_kw), mode
             if m == "medusa" and "tree" not in kw:  # no tree named: the default tree and its lookup chain
                 kw.setdefault("lookup", self.default_lookup(len(chunk)))
@@ -163,6 +166,38 @@ class MedusaModel:
         if order is not None:
             results = [r for _, r in sorted(zip(order, results), key=lambda t: t[0])]
         return results
+
+    def plan_batches(self, encoded, max_new, mode, batch_size=None, max_memory=None, medusa_kw=None):
+        """Prompt indices per batch, in run order: up to `batch_size` (default 16) prompts whose KV cache and
+        temporaries (`memory.batch_bytes`) fit `max_memory` bytes (default `memory.default_budget()`)."""
+        from medusa_jax import memory
+
+        kw = medusa_kw or {}
+        budget = max_memory or memory.default_budget()
+        nodes: dict[int, int] = {}
+
+        def fits(b: int, longest: int) -> bool:
+            if b not in nodes:
+                nodes[b] = self._tree_nodes(b, kw) if mode == "medusa" else 1
+            extra = nodes[b] + 1 if mode == "medusa" else 0
+            slots = self.check_fits(longest, max_new, extra=extra)
+            return memory.batch_bytes(self.cfg, b, bucket(longest), slots, nodes[b]) <= budget
+
+        return memory.plan_batches([len(e) for e in encoded], batch_size or 16, fits)
+
+    def _tree_nodes(self, batch: int, kw: dict) -> int:
+        """The nodes of the tree a Medusa batch of this size runs (as `generate` picks it)."""
+        from medusa_jax.medusa_decode import resolve_tree
+
+        if "tree" in kw:
+            tree, lookup = kw["tree"], kw.get("lookup")
+        else:
+            tree, lookup = self.default_tree(batch) or None, kw.get("lookup", self.default_lookup(batch))
+        tree = tree if tree is not None else self.tree
+        try:
+            return resolve_tree(tree, self.heads_config.num_heads, kw.get("topk", 10), lookup).num_nodes
+        except ValueError:
+            return 1  # a bad tree: the batch run reports it (after its other checks)
 
     def default_tree(self, batch: int):
         """The tree used when none is named: the calibrated one for this batch size, else the heads' `tree.json`,
@@ -184,7 +219,7 @@ class MedusaModel:
 
     def check_fits(self, prompt_len: int, max_new_tokens: int, extra: int = 0) -> int:
         """The cache slots a batch needs; raises ValueError when it cannot fit the model's context."""
-        slots = bucket(bucket(prompt_len) + bucket(max_new_tokens, 16) + extra, 64)
+        slots = -(-(bucket(prompt_len) + bucket(max_new_tokens, 16) + extra) // 64) * 64  # a multiple of 64
         need = prompt_len + max_new_tokens + extra
         if need > self.max_cache:
             raise ValueError(

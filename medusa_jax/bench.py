@@ -5,7 +5,8 @@
   python -m medusa_jax.bench --calibrate --heads DIR --prompts-file held_out.jsonl --batch-sizes 1,8,32
 
 Each mode runs on the same prompts in one process after a warm-up (compile time reported apart). Numbers are
-medians over `--repeats` runs; ratios are taken within one run.
+medians over `--repeats` runs; ratios are taken within one run. The peak memory of the whole run is reported too
+(host RSS; on an accelerator also the device's peak).
 """
 
 from __future__ import annotations
@@ -19,6 +20,8 @@ import sys
 import time
 
 import jax
+
+from medusa_jax import memory
 
 
 def machine() -> str:
@@ -312,6 +315,8 @@ def main(argv=None) -> int:
             print(
                 f"{k:8s} {v['tokens_per_s']:10.1f} {v['tokens_per_step']:9.2f} {step:>9s} {v['compile_s']:10.1f} {vs:7.2f}"
             )
+    report["peak_memory"] = peak = memory.peak_memory()
+    print("peak memory: " + ", ".join(f"{k} {v / 2**30:.2f} GiB" for k, v in peak.items()))
     if args.json:
         tmp = args.json + ".tmp"
         with open(tmp, "w") as f:

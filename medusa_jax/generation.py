@@ -57,17 +57,63 @@ def is_eos(tokens: jax.Array, eos_ids: tuple[int, ...]) -> jax.Array:
     return jnp.isin(tokens, jnp.asarray(eos_ids, tokens.dtype))
 
 
+PREFILL_SCORES_BYTES = 32 << 20  # one prefill pass's attention scores `[B, H, T, S]` (float32) may take this much,
+PREFILL_KV_FRACTION = 1 / 16  # or this fraction of the KV cache when larger
+
+
+def prefill_chunk(cfg: ModelConfig, batch: int, tokens: int, slots: int) -> int:
+    """Prompt tokens per prefill pass: all `tokens` when their attention scores fit the budget (the larger of
+    `PREFILL_SCORES_BYTES` and `PREFILL_KV_FRACTION` of the KV cache; or when they do not split evenly), else the
+    largest power of two (at least 16) that fits."""
+    kv = 2 * cfg.num_layers * batch * slots * cfg.num_kv_heads * cfg.head_dim * cfg.jnp_dtype.itemsize
+    budget = max(PREFILL_SCORES_BYTES, kv * PREFILL_KV_FRACTION)
+    per_token = batch * cfg.num_heads * slots * 4
+    if tokens * per_token <= budget:
+        return tokens
+    c = 16
+    while 2 * c < tokens and 2 * c * per_token <= budget:
+        c *= 2
+    return tokens if tokens % c else c
+
+
+def prefill_into(cfg: ModelConfig, params, tokens, lengths, cache: KVCache, start, chunk: int | None = None):
+    """Write the K/V of tokens `[B, T]` (right-padded; `lengths` `[B]` real tokens) into `cache` at slots (and
+    positions) `start` on (`[B]`, or a scalar for all rows). Long prompts run in chunks of `chunk` tokens (default
+    `prefill_chunk`), so attention never holds more than `[B, H, chunk, S]` scores.
+
+    Returns (hidden at each row's last token `[B, E]`, cache)."""
+    model = Transformer(cfg)
+    b, t = tokens.shape
+    c = chunk or prefill_chunk(cfg, b, t, cache.slots)
+    c = t if c >= t or t % c else c
+    row_start = jnp.broadcast_to(start, (b,))
+
+    def run(cache, off):
+        toks = jax.lax.dynamic_slice_in_dim(tokens, off, c, axis=1)
+        positions = row_start[:, None] + off + jnp.arange(c)[None, :]
+        hidden, cache = model.apply({"params": params}, toks, positions, causal_mask(c), cache, start + off)
+        last = jnp.take_along_axis(hidden, jnp.clip(lengths - 1 - off, 0, c - 1)[:, None, None], axis=1)[:, 0]
+        return cache, last
+
+    if c == t:
+        cache, last = run(cache, 0)
+        return last, cache
+
+    def body(carry, off):
+        cache, last = carry
+        cache, here = run(cache, off)
+        mine = (lengths - 1 >= off) & (lengths - 1 < off + c)
+        return (cache, jnp.where(mine[:, None], here, last)), None
+
+    init = (cache, jnp.zeros((b, cfg.hidden_size), cfg.jnp_dtype))
+    (cache, last), _ = jax.lax.scan(body, init, jnp.arange(0, t, c))
+    return last, cache
+
+
 def prefill(cfg: ModelConfig, params, tokens: jax.Array, lengths: jax.Array, slots: int):
     """tokens `[B, P]` right-padded, lengths `[B]` -> (hidden at each row's last prompt token `[B, E]`, cache)."""
-    model = Transformer(cfg)
-    b, p = tokens.shape
-    cache = KVCache.zeros(cfg, b, slots)
-    positions = jnp.broadcast_to(jnp.arange(p), (b, p))
-    hidden, cache = model.apply(
-        {"params": params}, tokens, positions, causal_mask(p), cache, jnp.zeros((b,), jnp.int32)
-    )
-    last_hidden = jnp.take_along_axis(hidden, (lengths - 1)[:, None, None], axis=1)[:, 0]
-    return last_hidden, cache
+    cache = KVCache.zeros(cfg, tokens.shape[0], slots)
+    return prefill_into(cfg, params, tokens, lengths, cache, jnp.int32(0))
 
 
 def lm_logits(cfg: ModelConfig, params, hidden: jax.Array) -> jax.Array:

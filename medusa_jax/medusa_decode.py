@@ -25,10 +25,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from medusa_jax.config import ModelConfig
-from medusa_jax.generation import append_tokens, is_eos, lm_logits
+from medusa_jax.generation import append_tokens, is_eos, lm_logits, prefill_into
 from medusa_jax.heads import base_lm_head, draft_logits, root_embedding, uses_root
 from medusa_jax.lookup import lookup_draft, write_tokens
-from medusa_jax.model import KVCache, Transformer, causal_mask
+from medusa_jax.model import KVCache, Transformer
 from medusa_jax.options import ACCEPTANCE
 from medusa_jax.ranking import top_candidates
 from medusa_jax.sampling import SamplingParams, process_logits
@@ -236,23 +236,19 @@ def rejection_paths(tokens, logits, loop: MedusaLoop, sp: SamplingParams, rng, v
 
 
 def compact_cache(cache: KVCache, lengths, path_nodes) -> KVCache:
-    """Move the K/V of each row's path nodes (slots `lengths + path_nodes`) to slots `lengths + 0..D`."""
+    """Move the K/V of each row's path nodes (slots `lengths + path_nodes`) to slots `lengths + 0..D`, in place: the
+    path's `[N, B, D+1, K, Dh]` entries are gathered, then written row by row (a batched scatter, or a gather over all
+    slots, would copy the whole cache)."""
     src = lengths[:, None] + path_nodes  # [B, D+1]
-    d1 = path_nodes.shape[1]
+    b = src.shape[0]
 
     def move(c):  # [N, B, S, K, Dh]
-        if c.shape[1] == 1:  # one row: an in-place slice update
-            rows = c[:, 0, src[0]]  # [N, D+1, K, Dh]
-            return jax.lax.dynamic_update_slice(c, rows[:, None], (0, 0, lengths[0], 0, 0))
-        # several rows at different offsets: one gather over the slots (a batched scatter would copy the cache)
-        rel = jnp.arange(c.shape[2])[None, :] - lengths[:, None]  # [B, S]
-        inside = (rel >= 0) & (rel < d1)
-        from_slot = jnp.where(
-            inside, jnp.take_along_axis(src, jnp.clip(rel, 0, d1 - 1), axis=1), jnp.arange(c.shape[2])
-        )
-        return jnp.take_along_axis(c, from_slot[None, :, :, None, None], axis=2)
+        path = jnp.take_along_axis(c, src[None, :, :, None, None], axis=2)  # [N, B, D+1, K, Dh]
+        for r in range(b):
+            c = jax.lax.dynamic_update_slice(c, path[:, r : r + 1], (0, r, lengths[r], 0, 0))
+        return c
 
-    if d1 == 1:  # root only: its K/V is already in place
+    if path_nodes.shape[1] == 1:  # root only: its K/V is already in place
         return cache
     return KVCache(move(cache.k), move(cache.v))
 
@@ -273,19 +269,18 @@ def draft_ids_of(heads):
 def start_state(cfg, loop: MedusaLoop, params, heads, cache: KVCache, start, tokens, lengths, max_new, rng,
                 history=None):  # fmt: skip
     """Prefill `tokens` `[B, T]` (right-padded, `lengths` `[B]` real tokens) into `cache` at slots `start` `[B]` on
-    (0 for a new prompt; the conversation so far in a chat) and set up the loop carry. history `[B, slots]` (or None):
-    the tokens already in the cache, by slot (-1 unknown), for the lookup chain."""
-    b, t = tokens.shape
+    (a scalar 0 for new prompts; the conversation so far in a chat) and set up the loop carry. history `[B, slots]`
+    (or None): the tokens already in the cache, by slot (-1 unknown), for the lookup chain."""
+    b = tokens.shape[0]
+    row_start = jnp.broadcast_to(start, (b,))
     seq = jnp.zeros((b, 0), jnp.int32)
     if loop.tree.lookup:
         seq = jnp.full((b, loop.slots), -1, jnp.int32) if history is None else jnp.asarray(history, jnp.int32)
-        seq = write_tokens(seq, start, tokens, lengths)
-    positions = start[:, None] + jnp.arange(t)[None, :]
-    hidden, cache = Transformer(cfg).apply({"params": params}, tokens, positions, causal_mask(t), cache, start)
-    last_hidden = jnp.take_along_axis(hidden, (lengths - 1)[:, None, None], axis=1)[:, 0]
+        seq = write_tokens(seq, row_start, tokens, lengths)
+    last_hidden, cache = prefill_into(cfg, params, tokens, lengths, cache, start)
     return MedusaState(
         cache=cache,
-        lengths=start + lengths,
+        lengths=row_start + lengths,
         logits=lm_logits(cfg, params, last_hidden),
         hidden=last_hidden,
         banned=jnp.full((b, tree_children(loop.tree).shape[1]), -1, jnp.int32),
@@ -388,7 +383,7 @@ def generate_medusa(
     Returns (out `[B, loop.max_new]` padded with -1, num_out `[B]`, steps `[B]`)."""
     b = tokens.shape[0]
     cache = KVCache.zeros(cfg, b, loop.slots)
-    state = start_state(cfg, loop, params, heads, cache, jnp.zeros((b,), jnp.int32), tokens, lengths, max_new, rng)
+    state = start_state(cfg, loop, params, heads, cache, jnp.int32(0), tokens, lengths, max_new, rng)
     state = run_steps(cfg, loop, params, heads, state, max_new, sp, th)
     return state.out, state.num_out, state.steps
 

@@ -143,10 +143,11 @@ class Attention(nn.Module):
 
 
 def write_cache(cache: jax.Array, new: jax.Array, layer, start: jax.Array) -> jax.Array:
-    """cache `[N, B, S, K, D]` with new `[B, T, K, D]` written at `[layer, b, start[b]:start[b]+T]`, in place."""
+    """cache `[N, B, S, K, D]` with new `[B, T, K, D]` written at `[layer, b, start[b]:start[b]+T]`, in place.
+    start `[B]`, or a scalar when every row starts at the same slot (prefill)."""
     new = new.astype(cache.dtype)
-    if cache.shape[1] == 1:
-        return jax.lax.dynamic_update_slice(cache, new[None], (layer, 0, start[0], 0, 0))
+    if cache.shape[1] == 1 or start.ndim == 0:
+        return jax.lax.dynamic_update_slice(cache, new[None], (layer, 0, start.reshape(-1)[0], 0, 0))
     # Rows write at different offsets. A batched scatter is not done in place by XLA here (it copied the whole
     # [N, B, S, K, D] cache per layer); instead select the new entries into this layer's slice, which is read by
     # attention anyway, and write the slice back in place.
@@ -225,10 +226,12 @@ class Transformer(nn.Module):
         cache_start: jax.Array | None = None,
     ) -> tuple[jax.Array, KVCache | None]:
         """tokens, positions `[B, T]`; block_mask `[T, T]` or `[B, T, T]`; cache_start `[B]` (slot of the first new
-        token). Returns hidden `[B, T, E]` and the cache with the new K/V written at `cache_start[b] + t`."""
+        token; a scalar when all rows start at the same slot). Returns hidden `[B, T, E]` and the cache with the new
+        K/V written at `cache_start[b] + t`."""
         x = self.embed(tokens)
         cos, sin = rope_tables(self.cfg, positions)
-        mask = attention_mask(block_mask, cache_start, None if cache is None else cache.slots)
+        row_start = None if cache_start is None else jnp.broadcast_to(cache_start, tokens.shape[:1])
+        mask = attention_mask(block_mask, row_start, None if cache is None else cache.slots)
         carry = (x, None, None) if cache is None else (x, cache.k, cache.v)
         (x, ck, cv), _ = self.layers(carry, jnp.arange(self.cfg.num_layers), cos, sin, mask, cache_start)
         return self.norm(x), (None if cache is None else KVCache(ck, cv))

@@ -228,6 +228,7 @@ BAD_FLAGS = {
     "top-p above one": (["--top-p", "1.5"], "--top-p"),
     "negative temperature": (["--temperature", "-0.5"], "--temperature"),
     "batch size zero": (["--batch-size", "0"], "--batch-size"),
+    "bad max-memory": (["--max-memory", "lots"], "--max-memory"),
     "empty prompt": (["--prompt", "  "], "empty"),
     "unknown tree": (["--tree", "no_such_tree"], "no_such_tree"),
     "missing prompts file": (["--prompts-file", "/no/such/file.jsonl"], "/no/such/file.jsonl"),
@@ -465,6 +466,7 @@ def test_bench_runs_modes_with_tree_and_lookup(tiny_ckpt, tiny_heads, tmp_path):
     want = modes["medusa"]["tokens_per_s"] / modes["ar"]["tokens_per_s"]
     assert report["speedup"]["medusa_vs_ar"] == pytest.approx(want, rel=0.02)
     assert report["modes"]["medusa"]["tokens_per_step"] >= 1.0
+    assert report["peak_memory"]["host_peak_rss"] > 0
 
 
 def test_decode_imports_no_jax_before_the_first_line():

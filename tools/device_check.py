@@ -104,6 +104,9 @@ def main():
             rep["hf_error"] = repr(e)[:300]
             print("hf failed:", rep["hf_error"], flush=True)
 
+    from medusa_jax.memory import peak_memory
+
+    rep["peak_memory"] = peak_memory()  # host RSS; device memory_stats() peak on an accelerator
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "device_check.json"), "w") as f:
         json.dump(rep, f, indent=1)
@@ -115,6 +118,7 @@ def main():
         )
     for b, c in rep["step_ms"].items():
         print(f"  steps b{b}: " + " ".join(f"{k}={v:.3f}" for k, v in c.items()))
+    print("  peak memory: " + ", ".join(f"{k} {v / 2**30:.2f} GiB" for k, v in rep["peak_memory"].items()))
 
 
 def big_model_check(quick: bool) -> dict:

@@ -1,0 +1,161 @@
+"""Memory: XLA's temporaries for a generate call stay within the bound (abstract shapes, nothing allocated), long
+prompts prefill in chunks with the same result, the cache compaction is exact, and batches are sized to a budget."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from medusa_jax import memory
+from medusa_jax.api import MedusaModel
+from medusa_jax.config import ModelConfig
+from medusa_jax.generation import LoopConfig, generate_ar, prefill_chunk, prefill_into
+from medusa_jax.heads import HeadsConfig, init_heads
+from medusa_jax.medusa_decode import MedusaLoop, Thresholds, compact_cache, generate_medusa, resolve_tree, tree_parents
+from medusa_jax.model import KVCache, init_params
+from medusa_jax.sampling import SamplingParams
+
+# mid-size: a real model's proportions (GQA, head dim 64), small enough to compile in seconds
+MID = ModelConfig(
+    vocab_size=16384,
+    hidden_size=512,
+    intermediate_size=1408,
+    num_layers=8,
+    num_heads=8,
+    num_kv_heads=2,
+    head_dim=64,
+    tie_word_embeddings=True,
+    max_position_embeddings=4096,
+)
+
+
+def _abstract(tree):
+    return jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), tree)
+
+
+def _nbytes(tree) -> int:
+    return sum(int(np.prod(a.shape)) * a.dtype.itemsize for a in jax.tree.leaves(tree))
+
+
+@pytest.mark.parametrize("mode", ["medusa", "ar"])
+def test_generate_temporaries_within_bound(mode):
+    """A batch of 8 prompts of 1,024 tokens, 2,048 cache slots, the 63-node tree + a 10-node lookup chain: params +
+    XLA's temporaries (KV cache included) <= 2x (params + KV cache + one step's logits), and `batch_bytes` (what
+    batches are sized by) is an upper bound of the temporaries."""
+    b, p, slots, k = 8, 1024, 2048, 4
+    S = jax.ShapeDtypeStruct
+    params = jax.eval_shape(lambda: init_params(MID))
+    e, v = MID.hidden_size, MID.vocab_size
+    heads = {"blocks": {"kernel": S((k, 1, e, e), jnp.float32), "bias": S((k, 1, e), jnp.float32)}}
+    heads["proj"] = {"kernel": S((k, e, v), jnp.float32)}
+    args = (S((b, p), jnp.int32), S((b,), jnp.int32), S((), jnp.int32), _abstract(SamplingParams.make(1.0, 0, 1.0)))
+    if mode == "medusa":
+        tree = resolve_tree("mc_sim_7b_63", k, 10, 10)
+        loop = MedusaLoop(tree, 128, slots, "greedy", (2,))
+        th = Thresholds(S((), jnp.float32), S((), jnp.float32))
+        compiled = generate_medusa.lower(MID, loop, params, heads, *args, th, S((2,), jnp.uint32)).compile()
+        nodes, internal = tree.num_nodes, len(tree_parents(tree)[1])
+    else:
+        compiled = generate_ar.lower(MID, LoopConfig(128, slots, True, (2,)), params, *args, S((2,), jnp.uint32))
+        compiled = compiled.compile()
+        nodes = internal = 1
+    temp = compiled.memory_analysis().temp_size_in_bytes
+    weights = _nbytes(params)
+    bound = 2 * (weights + memory.kv_bytes(MID, b, slots) + memory.logits_bytes(MID, b, internal))
+    assert weights + temp <= bound, (temp, bound)
+    assert temp <= memory.batch_bytes(MID, b, p, slots, nodes)
+
+
+def _tiny_cfg():
+    return ModelConfig(
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=64,
+        num_layers=2,
+        num_heads=4,
+        num_kv_heads=2,
+        head_dim=8,
+        tie_word_embeddings=True,
+        max_position_embeddings=512,
+    )
+
+
+def test_chunked_prefill_equals_one_pass():
+    """Prompts prefilled 16 tokens at a time (rows starting at different slots, as in a chat) leave the same cache
+    and last hidden states as one pass."""
+    cfg = _tiny_cfg()
+    params = init_params(cfg, 1)
+    rng = np.random.default_rng(0)
+    b, t, slots = 3, 64, 160
+    tokens = jnp.asarray(rng.integers(0, cfg.vocab_size, (b, t)), jnp.int32)
+    lengths = jnp.asarray([64, 17, 40], jnp.int32)
+    start = jnp.asarray([0, 30, 7], jnp.int32)
+    run = jax.jit(lambda c, chunk: prefill_into(cfg, params, tokens, lengths, c, start, chunk), static_argnums=1)
+    h1, c1 = run(KVCache.zeros(cfg, b, slots), t)
+    h16, c16 = run(KVCache.zeros(cfg, b, slots), 16)
+    np.testing.assert_allclose(h16, h1, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(c16.k, c1.k, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(c16.v, c1.v, rtol=1e-5, atol=1e-5)
+
+
+def test_prefill_chunk_sizes():
+    smol = ModelConfig(49152, 576, 1536, 30, 9, 3, 64, tie_word_embeddings=True)
+    assert prefill_chunk(smol, 16, 64, 256) == 64  # short prompts: one pass
+    assert prefill_chunk(smol, 16, 2048, 4096) == 64  # scores [16, 9, 64, 4096] f32: 1/16 of the 3 GB cache
+    assert prefill_chunk(smol, 1, 2048, 4096) == 128  # at least the 32 MiB floor
+    assert prefill_chunk(smol, 16, 2000, 4096) == 2000  # uneven: one pass
+
+
+def test_compact_cache_moves_each_rows_path():
+    rng = np.random.default_rng(0)
+    n, b, s, k, d = 2, 3, 24, 2, 4
+    cache = KVCache(*(jnp.asarray(rng.normal(size=(n, b, s, k, d)), jnp.float32) for _ in range(2)))
+    lengths = np.array([0, 5, 11])
+    path = np.array([[0, 2, 5], [0, 1, 2], [0, 3, 4]])
+    out = jax.jit(compact_cache)(cache, jnp.asarray(lengths), jnp.asarray(path))
+    for old, new in ((cache.k, out.k), (cache.v, out.v)):
+        want = np.array(old)
+        for r in range(b):
+            want[:, r, lengths[r] : lengths[r] + 3] = np.asarray(old)[:, r, lengths[r] + path[r]]
+        np.testing.assert_array_equal(new, want)
+
+
+def test_plan_batches_by_budget():
+    lengths = [100, 2000, 50, 1900, 80, 60]
+    fits_all = lambda n, longest: True
+    assert memory.plan_batches(lengths, 16, fits_all) == [[0, 1, 2, 3, 4, 5]]  # one batch, input order
+    assert memory.plan_batches(lengths, 4, fits_all) == [[2, 5, 4, 0], [3, 1]]  # by length
+    # a budget of 1,000 tokens in the batch: the long prompts run alone
+    tokens = lambda n, longest: n * longest <= 1000
+    assert memory.plan_batches(lengths, 16, tokens) == [[2, 5, 4, 0], [3], [1]]
+
+
+def test_generate_sizes_batches_to_max_memory():
+    """A budget for two prompts per batch: three batches by length, the same output as batches of two."""
+    cfg = _tiny_cfg()
+    params = init_params(cfg, 0)
+    m = MedusaModel(cfg, params, heads=init_heads(HeadsConfig(2, 1), params, seed=0, scale=0.3))
+    rng = np.random.default_rng(2)
+    prompts = [rng.integers(0, cfg.vocab_size, size=int(rng.integers(3, 20))).tolist() for _ in range(5)]
+    assert m.plan_batches(prompts, 8, "medusa", medusa_kw={"tree": [[0], [0, 0]]}) == [list(range(5))]
+    need = memory.batch_bytes(cfg, 2, 32, m.check_fits(19, 8), 1)
+    plan = m.plan_batches(prompts, 8, "ar", max_memory=need)
+    assert [len(p) for p in plan] == [2, 2, 1] and sorted(sum(plan, [])) == list(range(5))
+    ref = m.generate(prompts, max_new_tokens=8, mode="ar", batch_size=2)
+    got = m.generate(prompts, max_new_tokens=8, mode="ar", max_memory=need)
+    assert [r.output_ids for r in got] == [r.output_ids for r in ref]
+    assert len({r.seconds for r in got}) == 3
+
+
+def test_parse_bytes():
+    assert memory.parse_bytes("4G") == 4 << 30
+    assert memory.parse_bytes("512MiB") == 512 << 20
+    assert memory.parse_bytes("1000") == 1000
+    for bad in ("lots", "-1G", "0"):
+        with pytest.raises(ValueError, match="memory size"):
+            memory.parse_bytes(bad)
+
+
+def test_peak_memory_reports_host_rss():
+    peak = memory.peak_memory()
+    assert peak["host_peak_rss"] > 50 << 20
