@@ -2,6 +2,9 @@
 
   python tools/device_check.py --out DIR [--ckpt PATH.gguf] [--prompts FILE] [--quick] [--skip SECTIONS]
 
+Prompts: --prompts FILE, else dev_prompts.jsonl from $MEDUSA_JAX_DATA or shared/data in or beside the repository,
+else 8 built-in ones.
+
 Sections (all by default; --skip a comma list of them):
   parity     greedy Medusa (mc_sim_7b_63 + lookup 10, the shipped heads) == greedy AR, rows equal and first
              difference, at batch 1 and 8, in bfloat16, with bfloat16 weights and float32 activations, and in float32
@@ -13,6 +16,10 @@ Sections (all by default; --skip a comma list of them):
              compiled step's proxies (nested while loops, bytes accessed against params + cache)
   calibrate  a calibration for this device (tree per batch size), saved as DIR/calibration-<device>-<dtype>.json
              (copy it beside the heads to ship it), within --calibrate-budget seconds
+
+Each section's seconds go into the JSON (`section_s`); the sizes are chosen for about 6 minutes in all on an H200
+but are not yet timed there: if it runs long, run the calibration apart (`--skip parity,speed,steps,big`) or lower
+--parity-prompts / --parity-tokens.
 
 Writes DIR/device_check.json and DIR/device_check.md (the table) and prints the table last. `--quick` runs every
 section small (it is tested on the CPU); `--ckpt tiny` uses a tiny random model with random heads (no tokenizer:
@@ -72,8 +79,12 @@ def parse_args(argv=None):
 
 
 def default_prompt_file() -> str:
-    return os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "shared",
-                        "data", "dev_prompts.jsonl")  # fmt: skip
+    """dev_prompts.jsonl in `$MEDUSA_JAX_DATA`, else `shared/data` in or beside the repository (may not exist)."""
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    dirs = [os.environ.get("MEDUSA_JAX_DATA"), os.path.join(repo, "shared", "data"),
+            os.path.join(os.path.dirname(repo), "shared", "data")]  # fmt: skip
+    paths = [os.path.join(d, "dev_prompts.jsonl") for d in dirs if d]
+    return next((p for p in paths if os.path.exists(p)), paths[-1])
 
 
 class Report:
