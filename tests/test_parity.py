@@ -1,4 +1,5 @@
-"""Our logits against HF transformers' PyTorch models on the same weights (float32, CPU).
+"""Our logits against HF transformers' PyTorch models on the same weights (float32, CPU), and greedy Medusa output
+against greedy AR output with bfloat16 weights.
 
 Tiny random Llama / Mistral / Qwen2 models are created with transformers and saved as safetensors; the SmolLM2
 GGUF is loaded by both. Criterion: max |ours - theirs| <= 1e-4 * max |theirs|.
