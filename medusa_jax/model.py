@@ -9,6 +9,7 @@ Shapes: B batch, T new tokens, S cache slots, E hidden, H query heads, K kv head
 
 from __future__ import annotations
 
+import functools
 import math
 
 import flax.linen as nn
@@ -105,9 +106,12 @@ class RMSNorm(nn.Module):
         return (xf * scale.astype(jnp.float32)).astype(self.dtype)
 
 
-def _dense(cfg: ModelConfig, features: int, name: str, bias: bool = False) -> nn.Dense:
+def _dense(cfg: ModelConfig, features: int, name: str, bias: bool = False, f32_out: bool = False) -> nn.Dense:
+    """f32_out: accumulate and return float32 whatever the compute dtype (the vocabulary projection)."""
+    kw = {"dot_general": functools.partial(jax.lax.dot_general, preferred_element_type=jnp.float32)} if f32_out else {}
     return nn.Dense(
         features,
+        **kw,
         use_bias=bias,
         dtype=cfg.jnp_dtype,
         param_dtype=cfg.jnp_param_dtype,
@@ -215,7 +219,7 @@ class Transformer(nn.Module):
         )(cfg)
         self.norm = RMSNorm(cfg.rms_norm_eps, cfg.jnp_dtype, cfg.jnp_param_dtype)
         if not cfg.tie_word_embeddings:
-            self.lm_head = _dense(cfg, cfg.vocab_size, "lm_head")
+            self.lm_head = _dense(cfg, cfg.vocab_size, "lm_head", f32_out=True)
 
     def __call__(
         self,
@@ -237,12 +241,14 @@ class Transformer(nn.Module):
         return self.norm(x), (None if cache is None else KVCache(ck, cv))
 
     def logits(self, hidden: jax.Array) -> jax.Array:
-        """hidden `[..., E]` -> float32 logits `[..., V]`."""
-        if self.cfg.tie_word_embeddings:
-            out = self.embed.attend(hidden)
-        else:
-            out = self.lm_head(hidden)
-        return out.astype(jnp.float32)
+        """hidden `[..., E]` -> float32 logits `[..., V]`, accumulated and returned in float32 also for bfloat16
+        weights: bfloat16 logits (resolution 0.125 near |logit| 20) tie and flip greedy choices whenever a forward
+        of many tokens (Medusa's verification) and of one token sum in a different order."""
+        if not self.cfg.tie_word_embeddings:
+            return self.lm_head(hidden)
+        dt = self.cfg.jnp_dtype
+        w = self.embed.embedding.astype(dt)  # [V, E]
+        return jnp.einsum("...e,ve->...v", hidden.astype(dt), w, preferred_element_type=jnp.float32)
 
 
 def causal_mask(t: int) -> jax.Array:

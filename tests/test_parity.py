@@ -1,4 +1,5 @@
-"""Our logits against HF transformers' PyTorch models on the same weights (float32, CPU).
+"""Our logits against HF transformers' PyTorch models on the same weights (float32, CPU), and greedy Medusa output
+against greedy AR output with bfloat16 weights.
 
 Tiny random Llama / Mistral / Qwen2 models are created with transformers and saved as safetensors; the SmolLM2
 GGUF is loaded by both. Criterion: max |ours - theirs| <= 1e-4 * max |theirs|.
@@ -167,3 +168,50 @@ def test_smollm2_gguf_chat_prompt(smollm2, hf_smollm2):
     assert ids == smollm2.encode(messages[0]["content"])  # our chat template path agrees
     ids = np.asarray([ids], np.int32)
     assert_close(smollm2.forward(ids).logits, hf_logits(hf_model, ids))
+
+
+# ------------------------------------------------------------------------------------------ Medusa == AR, bf16
+def test_logits_accumulate_in_float32_with_bfloat16_weights():
+    """The vocabulary projection of bfloat16 weights returns float32 sums, not bfloat16-rounded ones (which tie and
+    flip greedy choices between Medusa's many-token verification and the one-token step)."""
+    import jax.numpy as jnp
+
+    from medusa_jax.config import ModelConfig
+    from medusa_jax.model import Transformer, init_params
+
+    hidden = jnp.asarray(np.random.default_rng(0).normal(size=(2, 3, 64)), jnp.bfloat16)
+    for tied in (False, True):
+        cfg = ModelConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_layers=1, num_heads=4,
+                          num_kv_heads=2, head_dim=16, dtype="bfloat16", param_dtype="bfloat16",
+                          tie_word_embeddings=tied)  # fmt: skip
+        params = init_params(cfg)
+        model = Transformer(cfg)
+        logits = model.apply({"params": params}, hidden, method=model.logits)
+        w = params["embed"]["embedding"].T if tied else params["lm_head"]["kernel"]
+        exact = np.asarray(hidden, np.float32) @ np.asarray(w, np.float32)
+        assert logits.dtype == jnp.float32
+        assert np.abs(np.asarray(logits) - exact).max() < 1e-5 * np.abs(exact).max()
+
+
+@pytest.fixture(scope="module")
+def smollm2_bf16_weights(smollm2):
+    """SmolLM2 with bfloat16 weights and float32 activations (`load(dtype="float32", param_dtype="bfloat16")`),
+    with the shipped heads."""
+    import jax
+    import jax.numpy as jnp
+
+    cfg = smollm2.cfg.replace(param_dtype="bfloat16")
+    params = jax.tree.map(lambda a: a.astype(jnp.bfloat16), smollm2.params)
+    return medusa_jax.MedusaModel(cfg, params, smollm2.tokenizer, heads=smollm2.heads)
+
+
+@pytest.mark.parametrize("batch,n", [(1, 4), (8, 8)])
+def test_smollm2_bf16_weights_medusa_greedy_equals_ar(smollm2_bf16_weights, dev_prompts, batch, n):
+    """Greedy Medusa (trained heads, a tree and a lookup chain) returns exactly the AR tokens with bfloat16 weights
+    and float32 activations, on varied held-out prompts, one at a time or in one batch of 8. (With bfloat16
+    activations the verification forward of many tokens and the one-token step round differently, and rows differ.)"""
+    from medusa_jax.parity import greedy_parity, varied_prompts
+
+    prompts = varied_prompts(dev_prompts, 8)[:n]
+    r = greedy_parity(smollm2_bf16_weights, prompts, 32, batch, tree="cpu_16", lookup=10)
+    assert r["equal"] == r["rows"], f"first differences: {r['first_diff']}"

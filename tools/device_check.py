@@ -1,13 +1,35 @@
-"""One script for a lent accelerator: correctness and speed of AR and Medusa decoding on SmolLM2.
+"""The device report: every accelerator target of the project measured in one run, each with its figure and PASS/FAIL.
 
-  python tools/device_check.py --ckpt PATH.gguf --out DIR [--quick]
+  python tools/device_check.py --out DIR [--ckpt PATH.gguf] [--prompts FILE] [--quick] [--skip SECTIONS]
 
-Prints a short table last and writes DIR/device_check.json. Test it on CPU with --quick first.
+Prompts: --prompts FILE, else dev_prompts.jsonl from $MEDUSA_JAX_DATA or shared/data in or beside the repository,
+else 8 built-in ones.
+
+Sections (all by default; --skip a comma list of them):
+  parity     greedy Medusa (mc_sim_7b_63 + lookup 10, the shipped heads) == greedy AR, rows equal and first
+             difference, at batch 1 and 8, in bfloat16, with bfloat16 weights and float32 activations, and in float32
+             (matmuls at full float32 precision, no TF32)
+  speed      bfloat16 tokens/s at batch 1 and 8: AR, the default (calibrated) Medusa and mc_sim_7b_63 + lookup 10,
+             interleaved in one run
+  steps      the real decode loop's step cost: mc_sim_7b_63 + lookup 10 against AR, batch 1 and 8
+  big        a Llama-2-7B-shaped random bfloat16 model: AR step against the measured copy bandwidth, and the
+             compiled step's proxies (nested while loops, bytes accessed against params + cache)
+  calibrate  a calibration for this device (tree per batch size), saved as DIR/calibration-<device>-<dtype>.json
+             (copy it beside the heads to ship it), within --calibrate-budget seconds
+
+Each section's seconds go into the JSON (`section_s`); the sizes are chosen for about 6 minutes in all on an H200
+but are not yet timed there: if it runs long, run the calibration apart (`--skip parity,speed,steps,big`) or lower
+--parity-prompts / --parity-tokens.
+
+Writes DIR/device_check.json and DIR/device_check.md (the table) and prints the table last. `--quick` runs every
+section small (it is tested on the CPU); `--ckpt tiny` uses a tiny random model with random heads (no tokenizer:
+prompts become byte ids), for testing this script.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -15,7 +37,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-
+SECTIONS = ("parity", "speed", "steps", "big", "calibrate")
 # varied prompts (tokens per step on one repeated prompt is not representative); --prompts FILE overrides
 DEFAULT_PROMPTS = [
     "Explain how a rainbow forms.",
@@ -27,103 +49,189 @@ DEFAULT_PROMPTS = [
     "Describe the water cycle for a ten-year-old.",
     "List five healthy breakfast ideas and say why each is good.",
 ]
+TREE = "mc_sim_7b_63"
+LOOKUP = 10
 
 
-def main():
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--ckpt", required=True)
-    ap.add_argument("--out", default=".")
-    ap.add_argument("--prompts", default=None)
-    ap.add_argument("--quick", action="store_true")
-    ap.add_argument("--hf", action="store_true")
-    ap.add_argument("--big", action="store_true", help="also the Llama-7B-shaped random model: bandwidth, tree step")
-    ap.add_argument("--only-big", action="store_true")
-    args = ap.parse_args()
-    if args.big or args.only_big:
-        big = big_model_check(args.quick)
-        os.makedirs(args.out, exist_ok=True)
-        with open(os.path.join(args.out, "device_check_big.json"), "w") as f:
-            json.dump(big, f, indent=1)
-        if args.only_big:
-            return
+def parse_args(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--ckpt", default=None, help="checkpoint (default: the embedded SmolLM2); 'tiny': random tiny")
+    ap.add_argument("--heads", default="smollm2_medusa1", help="heads for --ckpt (a shipped name or a directory)")
+    ap.add_argument("--out", required=True, help="output folder")
+    ap.add_argument("--prompts", default=None, help="JSONL prompts (default: dev_prompts.jsonl beside the repo)")
+    ap.add_argument("--quick", action="store_true", help="every section small (a CPU test of this script)")
+    ap.add_argument("--skip", default="", help=f"comma list of sections to skip: {','.join(SECTIONS)}")
+    ap.add_argument("--parity-prompts", type=int, default=48)
+    ap.add_argument("--parity-tokens", type=int, default=128)
+    ap.add_argument("--parity-modes", default="bf16,bf16w,f32", help="comma list of bf16, bf16w, f32")
+    ap.add_argument("--calibrate-budget", type=float, default=180.0, help="seconds for the calibration section")
+    args = ap.parse_args(argv)
+    skip = {s for s in args.skip.split(",") if s}
+    if skip - set(SECTIONS):
+        ap.error(f"--skip: unknown section(s) {', '.join(sorted(skip - set(SECTIONS)))}; choose from {SECTIONS}")
+    args.sections = [s for s in SECTIONS if s not in skip]
+    bad = set(args.parity_modes.split(",")) - {"bf16", "bf16w", "f32"}
+    if bad:
+        ap.error(f"--parity-modes: unknown mode(s) {', '.join(sorted(bad))}; choose from bf16, bf16w, f32")
+    if args.quick:
+        args.parity_prompts, args.parity_tokens = min(args.parity_prompts, 4), min(args.parity_tokens, 12)
+    return args
 
+
+def default_prompt_file() -> str:
+    """dev_prompts.jsonl in `$MEDUSA_JAX_DATA`, else `shared/data` in or beside the repository (may not exist)."""
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    dirs = [os.environ.get("MEDUSA_JAX_DATA"), os.path.join(repo, "shared", "data"),
+            os.path.join(os.path.dirname(repo), "shared", "data")]  # fmt: skip
+    paths = [os.path.join(d, "dev_prompts.jsonl") for d in dirs if d]
+    return next((p for p in paths if os.path.exists(p)), paths[-1])
+
+
+class Report:
+    """Rows of (target, figure, PASS/FAIL/UNMEASURED) plus the raw numbers."""
+
+    def __init__(self):
+        self.rows: list[dict] = []
+        self.raw: dict = {}
+
+    def row(self, target: str, figure: str, ok: bool | None, goal: str):
+        status = "UNMEASURED" if ok is None else ("PASS" if ok else "FAIL")
+        self.rows.append({"target": target, "goal": goal, "figure": figure, "status": status})
+        print(f"[{status}] {target}: {figure} (goal {goal})", flush=True)
+
+    def markdown(self) -> str:
+        lines = [f"Device: {self.raw.get('machine', '?')}, jax {self.raw.get('jax', '?')}", "",
+                 "| target | goal | figure | status |", "| --- | --- | --- | --- |"]  # fmt: skip
+        lines += [f"| {r['target']} | {r['goal']} | {r['figure']} | {r['status']} |" for r in self.rows]
+        return "\n".join(lines) + "\n"
+
+    def write(self, out: str):
+        os.makedirs(out, exist_ok=True)
+        for name, text in (("device_check.json", json.dumps({"rows": self.rows, **self.raw}, indent=1, default=str)),
+                           ("device_check.md", self.markdown())):  # fmt: skip
+            tmp = os.path.join(out, name + ".tmp")
+            with open(tmp, "w") as f:
+                f.write(text)
+            os.replace(tmp, os.path.join(out, name))
+
+
+# ---------------------------------------------------------------------------------------------- models
+def tiny_model(dtype: str, param_dtype: str | None = None):
+    """A tiny random Llama with 4 random heads (for testing this script)."""
+    import jax
+    import jax.numpy as jnp
+
+    from medusa_jax.api import MedusaModel
+    from medusa_jax.config import ModelConfig
+    from medusa_jax.heads import HeadsConfig, init_heads
+    from medusa_jax.model import init_params
+
+    cfg = ModelConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4,
+                      num_kv_heads=2, head_dim=16, max_position_embeddings=1024, dtype=dtype,
+                      param_dtype=param_dtype or dtype)  # fmt: skip
+    params = init_params(cfg, seed=1)
+    f32 = jax.tree.map(lambda a: a.astype(jnp.float32), params)
+    return MedusaModel(cfg, params, heads=init_heads(HeadsConfig(4, 1, True), f32, scale=0.5))
+
+
+def load_model(args, dtype: str, param_dtype: str | None = None):
+    if args.ckpt == "tiny":
+        return tiny_model(dtype, param_dtype)
+    import medusa_jax
+
+    return medusa_jax.load(args.ckpt, dtype=dtype, param_dtype=param_dtype, heads=args.heads)
+
+
+def encode_all(model, prompts: list[str]) -> list:
+    if model.tokenizer is None:  # the tiny model: bytes as token ids
+        return [[b % model.cfg.vocab_size for b in p.encode()][:48] for p in prompts]
+    return [model.encode(p) for p in prompts]
+
+
+def tree_kw(quick: bool) -> dict:
+    return {"tree": "cpu_8" if quick else TREE, "lookup": 4 if quick else LOOKUP}
+
+
+# ---------------------------------------------------------------------------------------------- sections
+def parity_section(args, rep: Report, prompts: list[str]):
+    """Greedy Medusa == greedy AR: rows equal and first differences, per numeric mode and batch size."""
     import jax
 
-    import medusa_jax
-    from medusa_jax.bench import load_hf, machine, run_hf, run_ours, step_costs
-    from medusa_jax.heads import HeadsConfig, init_heads
-    from medusa_jax.prompts import read_prompts
+    from medusa_jax.parity import greedy_parity, varied_prompts
 
-    rep = {"machine": machine(), "jax": jax.__version__}
-    print(rep, flush=True)
-    prompts = read_prompts(args.prompts)[:8] if args.prompts else DEFAULT_PROMPTS
-    n_new = 16 if args.quick else 128
-    reps = 1 if args.quick else 3
+    chosen = varied_prompts(prompts, args.parity_prompts)
+    n = len(chosen)
+    modes = {"bf16": ("bfloat16", "bfloat16", None, n - max(1, n // 48)),  # goal >= 47 of 48
+             "bf16w": ("bf16 weights, f32 activations", "float32", "bfloat16", n - max(1, n // 48)),
+             "f32": ("float32 (full precision)", "float32", None, n)}  # fmt: skip
+    rep.raw["parity"] = {}
+    for key in args.parity_modes.split(","):
+        if key not in modes:
+            raise ValueError(f"--parity-modes: unknown mode {key!r}; choose from {', '.join(modes)}")
+        label, dtype, pdtype, need = modes[key]
+        model = load_model(args, dtype, pdtype)
+        enc = encode_all(model, chosen)
+        for b in (1, 8):
+            t0 = time.perf_counter()
+            with jax.default_matmul_precision("highest") if dtype == "float32" else contextlib.nullcontext():
+                r = greedy_parity(model, enc, args.parity_tokens, b, **tree_kw(args.quick))
+            r["seconds"] = round(time.perf_counter() - t0, 1)
+            rep.raw["parity"][f"{label} b{b}"] = r
+            diffs = [d for d in r["first_diff"] if d is not None]
+            fig = f"{r['equal']}/{r['rows']} equal" + (f", first differences at {sorted(diffs)[:8]}" if diffs else "")
+            rep.row(f"parity {label}, batch {b} ({args.parity_tokens} tokens)", fig, r["equal"] >= need,
+                    f">= {need}/{n}")  # fmt: skip
+        del model
 
-    # 1. float32: Medusa greedy equals AR greedy (random heads), batch 4 of mixed lengths
-    t0 = time.perf_counter()
-    m32 = medusa_jax.load(args.ckpt, dtype="float32")
-    rep["load_s"] = time.perf_counter() - t0
-    m32.heads = init_heads(HeadsConfig(4, 1, True), m32.params, scale=0.02)
-    ar = m32.generate(prompts[:4], max_new_tokens=n_new, mode="ar")
-    md = m32.generate(prompts[:4], max_new_tokens=n_new, mode="medusa", tree="mc_sim_7b_63")
-    rep["f32_medusa_equals_ar"] = [a.output_ids == b.output_ids for a, b in zip(ar, md)]
-    print("f32 medusa == ar:", rep["f32_medusa_equals_ar"], flush=True)
-    del m32
 
-    # 2. bfloat16 throughput, batch 1 and 8, with the shipped trained heads (issue 5: Medusa >= 2x AR at batch 1,
-    # >= 1.8x at batch 8), for a 16-node and the 63-node tree, and the latter with a 10-node lookup chain
-    m = medusa_jax.load(args.ckpt, dtype="bfloat16", heads="smollm2_medusa1")
-    rep["heads"] = "smollm2_medusa1 (shipped, root-token heads, draft vocabulary)"
-    enc = [m.encode(p) for p in prompts]
-    rep["gen"] = {}
+def speed_section(args, rep: Report, prompts: list[str]):
+    """bf16 tokens/s: AR, default Medusa, mc_sim_7b_63 + lookup 10; batch 1 and 8, interleaved."""
+    from medusa_jax.bench import run_ours_interleaved
+
+    model = load_model(args, "bfloat16")
+    enc = encode_all(model, prompts)
+    n_new, reps = (16, 1) if args.quick else (128, 3)
+    rep.raw["speed"] = {}
     for b in (1, 8):
-        ps = enc[:b] if b > 1 else enc[:4]
-        for name, mode, kw in (("ar", "ar", {}), ("medusa16", "medusa", {"tree": "cpu_16"}),
-                               ("medusa", "medusa", {"tree": "mc_sim_7b_63"}),
-                               ("medusa_lookup", "medusa", {"tree": "mc_sim_7b_63", "lookup": 10})):  # fmt: skip
-            r, res = run_ours(m, ps, mode, n_new, b, reps, **kw)
-            rep["gen"][f"{name}_b{b}"] = r
-            print(f"bf16 {name} batch {b}: {r}", flush=True)
-    rep["sample_text"] = res[0].text[:200]
-
-    # 3. step cost curve (bf16)
-    costs = step_costs(m, [1, 8], [4, 8, 16, 32, 64], iters=5 if args.quick else 50)
-    rep["step_ms"] = {str(b): {str(k): v * 1e3 for k, v in c.items()} for b, c in costs.items()}
-    for b, c in costs.items():
-        print(f"step b{b}: " + "  ".join(f"{k}:{v * 1e3:.3f}ms({v / c['ar']:.2f}x)" for k, v in c.items()), flush=True)
-
-    # 4. HF transformers eager generate, bf16, batch 1 (the baseline)
-    if args.hf:
-        try:
-            hf = load_hf(args.ckpt, "bfloat16")
-            pad = m.tokenizer.pad_token_id or 0
-            rep["gen"]["hf_b1"] = run_hf(hf, enc[:2], min(n_new, 64), 1, 1, m.eos_ids, pad)
-            print("hf b1:", rep["gen"]["hf_b1"], flush=True)
-        except Exception as e:  # the baseline is optional
-            rep["hf_error"] = repr(e)[:300]
-            print("hf failed:", rep["hf_error"], flush=True)
-
-    from medusa_jax.memory import peak_memory
-
-    rep["peak_memory"] = peak_memory()  # host RSS; device memory_stats() peak on an accelerator
-    os.makedirs(args.out, exist_ok=True)
-    with open(os.path.join(args.out, "device_check.json"), "w") as f:
-        json.dump(rep, f, indent=1)
-    g = rep["gen"]
-    print("\nSUMMARY", rep["machine"])
-    for k, v in g.items():
-        print(
-            f"  {k:10s} {v['tokens_per_s']:9.1f} tok/s  {v['tokens_per_step']:.2f} tok/step  compile {v['compile_s']:.1f}s"
-        )
-    for b, c in rep["step_ms"].items():
-        print(f"  steps b{b}: " + " ".join(f"{k}={v:.3f}" for k, v in c.items()))
-    print("  peak memory: " + ", ".join(f"{k} {v / 2**30:.2f} GiB" for k, v in rep["peak_memory"].items()))
+        configs = {"ar": ("ar", {}), "default": ("medusa", {}), "tree_lookup": ("medusa", tree_kw(args.quick))}
+        ps = enc[: max(b, 4)] if b == 1 else enc[:b]
+        out, per_rep, _ = run_ours_interleaved(model, ps, configs, n_new, b, reps)
+        rep.raw["speed"][f"b{b}"] = {"medians": out, "per_repeat_tokens_per_s": per_rep,
+                                     "default_tree": model.default_tree(b), "default_lookup": model.default_lookup(b)}  # fmt: skip
+        ar, dflt = out["ar"]["tokens_per_s"], out["default"]["tokens_per_s"]
+        if b == 1:
+            rep.row("AR tokens/s, batch 1 (bf16)", f"{ar:.0f} tok/s ({out['ar']['step_ms']:.2f} ms/step)",
+                    ar >= 2000, ">= 2000")  # fmt: skip
+        goal = 2.0 if b == 1 else 1.5
+        rep.row(f"default Medusa vs AR, batch {b}",
+                f"{dflt / ar:.2f}x ({dflt:.0f} vs {ar:.0f} tok/s, {out['default']['tokens_per_step']:.2f} tok/step)",
+                dflt / ar >= goal, f">= {goal}x")  # fmt: skip
+        tl = out["tree_lookup"]["tokens_per_s"]
+        kw = tree_kw(args.quick)
+        rep.row(f"{kw['tree']} + lookup {kw['lookup']} vs AR, batch {b}", f"{tl / ar:.2f}x", tl / ar >= 1.0, ">= 1.0x")
 
 
-def big_model_check(quick: bool) -> dict:
-    """A Llama-2-7B-shaped model with random bf16 weights: does the AR step move weights + cache near the measured
-    copy bandwidth, and what does a 64-node tree step cost against it? (issue 5 targets: >= 70%, <= 1.2x)"""
+def steps_section(args, rep: Report):
+    """Step cost of the real loop, mc_sim_7b_63 + lookup 10 against AR."""
+    from medusa_jax.calibrate import step_cost
+    from medusa_jax.tree import build_buffers, get_tree
+
+    model = load_model(args, "bfloat16")
+    kw = tree_kw(args.quick)
+    tree = build_buffers(get_tree(kw["tree"]), topk=10, num_heads=model.heads_config.num_heads, lookup=kw["lookup"])
+    iters, repeats = (3, 2) if args.quick else (30, 5)
+    prompt = [1] * (16 if args.quick else 128)
+    rep.raw["step_ms"] = {}
+    for b, goal in ((1, 1.35), (8, 1.6)):
+        ar = step_cost(model, prompt, b, build_buffers([], topk=1), None, iters, repeats)
+        md = step_cost(model, prompt, b, tree, model.heads, iters, repeats)
+        rep.raw["step_ms"][f"b{b}"] = {"ar": ar * 1e3, "tree_lookup": md * 1e3}
+        rep.row(f"step cost {kw['tree']} + lookup {kw['lookup']} / AR, batch {b}",
+                f"{md / ar:.2f}x ({md * 1e3:.2f} vs {ar * 1e3:.2f} ms)", md / ar <= goal, f"<= {goal}x")  # fmt: skip
+
+
+def big_section(args, rep: Report):
+    """A Llama-2-7B-shaped random bf16 model: AR step bandwidth, tree step, compiled-step proxies."""
     import jax
     import jax.numpy as jnp
 
@@ -131,24 +239,22 @@ def big_model_check(quick: bool) -> dict:
     from medusa_jax.bench import step_costs
     from medusa_jax.config import ModelConfig
     from medusa_jax.heads import HeadsConfig, init_heads
-    from medusa_jax.model import Transformer, causal_mask
+    from medusa_jax.hlo_stats import abstract_params, step_stats
 
     dims = dict(hidden_size=4096, intermediate_size=11008, num_layers=32, num_heads=32, num_kv_heads=32, head_dim=128)
-    if quick:
-        dims = dict(hidden_size=256, intermediate_size=512, num_layers=2, num_heads=4, num_kv_heads=4, head_dim=64)
+    if args.quick:
+        dims = dict(hidden_size=128, intermediate_size=256, num_layers=2, num_heads=4, num_kv_heads=4, head_dim=32)
     cfg = ModelConfig(vocab_size=32000, max_position_embeddings=4096, dtype="bfloat16", param_dtype="bfloat16",
                       tie_word_embeddings=False, **dims)  # fmt: skip
-    tokens = jnp.zeros((1, 4), jnp.int32)
-    init = lambda m: m.logits(m(tokens, tokens, causal_mask(4))[0])
-    t0 = time.perf_counter()
-    params = jax.jit(lambda k: Transformer(cfg).init(k, method=init)["params"])(jax.random.PRNGKey(0))
-    params = jax.tree.map(lambda a: (a * 0.02).astype(jnp.bfloat16) if a.ndim >= 2 else a, params)
-    jax.block_until_ready(params)
-    rep = {"init_s": time.perf_counter() - t0}
+    prefix = 512
+    stats = step_stats(cfg, 1, 1024)
+    rep.raw["big_proxies"] = stats
+    rep.row("7B-shaped AR step: nested while loops (compiled)", str(stats["while_depth"]), None, "informational")
+    rng = jax.random.PRNGKey(0)
+    params = jax.tree.map(lambda s: (jax.random.normal(rng, s.shape, jnp.float32) * 0.02).astype(s.dtype),
+                          abstract_params(cfg))  # fmt: skip
     nbytes = sum(a.size * a.dtype.itemsize for a in jax.tree.leaves(params))
-    rep["param_gb"] = nbytes / 1e9
-    # copy bandwidth: read + write of a 4 GB buffer
-    x = jnp.ones((1 << 30,) if not quick else (1 << 22,), jnp.float32)
+    x = jnp.ones((1 << 22,) if args.quick else (1 << 30,), jnp.float32)
     cp = jax.jit(lambda a: a + 1)
     jax.block_until_ready(cp(x))
     ts = []
@@ -156,21 +262,84 @@ def big_model_check(quick: bool) -> dict:
         t0 = time.perf_counter()
         jax.block_until_ready(cp(x))
         ts.append(time.perf_counter() - t0)
-    rep["copy_gb_s"] = 2 * x.size * 4 / min(ts) / 1e9
+    copy_gb_s = 2 * x.size * 4 / min(ts) / 1e9
     del x
-    model = MedusaModel(cfg, params, heads=init_heads(HeadsConfig(4, 1, False), params, scale=0.02,
-                                                      dtype=jnp.bfloat16))  # fmt: skip
-    prefix = 512
-    costs = step_costs(model, [1], [64], prefix=prefix, iters=5 if quick else 30)[1]
-    cache_gb = 2 * cfg.num_layers * (prefix + 128) * cfg.num_kv_heads * cfg.head_dim * 2 / 1e9
-    rep["ar_step_ms"] = costs["ar"] * 1e3
-    rep["tree64_step_ms"] = costs[64] * 1e3
-    rep["tree64_vs_ar"] = costs[64] / costs["ar"]
-    rep["ar_gb_s"] = (nbytes + cache_gb * 1e9) / costs["ar"] / 1e9
-    rep["ar_fraction_of_copy_bw"] = rep["ar_gb_s"] / rep["copy_gb_s"]
-    print("BIG", json.dumps(rep), flush=True)
-    return rep
+    heads = init_heads(HeadsConfig(4, 1, False), params, scale=0.02, dtype=jnp.bfloat16)
+    costs = step_costs(MedusaModel(cfg, params, heads=heads), [1], [64], prefix=prefix, iters=3 if args.quick else 30)[
+        1
+    ]
+    cache_bytes = 2 * cfg.num_layers * (prefix + 128) * cfg.num_kv_heads * cfg.head_dim * 2
+    frac = (nbytes + cache_bytes) / costs["ar"] / 1e9 / copy_gb_s
+    rep.raw["big"] = {"param_gb": nbytes / 1e9, "copy_gb_s": copy_gb_s, "ar_step_ms": costs["ar"] * 1e3,
+                      "tree64_step_ms": costs[64] * 1e3, "ar_fraction_of_copy_bw": frac}  # fmt: skip
+    rep.row("7B-shaped AR step: weights + cache moved / copy bandwidth",
+            f"{frac:.0%} ({costs['ar'] * 1e3:.2f} ms, copy {copy_gb_s:.0f} GB/s)", frac >= 0.7, ">= 70%")  # fmt: skip
+
+
+def calibrate_section(args, rep: Report, prompts: list[str]):
+    """A calibration of the bf16 model for this device, sized to fit the time budget."""
+    from medusa_jax import calibrate
+
+    model = load_model(args, "bfloat16")
+    enc = encode_all(model, prompts)
+    sizes = (2, 4) if args.quick else (4, 16, 64)
+    t0 = time.perf_counter()
+    cal = calibrate.calibrate(model, enc[:8], batch_sizes=(1, 8), sizes=sizes,
+                              max_new_tokens=16 if args.quick else 64, lookup=4 if args.quick else LOOKUP)  # fmt: skip
+    secs = time.perf_counter() - t0
+    name = f"calibration-{calibrate.device_key('bfloat16')}.json"
+    os.makedirs(args.out, exist_ok=True)
+    tmp = os.path.join(args.out, name + ".tmp")
+    with open(tmp, "w") as f:
+        json.dump(cal, f, indent=1)
+    os.replace(tmp, os.path.join(args.out, name))
+    rep.raw["calibration"] = {
+        "file": name,
+        "seconds": secs,
+        "trees": {b: v["best_size"] for b, v in cal["by_batch"].items()},
+    }
+    rep.row("GPU calibration time (bf16, batch 1 and 8)", f"{secs:.0f} s -> {name}", secs <= args.calibrate_budget,
+            f"<= {args.calibrate_budget:.0f} s")  # fmt: skip
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    from medusa_jax.prompts import read_prompts
+
+    path = args.prompts or default_prompt_file()
+    try:
+        prompts = read_prompts(path) if (args.prompts or os.path.exists(path)) else DEFAULT_PROMPTS
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    import jax
+
+    from medusa_jax.bench import machine
+
+    rep = Report()
+    rep.raw.update(machine=machine(), jax=jax.__version__, argv=sys.argv[1:] if argv is None else argv,
+                   prompts=path if prompts is not DEFAULT_PROMPTS else "built-in")  # fmt: skip
+    t_all = time.perf_counter()
+    run = {"parity": lambda: parity_section(args, rep, prompts), "speed": lambda: speed_section(args, rep, prompts),
+           "steps": lambda: steps_section(args, rep), "big": lambda: big_section(args, rep),
+           "calibrate": lambda: calibrate_section(args, rep, prompts)}  # fmt: skip
+    for s in args.sections:
+        t0 = time.perf_counter()
+        try:
+            run[s]()
+        except Exception as e:  # one failing section must not lose the others' figures
+            rep.row(f"section {s}", f"error: {type(e).__name__}: {str(e)[:200]}", False, "runs")
+        rep.raw.setdefault("section_s", {})[s] = round(time.perf_counter() - t0, 1)
+        rep.write(args.out)
+    rep.raw["total_s"] = round(time.perf_counter() - t_all, 1)
+    from medusa_jax.memory import peak_memory
+
+    rep.raw["peak_memory"] = peak_memory()  # host RSS; the device's memory_stats() peak on an accelerator
+    print("peak memory: " + ", ".join(f"{k} {v / 2**30:.2f} GiB" for k, v in rep.raw["peak_memory"].items()))
+    rep.write(args.out)
+    print("\n" + rep.markdown())
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())
