@@ -235,6 +235,9 @@ def rejection_paths(tokens, logits, loop: MedusaLoop, sp: SamplingParams, rng, v
     return accepted, jnp.take_along_axis(tokens, path_nodes, axis=1), path_nodes, banned
 
 
+UNROLL_ROWS = 16  # compaction writes up to this many rows unrolled, more in a loop
+
+
 def compact_cache(cache: KVCache, lengths, path_nodes) -> KVCache:
     """Move the K/V of each row's path nodes (slots `lengths + path_nodes`) to slots `lengths + 0..D`, in place: the
     path's `[N, B, D+1, K, Dh]` entries are gathered, then written row by row (a batched scatter, or a gather over all
@@ -244,9 +247,17 @@ def compact_cache(cache: KVCache, lengths, path_nodes) -> KVCache:
 
     def move(c):  # [N, B, S, K, Dh]
         path = jnp.take_along_axis(c, src[None, :, :, None, None], axis=2)  # [N, B, D+1, K, Dh]
-        for r in range(b):
-            c = jax.lax.dynamic_update_slice(c, path[:, r : r + 1], (0, r, lengths[r], 0, 0))
-        return c
+        zero = jnp.int32(0)
+
+        def put(r, c):
+            row = jax.lax.dynamic_slice_in_dim(path, r, 1, axis=1)
+            return jax.lax.dynamic_update_slice(c, row, (zero, r, lengths[r], zero, zero))
+
+        if b <= UNROLL_ROWS:  # a few rows: unrolled (no loop inside the step)
+            for r in range(b):
+                c = put(jnp.int32(r), c)
+            return c
+        return jax.lax.fori_loop(0, b, put, c)  # many rows: a loop, so the program does not grow with the batch
 
     if path_nodes.shape[1] == 1:  # root only: its K/V is already in place
         return cache

@@ -11,7 +11,15 @@ from medusa_jax.api import MedusaModel
 from medusa_jax.config import ModelConfig
 from medusa_jax.generation import LoopConfig, generate_ar, prefill_chunk, prefill_into
 from medusa_jax.heads import HeadsConfig, init_heads
-from medusa_jax.medusa_decode import MedusaLoop, Thresholds, compact_cache, generate_medusa, resolve_tree, tree_parents
+from medusa_jax.medusa_decode import (
+    UNROLL_ROWS,
+    MedusaLoop,
+    Thresholds,
+    compact_cache,
+    generate_medusa,
+    resolve_tree,
+    tree_parents,
+)
 from medusa_jax.model import KVCache, init_params
 from medusa_jax.sampling import SamplingParams
 
@@ -106,18 +114,23 @@ def test_prefill_chunk_sizes():
     assert prefill_chunk(smol, 16, 2000, 4096) == 2000  # uneven: one pass
 
 
-def test_compact_cache_moves_each_rows_path():
+@pytest.mark.parametrize("b", [3, 40])  # unrolled rows, and the loop over rows for large batches
+def test_compact_cache_moves_each_rows_path(b):
     rng = np.random.default_rng(0)
-    n, b, s, k, d = 2, 3, 24, 2, 4
+    n, s, k, d = 2, 24, 2, 4
     cache = KVCache(*(jnp.asarray(rng.normal(size=(n, b, s, k, d)), jnp.float32) for _ in range(2)))
-    lengths = np.array([0, 5, 11])
-    path = np.array([[0, 2, 5], [0, 1, 2], [0, 3, 4]])
-    out = jax.jit(compact_cache)(cache, jnp.asarray(lengths), jnp.asarray(path))
+    lengths = rng.integers(0, s - 6, size=b)
+    path = np.concatenate([np.zeros((b, 1), int), np.sort(rng.choice(np.arange(1, 6), (b, 2)), axis=1)], axis=1)
+    fn = jax.jit(compact_cache)
+    out = fn(cache, jnp.asarray(lengths), jnp.asarray(path))
     for old, new in ((cache.k, out.k), (cache.v, out.v)):
         want = np.array(old)
         for r in range(b):
             want[:, r, lengths[r] : lengths[r] + 3] = np.asarray(old)[:, r, lengths[r] + path[r]]
         np.testing.assert_array_equal(new, want)
+    # the program does not grow with the batch: no more than the unrolled rows' updates
+    hlo = fn.lower(cache, jnp.asarray(lengths), jnp.asarray(path)).as_text()
+    assert hlo.count("dynamic_update_slice") <= 2 * min(b, UNROLL_ROWS) + 2
 
 
 def test_plan_batches_by_budget():
