@@ -149,8 +149,8 @@ def write_run_dir(path: Path) -> Path:
 
     from medusa_jax.heads import HeadsConfig, init_heads
     from medusa_jax.model import init_params
-    from medusa_jax.train.config import dump, load_config
     from medusa_jax.run_io import TINY
+    from medusa_jax.train.config import dump, load_config
 
     cfg = load_config(str(REPO / "configs" / "tiny.yaml"), [f"run_dir={path}", "train.mode=medusa1"])
     path.mkdir()
