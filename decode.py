@@ -268,16 +268,17 @@ def choose_mode(model, args, n_prompts: int) -> tuple[str, str]:
 
     near = _nearest(cal, batch)
     rates = {int(n): float(v) for n, v in (near.get("expected_tokens_per_s") or {}).items()}
-    tree = model.default_tree(batch)
+    plan = model.plan(batch, temperature=args.temperature)  # the decision generate() and Session make
     where = f"this {cal.get('device', 'device')} calibration"
-    if not tree:
+    if plan.mode == "ar":
         best = max((n for n in rates if n), key=lambda n: rates[n], default=None)
         vs = (f" (best tree: {rates[best]:.1f} expected tokens/s vs {rates.get(0, 0):.1f} plain, under the "
               f"{cal.get('min_gain', 1.15)}x needed)" if best is not None and 0 in rates else "")  # fmt: skip
         return "ar", f"{k} Medusa heads loaded; {where} picks plain decoding at batch {batch}{vs}"
     lookup = model.default_lookup(batch)
     chain = f" + a {lookup}-node lookup chain" if lookup else ""
-    return "medusa", f"{k} Medusa heads loaded; {where} picks a {len(tree)}-node tree{chain} at batch {batch}"
+    nodes = plan.tree.num_nodes - plan.tree.lookup - 1
+    return "medusa", f"{k} Medusa heads loaded; {where} picks a {nodes}-node tree{chain} at batch {batch}"
 
 
 def check_options(model, mode: str, args) -> None:

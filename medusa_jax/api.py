@@ -14,7 +14,7 @@ import numpy as np
 
 from medusa_jax import checkpoint
 from medusa_jax.config import ModelConfig
-from medusa_jax.generation import LoopConfig, bucket, generate_ar
+from medusa_jax.generation import bucket
 from medusa_jax.heads import (
     HeadsConfig,
     attach_draft_vocab,
@@ -25,8 +25,10 @@ from medusa_jax.heads import (
     uses_root,
 )
 from medusa_jax.lookup import DEFAULT_LOOKUP
+from medusa_jax.medusa_decode import MedusaLoop, Thresholds, generate_medusa
 from medusa_jax.model import Transformer, causal_mask
 from medusa_jax.options import GenerateOptions, batch_key
+from medusa_jax.plan import DecodePlan, plan_decoding
 from medusa_jax.sampling import SamplingParams
 
 
@@ -137,35 +139,38 @@ class MedusaModel:
             raise ValueError("no prompts: give at least one prompt (a string or a list of token ids)")
         GenerateOptions.from_kwargs(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
                                     seed=seed, batch_size=batch_size, **medusa_kw)  # fmt: skip
-        auto = mode is None
-        mode = mode or ("medusa" if self.heads is not None else "ar")
-        if mode not in ("ar", "medusa"):
+        if mode not in (None, "ar", "medusa"):
             raise ValueError(f"mode must be 'ar' or 'medusa', got {mode!r}")
         if mode == "medusa" and self.heads is None:
             raise ValueError("mode='medusa' needs Medusa heads: load(ckpt, heads=PATH)")
         encoded = [self.encode(p, raw) for p in prompts]
         # more prompts than one batch: batch them by length (less padding in prefill, cache and attention)
-        batches = self.plan_batches(encoded, max_new_tokens, mode, batch_size, max_memory, medusa_kw)
+        run_mode = mode or ("medusa" if self.heads is not None else "ar")
+        batches = self.plan_batches(encoded, max_new_tokens, run_mode, batch_size, max_memory, medusa_kw)
         order = [j for idx in batches for j in idx] if len(batches) > 1 else None
         if order is not None:
             encoded = [encoded[j] for j in order]
+        th = Thresholds(
+            jnp.float32(medusa_kw.get("posterior_threshold", 0.09)), jnp.float32(medusa_kw.get("posterior_alpha", 0.3))
+        )
         results = []
         i = 0
         for j, size in enumerate(map(len, batches)):
             chunk, i = encoded[i : i + size], i + size
-            kw, m = dict(medusa_kw), mode
-            if m == "medusa" and "tree" not in kw:  # no tree named: the default tree and its lookup chain
-                kw.setdefault("lookup", self.default_lookup(len(chunk)))
-                calibrated = self.default_tree(len(chunk))
-                if calibrated:
-                    kw["tree"] = calibrated
-                elif auto and self.calibration is not None:
-                    m = "ar"  # calibrated: no tree pays off at this batch size on this device
-                    _warn_unused(medusa_kw, len(chunk))
-            results += self._generate_batch(chunk, max_new_tokens, temperature, top_p, top_k, batch_key(seed, j), m, kw)
+            plan = self.plan(size, mode=mode, temperature=temperature, **medusa_kw)
+            if plan.mode == "ar" and mode is None and self.calibration is not None and self.heads is not None:
+                _warn_unused(medusa_kw, size)
+            results += self._generate_batch(
+                chunk, max_new_tokens, temperature, top_p, top_k, batch_key(seed, j), plan, th
+            )
         if order is not None:
             results = [r for _, r in sorted(zip(order, results), key=lambda t: t[0])]
         return results
+
+    def plan(self, batch: int, mode: str | None = None, temperature: float = 0.0, **medusa_kw) -> DecodePlan:
+        """The decode plan (mode, tree, acceptance and why) for a batch of `batch` rows: `medusa_jax.plan`."""
+        kw = {k: medusa_kw[k] for k in ("tree", "lookup", "acceptance", "topk") if k in medusa_kw}
+        return plan_decoding(self, batch, mode=mode, greedy=temperature == 0.0, **kw)
 
     def plan_batches(self, encoded, max_new, mode, batch_size=None, max_memory=None, medusa_kw=None):
         """Prompt indices per batch, in run order: up to `batch_size` (default 16) prompts whose KV cache and
@@ -228,7 +233,7 @@ class MedusaModel:
             )
         return slots
 
-    def _generate_batch(self, encoded, max_new, temperature, top_p, top_k, rng, mode, medusa_kw):
+    def _generate_batch(self, encoded, max_new, temperature, top_p, top_k, rng, plan: DecodePlan, th):
         b = len(encoded)
         lengths = np.array([len(e) for e in encoded], np.int32)
         p_len = bucket(int(lengths.max()))
@@ -239,23 +244,22 @@ class MedusaModel:
         sp = SamplingParams.make(temperature if not greedy else 1.0, top_k, top_p)
         out_len = bucket(max_new, 16)
         t0 = time.perf_counter()
-        if mode == "ar":
-            slots = self.check_fits(int(lengths.max()), max_new)
-            loop = LoopConfig(out_len, slots, greedy, self.eos_ids)
-            out, num_out, steps = generate_ar(
-                self.cfg,
-                loop,
-                self.params,
-                jnp.asarray(tokens),
-                jnp.asarray(lengths),
-                jnp.int32(max_new),
-                sp,
-                rng,
-            )
-        else:
-            from medusa_jax.medusa_decode import run_medusa
-
-            out, num_out, steps = run_medusa(self, tokens, lengths, max_new, out_len, greedy, sp, rng, **medusa_kw)
+        extra = plan.tree.num_nodes + 1 if plan.mode == "medusa" else 0  # room for one tree beyond the output
+        slots = self.check_fits(int(lengths.max()), max_new, extra=extra)
+        loop = MedusaLoop(plan.tree, out_len, slots, plan.acceptance, self.eos_ids)
+        heads = self.heads if plan.mode == "medusa" else None  # plain decoding: the root-only loop, no heads
+        out, num_out, steps = generate_medusa(
+            self.cfg,
+            loop,
+            self.params,
+            heads,
+            jnp.asarray(tokens),
+            jnp.asarray(lengths),
+            jnp.int32(max_new),
+            sp,
+            th,
+            rng,
+        )
         out, num_out, steps = jax.device_get((out, num_out, steps))
         seconds = time.perf_counter() - t0
         results = []

@@ -22,13 +22,12 @@ from medusa_jax.medusa_decode import (
     MedusaLoop,
     Thresholds,
     continue_medusa,
-    resolve_tree,
     start_medusa,
 )
 from medusa_jax.model import KVCache
 from medusa_jax.options import GenerateOptions, batch_key
+from medusa_jax.plan import plan_decoding
 from medusa_jax.sampling import SamplingParams
-from medusa_jax.tree import build_buffers
 
 
 def common_prefix(a: list[int], b: list[int]) -> int:
@@ -85,25 +84,13 @@ class Session:
         opts = GenerateOptions(temperature=temperature, top_p=top_p, top_k=top_k, seed=seed, acceptance=acceptance,
                                lookup=lookup, topk=topk, posterior_threshold=posterior_threshold,
                                posterior_alpha=posterior_alpha)  # fmt: skip
-        if mode is None:
-            calibrated_ar = tree is None and model.calibration is not None and not model.default_tree(1)
-            mode = "medusa" if model.heads is not None and not calibrated_ar else "ar"
-        if mode not in ("ar", "medusa"):
-            raise ValueError(f"mode must be 'ar' or 'medusa', got {mode!r}")
-        if mode == "medusa" and model.heads is None:
-            raise ValueError("mode='medusa' needs Medusa heads: load(ckpt, heads=PATH)")
         greedy = opts.greedy
-        acceptance = "greedy" if greedy else (acceptance or "rejection")
         self.model = model
-        self.heads = model.heads if mode == "medusa" else None
-        if mode == "medusa":
-            if lookup is None and tree is None:
-                lookup = model.default_lookup(1)
-            tree = tree if tree is not None else (model.default_tree(1) or None)  # None: the backend's default
-            self.tree = resolve_tree(tree, model.heads_config.num_heads, topk, lookup)
-        else:
-            self.tree = build_buffers([], topk=1)  # root only: autoregressive
-        self.acceptance = acceptance
+        self.plan = plan_decoding(model, 1, mode=mode, tree=tree, lookup=lookup, acceptance=acceptance, greedy=greedy,
+                                  topk=topk)  # fmt: skip
+        self.heads = model.heads if self.plan.mode == "medusa" else None
+        self.tree = self.plan.tree
+        self.acceptance = self.plan.acceptance
         self.sp = SamplingParams.make(temperature if not greedy else 1.0, top_k, top_p)
         self.th = Thresholds(jnp.float32(posterior_threshold), jnp.float32(posterior_alpha))
         self.chunk_steps = max(1, int(chunk_steps))
