@@ -1,4 +1,5 @@
-"""Prefill and the jitted autoregressive decode loop (`jax.lax.while_loop`, nothing in Python per token).
+"""Pieces every decode shares: bucketed sizes, the (chunked) prefill, the vocabulary projection, EOS and output
+writes. The decode loop itself is `medusa_decode` (plain decoding is its root-only tree).
 
 Prompts are right-padded to a bucketed length; each row has its own length, so no row attends to padding.
 New token i of row b sits at cache slot (and position) `lengths[b] + i`.
@@ -6,16 +7,11 @@ New token i of row b sits at cache slot (and position) `lengths[b] + i`.
 
 from __future__ import annotations
 
-import dataclasses
-import functools
-
-import flax.struct
 import jax
 import jax.numpy as jnp
 
 from medusa_jax.config import ModelConfig
 from medusa_jax.model import KVCache, Transformer, causal_mask
-from medusa_jax.sampling import SamplingParams, sample
 
 
 def bucket(n: int, minimum: int = 32) -> int:
@@ -24,31 +20,6 @@ def bucket(n: int, minimum: int = 32) -> int:
     while b < n:
         b *= 2
     return b
-
-
-@dataclasses.dataclass(frozen=True)
-class LoopConfig:
-    """Static, hashable loop settings (part of the jit cache key)."""
-
-    max_new: int  # output buffer length (bucketed); the real limit is a traced argument
-    slots: int  # KV-cache slots
-    greedy: bool
-    eos_ids: tuple[int, ...]
-
-
-@flax.struct.dataclass
-class ARState:
-    """The while_loop carry. B rows; `out` `[B, max_new]` holds new tokens (pad -1)."""
-
-    cache: KVCache
-    lengths: jax.Array  # [B] tokens in the cache (prompt + accepted)
-    last: jax.Array  # [B] the newest token, not yet in the cache
-    out: jax.Array  # [B, max_new]
-    num_out: jax.Array  # [B]
-    steps: jax.Array  # [B] forward passes after the prefill while the row was live
-    done: jax.Array  # [B]
-    rng: jax.Array
-    step: jax.Array  # scalar
 
 
 def is_eos(tokens: jax.Array, eos_ids: tuple[int, ...]) -> jax.Array:
@@ -129,65 +100,3 @@ def append_tokens(out, num_out, tokens, counts, live):
     cols = jnp.where(ok, cols, out.shape[1])  # out of range -> dropped
     rows = jnp.broadcast_to(jnp.arange(out.shape[0])[:, None], cols.shape)
     return out.at[rows, cols].set(tokens, mode="drop")
-
-
-@functools.partial(jax.jit, static_argnums=(0, 1))
-def generate_ar(
-    cfg: ModelConfig,
-    loop: LoopConfig,
-    params,
-    tokens: jax.Array,
-    lengths: jax.Array,
-    max_new: jax.Array,
-    sp: SamplingParams,
-    rng: jax.Array,
-):
-    """Autoregressive generation. tokens `[B, P]`, lengths `[B]`, max_new scalar (≤ loop.max_new).
-
-    Returns (out `[B, loop.max_new]` padded with -1, num_out `[B]`, steps `[B]`)."""
-    b = tokens.shape[0]
-    last_hidden, cache = prefill(cfg, params, tokens, lengths, loop.slots)
-    rng, key = jax.random.split(rng)
-    first = sample(lm_logits(cfg, params, last_hidden), key, sp, loop.greedy)
-    out = jnp.full((b, loop.max_new), -1, jnp.int32).at[:, 0].set(first)
-    done = is_eos(first, loop.eos_ids) | (max_new <= 1)
-    state = ARState(
-        cache,
-        lengths,
-        first,
-        out,
-        jnp.ones((b,), jnp.int32),
-        jnp.zeros((b,), jnp.int32),
-        done,
-        rng,
-        jnp.zeros((), jnp.int32),
-    )
-    model = Transformer(cfg)
-
-    def cond(s: ARState):
-        return ~jnp.all(s.done)
-
-    def body(s: ARState):
-        hidden, cache = model.apply(
-            {"params": params}, s.last[:, None], s.lengths[:, None], causal_mask(1), s.cache, s.lengths
-        )
-        rng, key = jax.random.split(s.rng)
-        nxt = sample(lm_logits(cfg, params, hidden[:, 0]), key, sp, loop.greedy)
-        live = ~s.done
-        out = append_tokens(s.out, s.num_out, nxt[:, None], jnp.ones((b,), jnp.int32), live)
-        num_out = s.num_out + live
-        done = s.done | is_eos(nxt, loop.eos_ids) | (num_out >= max_new)
-        return ARState(
-            cache,
-            s.lengths + live,
-            jnp.where(live, nxt, s.last),
-            out,
-            num_out,
-            s.steps + live,
-            done,
-            rng,
-            s.step + 1,
-        )
-
-    state = jax.lax.while_loop(cond, body, state)
-    return state.out, state.num_out, state.steps

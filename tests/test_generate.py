@@ -49,7 +49,7 @@ def check_against_reference(results, refs, eos):
     for n, (r, ref) in enumerate(zip(results, refs)):
         assert r.output_ids == ref, f"prompt {n}: first difference at token {_first_diff(r.output_ids, ref)}"
         assert r.new_tokens == len(r.output_ids)
-        assert r.steps == r.new_tokens - 1  # AR: the prefill makes the first token
+        assert r.steps == r.new_tokens  # plain decoding: the root-only loop, one forward and one token per step
         assert len(r.output_ids) == MAX_NEW or r.output_ids[-1] in eos
 
 
@@ -85,10 +85,10 @@ def test_per_sequence_eos_stop(smollm2):
     short, long_ = smollm2.generate([SHORT_ANSWER, LONG_ANSWER], max_new_tokens=MAX_NEW, mode="ar")
     assert short.output_ids[-1] in eos and short.new_tokens < MAX_NEW, "precondition: the short answer ends early"
     assert not any(t in eos for t in short.output_ids[:-1])
-    assert short.new_tokens == len(short.output_ids) and short.steps == short.new_tokens - 1
+    assert short.new_tokens == len(short.output_ids) and short.steps == short.new_tokens
     # the other row keeps going after the first one stopped
     assert long_.new_tokens == MAX_NEW == len(long_.output_ids) and not any(t in eos for t in long_.output_ids)
-    assert long_.steps == MAX_NEW - 1
+    assert long_.steps == MAX_NEW
     # and each row is what it would be alone
     assert smollm2.generate(SHORT_ANSWER, max_new_tokens=MAX_NEW)[0].output_ids == short.output_ids
 
@@ -97,7 +97,7 @@ def test_per_sequence_eos_stop(smollm2):
 def test_max_new_tokens_respected(smollm2, max_new):
     (r,) = smollm2.generate(LONG_ANSWER, max_new_tokens=max_new, mode="ar")
     assert r.new_tokens == len(r.output_ids) == max_new
-    assert r.steps == max_new - 1
+    assert r.steps == max_new
     full = smollm2.generate(LONG_ANSWER, max_new_tokens=32, mode="ar")[0].output_ids
     assert r.output_ids == full[:max_new]
 

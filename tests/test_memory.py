@@ -9,7 +9,7 @@ import pytest
 from medusa_jax import memory
 from medusa_jax.api import MedusaModel
 from medusa_jax.config import ModelConfig
-from medusa_jax.generation import LoopConfig, generate_ar, prefill_chunk, prefill_into
+from medusa_jax.generation import prefill_chunk, prefill_into
 from medusa_jax.heads import HeadsConfig, init_heads
 from medusa_jax.medusa_decode import (
     UNROLL_ROWS,
@@ -22,6 +22,7 @@ from medusa_jax.medusa_decode import (
 )
 from medusa_jax.model import KVCache, init_params
 from medusa_jax.sampling import SamplingParams
+from medusa_jax.tree import build_buffers
 
 # mid-size: a real model's proportions (GQA, head dim 64), small enough to compile in seconds
 MID = ModelConfig(
@@ -57,16 +58,12 @@ def test_generate_temporaries_within_bound(mode):
     heads = {"blocks": {"kernel": S((k, 1, e, e), jnp.float32), "bias": S((k, 1, e), jnp.float32)}}
     heads["proj"] = {"kernel": S((k, e, v), jnp.float32)}
     args = (S((b, p), jnp.int32), S((b,), jnp.int32), S((), jnp.int32), _abstract(SamplingParams.make(1.0, 0, 1.0)))
-    if mode == "medusa":
-        tree = resolve_tree("mc_sim_7b_63", k, 10, 10)
-        loop = MedusaLoop(tree, 128, slots, "greedy", (2,))
-        th = Thresholds(S((), jnp.float32), S((), jnp.float32))
-        compiled = generate_medusa.lower(MID, loop, params, heads, *args, th, S((2,), jnp.uint32)).compile()
-        nodes, internal = tree.num_nodes, len(tree_parents(tree)[1])
-    else:
-        compiled = generate_ar.lower(MID, LoopConfig(128, slots, True, (2,)), params, *args, S((2,), jnp.uint32))
-        compiled = compiled.compile()
-        nodes = internal = 1
+    tree = resolve_tree("mc_sim_7b_63", k, 10, 10) if mode == "medusa" else build_buffers([], topk=1)
+    loop = MedusaLoop(tree, 128, slots, "greedy", (2,))
+    th = Thresholds(S((), jnp.float32), S((), jnp.float32))
+    heads = heads if mode == "medusa" else None  # plain decoding: the root-only loop without heads
+    compiled = generate_medusa.lower(MID, loop, params, heads, *args, th, S((2,), jnp.uint32)).compile()
+    nodes, internal = (tree.num_nodes, len(tree_parents(tree)[1])) if mode == "medusa" else (1, 1)
     temp = compiled.memory_analysis().temp_size_in_bytes
     weights = _nbytes(params)
     bound = 2 * (weights + memory.kv_bytes(MID, b, slots) + memory.logits_bytes(MID, b, internal))

@@ -101,7 +101,7 @@ def test_notebook_runs(tmp_path, monkeypatch):
     for name in ("plain", "medusa", "default"):
         res = ns[name]
         assert res.text.strip() and res.new_tokens == 5 and res.tokens_per_step >= 1, name
-    assert ns["plain"].steps == 5 - 1  # plain decoding: one token per step after the prefill's
+    assert ns["plain"].steps == 5  # plain decoding: the root-only loop, one forward and one token per step
     assert len(ns["replies"]) == 2 and all(r.strip() for r in ns["replies"])
     assert len(ns["chat"].messages) == 4  # two user turns, two answers
     run_dir = work / "runs" / "quickstart" / "run"
