@@ -267,9 +267,11 @@ def main(argv=None) -> int:
                 kw["lookup"] = args.lookup
             run_mode = mode
             if mode == "medusa" and not args.tree and model.calibration is not None:
-                # the calibrated choice for this batch size: its tree, or plain AR when no tree pays off
-                report["calibrated_tree"] = model.default_tree(args.batch_size)
-                report["calibrated_lookup"] = model.default_lookup(args.batch_size)
+                # the calibrated choice for this batch size (as generate() makes it): its tree, or plain decoding
+                plan = model.plan(args.batch_size)
+                report["calibrated_tree"] = plan.tree.choices if plan.mode == "medusa" else []
+                report["calibrated_lookup"] = plan.tree.lookup
+                report["calibrated_reason"] = plan.reason
                 run_mode = None
             ours[mode] = (run_mode, kw)
         per_rep = {}

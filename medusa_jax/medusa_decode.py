@@ -29,7 +29,6 @@ from medusa_jax.generation import append_tokens, is_eos, lm_logits, prefill_into
 from medusa_jax.heads import base_lm_head, draft_logits, root_embedding, uses_root
 from medusa_jax.lookup import lookup_draft, write_tokens
 from medusa_jax.model import KVCache, Transformer
-from medusa_jax.options import ACCEPTANCE
 from medusa_jax.ranking import top_candidates
 from medusa_jax.sampling import SamplingParams, process_logits
 from medusa_jax.tree import TreeBuffers, build_buffers, get_tree
@@ -433,47 +432,6 @@ def resolve_tree(tree, num_heads: int, topk: int = 10, lookup: int | None = None
     return build_buffers(choices, topk=topk, num_heads=num_heads, lookup=lookup or 0)
 
 
-def run_medusa(
-    model,
-    tokens: np.ndarray,
-    lengths: np.ndarray,
-    max_new: int,
-    out_len: int,
-    greedy: bool,
-    sp: SamplingParams,
-    rng,
-    tree=None,
-    acceptance: str | None = None,
-    posterior_threshold: float = 0.09,
-    posterior_alpha: float = 0.3,
-    topk: int = 10,
-    lookup: int | None = None,
-):
-    """Host wrapper used by `MedusaModel.generate(mode="medusa")`."""
-    acceptance = acceptance or ("greedy" if greedy else "rejection")
-    if acceptance not in ACCEPTANCE:
-        raise ValueError(f"acceptance must be one of {', '.join(ACCEPTANCE)}, got {acceptance!r}")
-    if greedy:
-        acceptance = "greedy"  # T = 0: every acceptance rule degenerates to greedy
-    k = model.heads_config.num_heads
-    buffers = resolve_tree(tree if tree is not None else model.tree, k, topk, lookup)
-    slots = model.check_fits(int(lengths.max()), max_new, extra=buffers.num_nodes + 1)
-    loop = MedusaLoop(buffers, out_len, slots, acceptance, model.eos_ids)
-    th = Thresholds(jnp.float32(posterior_threshold), jnp.float32(posterior_alpha))
-    return generate_medusa(
-        model.cfg,
-        loop,
-        model.params,
-        model.heads,
-        jnp.asarray(tokens),
-        jnp.asarray(lengths),
-        jnp.int32(max_new),
-        sp,
-        th,
-        rng,
-    )
-
-
 __all__ = [
     "MedusaLoop",
     "MedusaState",
@@ -481,6 +439,5 @@ __all__ = [
     "continue_medusa",
     "generate_medusa",
     "resolve_tree",
-    "run_medusa",
     "start_medusa",
 ]
