@@ -61,3 +61,20 @@ def publish_dir(tmp: str, final: str) -> bool:
 def discard(tmp: str | None) -> None:
     if tmp:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def store(final: str, write) -> None:
+    """Builds an entry with `write(tmp_dir)` and publishes it as `final`. A cache that cannot be written (full,
+    read-only) only costs the conversion next time; any other error propagates, with nothing left behind."""
+    tmp = new_dir(final)
+    if tmp is None:
+        return
+    try:
+        write(tmp)
+    except OSError:
+        discard(tmp)
+        return
+    except BaseException:
+        discard(tmp)
+        raise
+    publish_dir(tmp, final)

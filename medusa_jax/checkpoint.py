@@ -385,13 +385,7 @@ def cached_gguf(path: str, dtype=np.float32) -> tuple[ModelConfig, dict]:
 
             shutil.rmtree(entry, ignore_errors=True)
     cfg, params = load_gguf(path, dtype)
-    tmp = cache.new_dir(entry)
-    if tmp is not None:
-        try:
-            write_params_entry(tmp, cfg, params)
-            cache.publish_dir(tmp, entry)
-        except OSError:
-            cache.discard(tmp)  # a full or read-only cache only costs the conversion next time
+    cache.store(entry, lambda tmp: write_params_entry(tmp, cfg, params))
     return cfg, params
 
 

@@ -34,13 +34,7 @@ def load_tokenizer(path: str):
         except (OSError, ValueError, KeyError):
             pass  # an unreadable entry (e.g. from another version): rebuild it below
     backend, kwargs = gguf_tokenizer(path)
-    tmp = cache.new_dir(cached)
-    if tmp is not None:
-        try:
-            write(tmp, backend, kwargs)
-            cache.publish_dir(tmp, cached)
-        except OSError:
-            cache.discard(tmp)  # a full or read-only cache only costs the conversion next time
+    cache.store(cached, lambda tmp: write(tmp, backend, kwargs))
     return wrap(backend, kwargs)
 
 
