@@ -53,7 +53,19 @@ def build_parser() -> argparse.ArgumentParser:
         help="Medusa heads: a directory/file/hub id, a shipped set (smollm2_medusa1, smollm2_medusa2), or none "
         "(default: the shipped heads for the embedded model)",
     )
-    m.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32", help="compute dtype")
+    m.add_argument(
+        "--dtype",
+        choices=("float32", "bfloat16"),
+        default="float32",
+        help="the weights' dtype; activations and the KV cache stay float32, so greedy Medusa output equals plain "
+        "decoding (default: float32)",
+    )
+    m.add_argument(
+        "--activations",
+        choices=("float32", "bfloat16"),
+        help="bfloat16: activations and KV cache in bfloat16 too (half the cache memory; greedy output may then "
+        "differ from plain decoding after near-ties)",
+    )
     i = p.add_argument_group("prompts")
     i.add_argument("--prompt", action="append", default=[], metavar="TEXT", help="a prompt (repeatable)")
     i.add_argument("--prompts-file", metavar="F.jsonl", help='JSONL with "prompt" or "turns" (first turn used)')
@@ -459,7 +471,7 @@ def main(argv: list[str] | None = None) -> int:
         import medusa_jax
 
         heads = False if args.heads == "none" else args.heads
-        model = medusa_jax.load(args.ckpt, dtype=args.dtype, heads=heads)  # CheckpointError
+        model = medusa_jax.load(args.ckpt, dtype=args.dtype, activations=args.activations, heads=heads)
         if model.tokenizer is None:
             raise InputError(f"{args.ckpt} has no tokenizer files: decode.py needs them to read text prompts")
         mode, why = choose_mode(model, args, 1 if args.chat else len(prompts))

@@ -59,7 +59,7 @@ for r in (1, 2, 3, 6, 17):
 @jax.jit
 def hd(h):
     root_emb = jnp.ones_like(h) if "root" in heads else None
-    lg, ids = draft_logits(heads, h, lm, cfg.jnp_dtype, root_emb)
+    lg, ids = draft_logits(heads, h, lm, cfg.jnp_matmul_dtype, root_emb)
     return jax.lax.top_k(lg, 10)
 
 

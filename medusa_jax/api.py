@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from medusa_jax import checkpoint
-from medusa_jax.config import ModelConfig
+from medusa_jax.config import ModelConfig, check_numerics
 from medusa_jax.generation import bucket
 from medusa_jax.heads import (
     HeadsConfig,
@@ -326,7 +326,7 @@ def shipped_heads(name: str) -> str | None:
 def load(
     ckpt: str | None = None,
     dtype: str = "float32",
-    param_dtype: str | None = None,
+    activations: str | None = None,
     heads: str | bool | None = None,
     tokenizer: bool = True,
     draft_vocab: bool | int = True,
@@ -338,17 +338,19 @@ def load(
     training run directory (or one step's checkpoint in it), or None for the embedded default
     (SmolLM2-135M-Instruct). heads: a heads directory/file/hub id, a shipped head set's name, False for none, or
     None: a Medusa-2 checkpoint's own heads, or the shipped default heads for the embedded model.
-    dtype: compute dtype ("float32" or "bfloat16"); param_dtype defaults to dtype. draft_vocab: use the reduced
+    dtype: the weights and the inputs of their matmuls ("float32", "bfloat16" or "float16"); sums, activations
+    and the KV cache stay float32, which keeps greedy Medusa output equal to plain decoding. activations:
+    "bfloat16" for bfloat16 activations and KV cache too (half the cache memory; greedy output may then differ
+    from plain decoding after near-ties). draft_vocab: use the reduced
     draft vocabulary saved beside the heads (`draft_vocab.json`), if any: True (all of it), an int (its first N
     tokens) or False (the heads draft from the full vocabulary). scan_unroll: layers per iteration of the layer loop;
     `num_layers` removes the loop (on a 2-core CPU ~25% faster decode steps for SmolLM2, 2-3x longer compiles)."""
-    if dtype not in ("float32", "bfloat16", "float16"):
-        raise ValueError(f"dtype must be float32, bfloat16 or float16, got {dtype!r}")
+    check_numerics(dtype, activations)  # before any reading
     if ckpt is not None and os.path.isdir(ckpt):
         from medusa_jax.run_io import is_run_dir
 
         if is_run_dir(ckpt):
-            return load_run(ckpt, dtype=dtype, tokenizer=tokenizer)
+            return load_run(ckpt, dtype=dtype, tokenizer=tokenizer, activations=activations)
     if isinstance(heads, str) and shipped_heads(heads):
         heads = shipped_heads(heads)
     if heads is None and ckpt in (None, "default", "smollm2"):
@@ -366,9 +368,7 @@ def load(
             medusa2[name] = arr
 
     cfg, np_params = checkpoint.read_backbone(path, on_unknown=collect)
-    cfg = cfg.replace(
-        dtype=dtype, param_dtype=param_dtype or dtype, scan_unroll=max(1, min(scan_unroll, cfg.num_layers))
-    )
+    cfg = cfg.for_inference(dtype, activations).replace(scan_unroll=max(1, min(scan_unroll, cfg.num_layers)))
     params = jax.tree.map(lambda a: jnp.asarray(a, cfg.jnp_param_dtype), np_params)
     tok = _load_tokenizer(path) if tokenizer else None
     model = MedusaModel(cfg, params, tok, name=os.path.basename(path.rstrip("/")))
@@ -412,10 +412,10 @@ def with_heads(model: MedusaModel, heads: str, dtype: str, draft_vocab: bool | i
     return dataclasses.replace(model, heads=found, tree=tree, calibration=calibration)
 
 
-def load_run(path: str, dtype: str = "float32", tokenizer: bool = True) -> MedusaModel:
+def load_run(path: str, dtype: str = "float32", tokenizer: bool = True, activations: str | None = None) -> MedusaModel:
     """A training run directory (its latest checkpoint) or one step's directory in it -> a `MedusaModel` with the
     run's trained heads, its LoRA merged (or its fine-tuned backbone) and the backbone's tokenizer."""
     from medusa_jax.run_io import read_run
 
-    run = read_run(path, dtype=dtype, tokenizer=tokenizer)
+    run = read_run(path, dtype=dtype, tokenizer=tokenizer, activations=activations)
     return MedusaModel(run.cfg, run.params, run.tokenizer, heads=run.heads, name=run.name, train_config=run.config)

@@ -156,7 +156,7 @@ def calibrate(model, prompts: list, batch_sizes=(1, 8, 32), sizes=TREE_SIZES, ma
     def per_chain(values: dict, c: int, fmt) -> dict:  # {(n, c): x} -> {"n": x} for one chain length (AR as 0)
         return {str(n): fmt(x) for (n, cc), x in values.items() if cc == c or n == 0}
 
-    out = {"device": device_key(model.cfg.dtype), "accuracy": accuracy, "lookup": lookup, "min_gain": min_gain,
+    out = {"device": device_key(model.cfg.param_dtype), "accuracy": accuracy, "lookup": lookup, "min_gain": min_gain,
            "expected_tokens_per_step": per_chain(expected, 0, lambda x: round(float(x), 4)),
            "order": paths, "by_batch": {}}  # fmt: skip
     if lookup:

@@ -8,6 +8,14 @@ from typing import Any
 import jax.numpy as jnp
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
+INFERENCE_DTYPES = ("float32", "bfloat16", "float16")
+
+
+def check_numerics(dtype: str, activations: str | None = None) -> None:
+    """ValueError unless both name a dtype `load()` decodes in."""
+    for name, value in (("dtype", dtype), ("activations", activations or "float32")):
+        if value not in INFERENCE_DTYPES:
+            raise ValueError(f"{name} must be one of {', '.join(INFERENCE_DTYPES)}, got {value!r}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -41,8 +49,11 @@ class ModelConfig:
     model_type: str = "llama"
     bos_token_id: int | None = None
     eos_token_ids: tuple[int, ...] = ()
-    dtype: str = "float32"  # compute dtype
-    param_dtype: str = "float32"
+    dtype: str = "float32"  # activations: residual stream, norms, attention, KV cache
+    param_dtype: str = "float32"  # weights as stored
+    matmul_dtype: str | None = None  # inputs of the weight matmuls (None: dtype); they accumulate in float32
+    matmul_passes: int = 1  # wider activations enter matmul_dtype matmuls split into this many parts (model.matmul)
+    precision: str = "default"  # jax.lax precision of float32 matmuls ("highest": no TF32 on GPUs)
     remat: bool = False  # rematerialize each layer in the backward pass
     scan_unroll: int = 1  # layers per while-loop iteration (num_layers: no loop; see Transformer)
 
@@ -53,6 +64,24 @@ class ModelConfig:
     @property
     def jnp_param_dtype(self):
         return jnp.dtype(self.param_dtype)
+
+    @property
+    def jnp_matmul_dtype(self):
+        return jnp.dtype(self.matmul_dtype or self.dtype)
+
+    def for_inference(self, dtype: str = "float32", activations: str | None = None) -> ModelConfig:
+        """The numerics `load()` decodes with. dtype: the weights and the inputs of their matmuls. activations: the
+        residual stream, norms, attention and KV cache, float32 unless given. Float32 activations keep greedy
+        Medusa output equal to plain decoding with bfloat16 weights: a verification forward of many tokens and a
+        one-token step sum in different orders, and bfloat16 activations (above all a bfloat16 KV cache) round
+        those float32 differences into whole bfloat16 steps. So do bfloat16 matmul inputs: float32 activations enter
+        the bfloat16 matmuls in two parts (~16 mantissa bits; `model.matmul`). Float32 matmuls run at full precision
+        (no TF32)."""
+        check_numerics(dtype, activations)
+        act = activations or "float32"
+        return self.replace(
+            dtype=act, param_dtype=dtype, matmul_dtype=dtype, matmul_passes=2, precision="highest", remat=False
+        )
 
     def replace(self, **kw) -> ModelConfig:
         return dataclasses.replace(self, **kw)

@@ -269,7 +269,7 @@ def head_logits_at(cfg: ModelConfig, params, heads, hidden: jax.Array, root: jax
     if heads is None:
         return jnp.zeros((0, hidden.shape[0], 1), jnp.float32)
     root_emb = root_embedding(params, root) if uses_root(heads) else None
-    return draft_logits(heads, hidden, base_lm_head(params), cfg.jnp_dtype, root_emb)[0]
+    return draft_logits(heads, hidden, base_lm_head(params), cfg.jnp_matmul_dtype, root_emb)[0]
 
 
 def draft_ids_of(heads):

@@ -4,12 +4,15 @@ Params are an explicit pytree; the KV cache is an explicit pytree passed in and 
 positions and an explicit block mask, so AR decoding, prefill and Medusa tree verification share one code path.
 Layers run under `nn.scan` (one compiled layer body).
 
+Numerics (`ModelConfig`): weights in `param_dtype`; every weight matmul takes its inputs in `matmul_dtype` (float32
+activations split over `matmul_passes` parts, see `matmul`) and sums in float32; activations (residual stream,
+norms, attention, the KV cache) are in `dtype`.
+
 Shapes: B batch, T new tokens, S cache slots, E hidden, H query heads, K kv heads, D head dim, V vocab, N layers.
 """
 
 from __future__ import annotations
 
-import functools
 import math
 
 import flax.linen as nn
@@ -106,18 +109,55 @@ class RMSNorm(nn.Module):
         return (xf * scale.astype(jnp.float32)).astype(self.dtype)
 
 
-def _dense(cfg: ModelConfig, features: int, name: str, bias: bool = False, f32_out: bool = False) -> nn.Dense:
-    """f32_out: accumulate and return float32 whatever the compute dtype (the vocabulary projection)."""
-    kw = {"dot_general": functools.partial(jax.lax.dot_general, preferred_element_type=jnp.float32)} if f32_out else {}
-    return nn.Dense(
-        features,
-        **kw,
-        use_bias=bias,
-        dtype=cfg.jnp_dtype,
-        param_dtype=cfg.jnp_param_dtype,
-        kernel_init=nn.initializers.normal(0.02),
-        name=name,
-    )
+def f32_precision(cfg: ModelConfig, dtype) -> str | None:
+    """The configured precision for float32 matmul inputs (e.g. "highest": no TF32); the backend's default else."""
+    return cfg.precision if jnp.dtype(dtype) == jnp.float32 else None
+
+
+def matmul(cfg: ModelConfig, spec: str, x: jax.Array, w: jax.Array) -> jax.Array:
+    """einsum of activations `x` with weights `w` (e.g. "...e,ef->...f"), summed and returned in float32.
+
+    The inputs go in as the matmul dtype. With `cfg.matmul_passes` = n > 1, activations of a wider dtype are split
+    into n parts of the matmul dtype (x = x1 + x2 + ..., each the rounding of what is left), stacked as extra rows of
+    one matmul and summed: n = 2 carries ~16 mantissa bits of float32 activations into bfloat16 matmuls at the weight
+    traffic of one pass (the weights are read once; the rows double)."""
+    dt = cfg.jnp_matmul_dtype
+    prec = f32_precision(cfg, dt)
+    passes = cfg.matmul_passes if x.dtype != dt and jnp.finfo(x.dtype).bits > jnp.finfo(dt).bits else 1
+    if passes == 1:
+        return jnp.einsum(spec, x.astype(dt), w.astype(dt), precision=prec, preferred_element_type=jnp.float32)
+    rest = x.astype(jnp.float32)
+    parts = []
+    for _ in range(passes):
+        parts.append(rest.astype(dt))
+        rest = rest - parts[-1].astype(jnp.float32)
+    lhs, rhs = spec.split(",")
+    split_spec = f"z{lhs},{rhs.replace('->', '->z')}"  # z: the parts, as extra rows
+    y = jnp.einsum(split_spec, jnp.stack(parts), w.astype(dt), precision=prec, preferred_element_type=jnp.float32)
+    return y.sum(0)
+
+
+class Dense(nn.Module):
+    """`x @ kernel (+ bias)` over the last axis (param names as `nn.Dense`). Returns the activation dtype, or float32
+    with `f32_out` (the vocabulary projection)."""
+
+    cfg: ModelConfig
+    features: int
+    use_bias: bool = False
+    f32_out: bool = False
+
+    @nn.compact
+    def __call__(self, x):
+        cfg = self.cfg
+        kernel = self.param("kernel", nn.initializers.normal(0.02), (x.shape[-1], self.features), cfg.jnp_param_dtype)
+        y = matmul(cfg, "...e,ef->...f", x, kernel)
+        if self.use_bias:
+            y = y + self.param("bias", nn.initializers.zeros, (self.features,), cfg.jnp_param_dtype).astype(y.dtype)
+        return y if self.f32_out else y.astype(cfg.jnp_dtype)
+
+
+def _dense(cfg: ModelConfig, features: int, name: str, bias: bool = False, f32_out: bool = False) -> Dense:
+    return Dense(cfg, features, bias, f32_out, name=name)
 
 
 class Attention(nn.Module):
@@ -138,11 +178,14 @@ class Attention(nn.Module):
             ck, cv = write_cache(cache_kv[0], k, layer, cache_start), write_cache(cache_kv[1], v, layer, cache_start)
             k, v, cache_kv = ck[layer], cv[layer], (ck, cv)
         q = q.reshape(b, t, kh, h // kh, d)
-        scores = jnp.einsum("btkgd,bskd->bkgts", q, k.astype(q.dtype), preferred_element_type=jnp.float32)
+        prec = f32_precision(cfg, q.dtype)
+        scores = jnp.einsum(
+            "btkgd,bskd->bkgts", q, k.astype(q.dtype), precision=prec, preferred_element_type=jnp.float32
+        )
         scores = scores / math.sqrt(d)
         scores = jnp.where(mask[:, None, None, :, :], scores, NEG_INF)
         probs = jax.nn.softmax(scores, axis=-1).astype(cfg.jnp_dtype)
-        out = jnp.einsum("bkgts,bskd->btkgd", probs, v.astype(cfg.jnp_dtype)).reshape(b, t, h * d)
+        out = jnp.einsum("bkgts,bskd->btkgd", probs, v.astype(cfg.jnp_dtype), precision=prec).reshape(b, t, h * d)
         return _dense(cfg, cfg.hidden_size, "o_proj", cfg.o_bias)(out), cache_kv
 
 
@@ -241,14 +284,12 @@ class Transformer(nn.Module):
         return self.norm(x), (None if cache is None else KVCache(ck, cv))
 
     def logits(self, hidden: jax.Array) -> jax.Array:
-        """hidden `[..., E]` -> float32 logits `[..., V]`, accumulated and returned in float32 also for bfloat16
-        weights: bfloat16 logits (resolution 0.125 near |logit| 20) tie and flip greedy choices whenever a forward
-        of many tokens (Medusa's verification) and of one token sum in a different order."""
+        """hidden `[..., E]` -> float32 logits `[..., V]`, summed in float32 also for bfloat16 weights: bfloat16
+        logits (resolution 0.125 near |logit| 20) tie and flip greedy choices whenever a forward of many tokens
+        (Medusa's verification) and of one token sum in a different order."""
         if not self.cfg.tie_word_embeddings:
             return self.lm_head(hidden)
-        dt = self.cfg.jnp_dtype
-        w = self.embed.embedding.astype(dt)  # [V, E]
-        return jnp.einsum("...e,ve->...v", hidden.astype(dt), w, preferred_element_type=jnp.float32)
+        return matmul(self.cfg, "...e,ve->...v", hidden, self.embed.embedding)
 
 
 def causal_mask(t: int) -> jax.Array:

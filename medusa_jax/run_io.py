@@ -162,7 +162,7 @@ class RunParts:
     config: str  # the resolved training config, YAML
 
 
-def read_run(path: str, dtype: str = "float32", tokenizer: bool = True) -> RunParts:
+def read_run(path: str, dtype: str = "float32", tokenizer: bool = True, activations: str | None = None) -> RunParts:
     """The run's trained heads, backbone (LoRA merged) and tokenizer, from its latest checkpoint or one step's."""
     import orbax.checkpoint as ocp
 
@@ -200,7 +200,7 @@ def read_run(path: str, dtype: str = "float32", tokenizer: bool = True) -> RunPa
     elif "lora" in trainable:
         rank, alpha = int(lora_conf.get("rank", 0)), float(lora_conf.get("alpha", 16.0))
         backbone = lora_lib.merge(backbone, trainable["lora"], rank, alpha)
-    mc = cfg_mc.replace(dtype=dtype, param_dtype=dtype, remat=False)
+    mc = cfg_mc.for_inference(dtype, activations)
     params = jax.tree.map(lambda a: jnp.asarray(a, mc.jnp_param_dtype), backbone)
     heads = jax.tree.map(lambda a: jnp.asarray(a, mc.jnp_param_dtype), trainable["heads"])
     return RunParts(mc, params, tok, heads, f"{os.path.basename(run)}@{step}", text)

@@ -50,7 +50,7 @@ def head_ranks(model, seq: list[int]) -> np.ndarray:
     hidden = model.forward([seq]).hidden[0]  # [n, E]
     roots = jnp.asarray(seq[1:] + [0], jnp.int32)  # the token after t (on greedy answers: the root at t)
     lm, embed = base_lm_head(model.params), model.params["embed"]
-    rank = np.array(_ranks(model.cfg.jnp_dtype, heads, lm, embed, hidden, jnp.asarray(targets), roots, col))
+    rank = np.array(_ranks(model.cfg.jnp_matmul_dtype, heads, lm, embed, hidden, jnp.asarray(targets), roots, col))
     for h in range(k):
         rank[h, max(n - h - 2, 0) :] = UNPROPOSABLE
     return rank

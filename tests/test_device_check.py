@@ -24,11 +24,13 @@ def test_quick_parity_report(device_check, tmp_path):
     prompts.write_text("".join(json.dumps({"prompt": f"prompt number {i} " * (i + 1)}) + "\n" for i in range(6)))
     out = tmp_path / "out"
     argv = ["--ckpt", "tiny", "--quick", "--prompts", str(prompts), "--out", str(out),
-            "--skip", "speed,steps,big,calibrate", "--parity-prompts", "3", "--parity-modes", "f32"]  # fmt: skip
+            "--skip", "speed,steps,big,calibrate", "--parity-prompts", "3", "--parity-modes", "f32,bf16act"]  # fmt: skip
     assert device_check.main(argv) == 0
     rep = json.loads((out / "device_check.json").read_text())
     rows = {r["target"]: r for r in rep["rows"]}
-    assert len(rows) == 2 and all(r["status"] == "PASS" for r in rows.values()), rows
+    assert len(rows) == 4, rows
+    assert [r["status"] for r in rows.values()] == ["PASS", "PASS", "INFO", "INFO"], rows  # no goal for bf16act
+    assert rows["parity bfloat16 activations too, batch 1 (12 tokens)"]["goal"] == "informational"
     assert rep["parity"]["float32 (full precision) b8"]["rows"] == 3
     table = (out / "device_check.md").read_text()
     assert "| parity float32 (full precision), batch 8 (12 tokens) | >= 3/3 | 3/3 equal | PASS |" in table

@@ -62,6 +62,41 @@ def test_bfloat16_compute_and_param_dtypes():
     assert float(jnp.abs(got - ref).max()) > 0  # really computed in bfloat16
 
 
+def test_float32_activations_enter_bfloat16_matmuls_in_two_parts():
+    """`matmul` with float32 activations and bfloat16 weights: one bfloat16 pass rounds the activations to 8 mantissa
+    bits; the inference numerics' two parts keep ~16, so the sums land within float32 noise of the exact ones."""
+    from medusa_jax.model import matmul
+
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.normal(size=(5, 3, 256)) * rng.uniform(0.1, 10, (5, 3, 1)), jnp.float32)
+    w = jnp.asarray(rng.normal(size=(256, 64)), jnp.bfloat16)
+    exact = np.asarray(x, np.float64) @ np.asarray(w, np.float64)
+    cfg = CFG.for_inference("bfloat16")
+    assert (cfg.dtype, cfg.param_dtype, cfg.matmul_dtype, cfg.matmul_passes) == ("float32", "bfloat16", "bfloat16", 2)
+    err = {n: np.abs(np.asarray(matmul(cfg.replace(matmul_passes=n), "...e,ef->...f", x, w)) - exact).max()
+           for n in (1, 2, 3)}  # fmt: skip
+    scale = np.abs(exact).max()
+    assert err[1] > 5e-4 * scale  # bfloat16 inputs: ~2^-9 relative per element
+    assert err[2] < 2e-5 * scale and err[3] < 2e-6 * scale, err
+    # bfloat16 activations go in as they are (one pass)
+    xb = x.astype(jnp.bfloat16)
+    one = matmul(cfg.replace(matmul_passes=1), "...e,ef->...f", xb, w)
+    np.testing.assert_array_equal(np.asarray(matmul(cfg, "...e,ef->...f", xb, w)), np.asarray(one))
+
+
+def test_inference_numerics_keep_float32_activations_and_cache():
+    cfg = CFG.for_inference("bfloat16")
+    params = jax.tree.map(lambda a: a.astype(jnp.bfloat16), init_params(cfg.replace(param_dtype="float32"), seed=4))
+    tokens = jnp.arange(6)[None] % 64
+    h, cache = Transformer(cfg).apply({"params": params}, tokens, tokens, causal_mask(6), KVCache.zeros(cfg, 1, 8),
+                                      jnp.zeros((1,), jnp.int32))  # fmt: skip
+    assert h.dtype == jnp.float32 and cache.k.dtype == jnp.float32
+    pure = CFG.for_inference("bfloat16", activations="bfloat16")
+    assert KVCache.zeros(pure, 1, 8).k.dtype == jnp.bfloat16 and pure.matmul_dtype == "bfloat16"
+    with np.testing.assert_raises_regex(ValueError, "activations must be one of float32, bfloat16, float16"):
+        CFG.for_inference("bfloat16", activations="int8")
+
+
 def test_remat_gives_same_values_and_grads():
     params = init_params(CFG, seed=3)
     tokens = jax.random.randint(jax.random.PRNGKey(2), (2, 6), 0, 64)

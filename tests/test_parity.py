@@ -1,5 +1,5 @@
 """Our logits against HF transformers' PyTorch models on the same weights (float32, CPU), and greedy Medusa output
-against greedy AR output with bfloat16 weights.
+against greedy AR output in bfloat16.
 
 Tiny random Llama / Mistral / Qwen2 models are created with transformers and saved as safetensors; the SmolLM2
 GGUF is loaded by both. Criterion: max |ours - theirs| <= 1e-4 * max |theirs|.
@@ -194,24 +194,21 @@ def test_logits_accumulate_in_float32_with_bfloat16_weights():
 
 
 @pytest.fixture(scope="module")
-def smollm2_bf16_weights(smollm2):
-    """SmolLM2 with bfloat16 weights and float32 activations (`load(dtype="float32", param_dtype="bfloat16")`),
-    with the shipped heads."""
-    import jax
-    import jax.numpy as jnp
-
-    cfg = smollm2.cfg.replace(param_dtype="bfloat16")
-    params = jax.tree.map(lambda a: a.astype(jnp.bfloat16), smollm2.params)
-    return medusa_jax.MedusaModel(cfg, params, smollm2.tokenizer, heads=smollm2.heads)
+def smollm2_bf16(smollm2):
+    """SmolLM2 as `load(dtype="bfloat16")` decodes it (bfloat16 weights, float32 activations and KV cache), with the
+    shipped heads."""
+    model = medusa_jax.load(dtype="bfloat16")
+    assert model.heads is not None and model.cfg.param_dtype == "bfloat16"
+    return model
 
 
 @pytest.mark.parametrize("batch,n", [(1, 4), (8, 8)])
-def test_smollm2_bf16_weights_medusa_greedy_equals_ar(smollm2_bf16_weights, dev_prompts, batch, n):
-    """Greedy Medusa (trained heads, a tree and a lookup chain) returns exactly the AR tokens with bfloat16 weights
-    and float32 activations, on varied held-out prompts, one at a time or in one batch of 8. (With bfloat16
-    activations the verification forward of many tokens and the one-token step round differently, and rows differ.)"""
+def test_smollm2_bf16_medusa_greedy_equals_ar(smollm2_bf16, dev_prompts, batch, n):
+    """Greedy Medusa (trained heads, a tree and a lookup chain) returns exactly the AR tokens in bfloat16, on varied
+    held-out prompts, one at a time or in one batch of 8. (With bfloat16 activations the verification forward of
+    many tokens and the one-token step round differently, and rows differ: `activations="bfloat16"`.)"""
     from medusa_jax.parity import greedy_parity, varied_prompts
 
     prompts = varied_prompts(dev_prompts, 8)[:n]
-    r = greedy_parity(smollm2_bf16_weights, prompts, 32, batch, tree="cpu_16", lookup=10)
+    r = greedy_parity(smollm2_bf16, prompts, 32, batch, tree="cpu_16", lookup=10)
     assert r["equal"] == r["rows"], f"first differences: {r['first_diff']}"
