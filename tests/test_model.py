@@ -60,6 +60,12 @@ def test_bfloat16_compute_and_param_dtypes():
         assert float(jnp.abs(out - ref).max()) < 0.015 * scale
         assert float(jnp.sqrt(jnp.mean((out - ref) ** 2))) < 0.01 * rms
     assert float(jnp.abs(got - ref).max()) > 0  # really computed in bfloat16
+    # the inference numerics (bfloat16 weights, float32 activations in two-part matmuls): only the weights' rounding
+    weights_only = full_logits(CFG, jax.tree.map(lambda a: a.astype(jnp.bfloat16).astype(jnp.float32), params), tokens)
+    bf16 = jax.tree.map(lambda a: a.astype(jnp.bfloat16), params)
+    inference = full_logits(CFG.for_inference("bfloat16"), bf16, tokens)
+    err = float(jnp.abs(inference - weights_only).max())
+    assert err < 1e-4 * scale < float(jnp.abs(got - weights_only).max()), err
 
 
 def test_float32_activations_enter_bfloat16_matmuls_in_two_parts():
