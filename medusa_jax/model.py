@@ -156,10 +156,6 @@ class Dense(nn.Module):
         return y if self.f32_out else y.astype(cfg.jnp_dtype)
 
 
-def _dense(cfg: ModelConfig, features: int, name: str, bias: bool = False, f32_out: bool = False) -> Dense:
-    return Dense(cfg, features, bias, f32_out, name=name)
-
-
 class Attention(nn.Module):
     cfg: ModelConfig
 
@@ -170,9 +166,9 @@ class Attention(nn.Module):
         cfg = self.cfg
         b, t, _ = x.shape
         h, kh, d = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
-        q = _dense(cfg, h * d, "q_proj", cfg.qkv_bias)(x).reshape(b, t, h, d)
-        k = _dense(cfg, kh * d, "k_proj", cfg.qkv_bias)(x).reshape(b, t, kh, d)
-        v = _dense(cfg, kh * d, "v_proj", cfg.qkv_bias)(x).reshape(b, t, kh, d)
+        q = Dense(cfg, h * d, cfg.qkv_bias, name="q_proj")(x).reshape(b, t, h, d)
+        k = Dense(cfg, kh * d, cfg.qkv_bias, name="k_proj")(x).reshape(b, t, kh, d)
+        v = Dense(cfg, kh * d, cfg.qkv_bias, name="v_proj")(x).reshape(b, t, kh, d)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache_kv is not None:
             ck, cv = write_cache(cache_kv[0], k, layer, cache_start), write_cache(cache_kv[1], v, layer, cache_start)
@@ -186,7 +182,7 @@ class Attention(nn.Module):
         scores = jnp.where(mask[:, None, None, :, :], scores, NEG_INF)
         probs = jax.nn.softmax(scores, axis=-1).astype(cfg.jnp_dtype)
         out = jnp.einsum("bkgts,bskd->btkgd", probs, v.astype(cfg.jnp_dtype), precision=prec).reshape(b, t, h * d)
-        return _dense(cfg, cfg.hidden_size, "o_proj", cfg.o_bias)(out), cache_kv
+        return Dense(cfg, cfg.hidden_size, cfg.o_bias, name="o_proj")(out), cache_kv
 
 
 def write_cache(cache: jax.Array, new: jax.Array, layer, start: jax.Array) -> jax.Array:
@@ -212,9 +208,9 @@ class MLP(nn.Module):
     @nn.compact
     def __call__(self, x):
         cfg = self.cfg
-        gate = _dense(cfg, cfg.intermediate_size, "gate_proj")(x)
-        up = _dense(cfg, cfg.intermediate_size, "up_proj")(x)
-        return _dense(cfg, cfg.hidden_size, "down_proj")(nn.silu(gate) * up)
+        gate = Dense(cfg, cfg.intermediate_size, name="gate_proj")(x)
+        up = Dense(cfg, cfg.intermediate_size, name="up_proj")(x)
+        return Dense(cfg, cfg.hidden_size, name="down_proj")(nn.silu(gate) * up)
 
 
 class DecoderLayer(nn.Module):
@@ -262,7 +258,7 @@ class Transformer(nn.Module):
         )(cfg)
         self.norm = RMSNorm(cfg.rms_norm_eps, cfg.jnp_dtype, cfg.jnp_param_dtype)
         if not cfg.tie_word_embeddings:
-            self.lm_head = _dense(cfg, cfg.vocab_size, "lm_head", f32_out=True)
+            self.lm_head = Dense(cfg, cfg.vocab_size, f32_out=True, name="lm_head")
 
     def __call__(
         self,
