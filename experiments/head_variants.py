@@ -18,11 +18,11 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from medusa_jax import sharding as sh
 from medusa_jax.heads import HeadsConfig, base_lm_head, init_heads, root_embedding
 from medusa_jax.train import backbone as trainer
 from medusa_jax.train import data as data_lib
 from medusa_jax.train import hidden, losses
-from medusa_jax.train import sharding as sh
 
 
 def main():

@@ -11,9 +11,10 @@ from collections.abc import Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import Mesh
 
 from medusa_jax import checkpoint
-from medusa_jax.config import ModelConfig, check_numerics
+from medusa_jax.config import ModelConfig, check_numerics, default_dtype
 from medusa_jax.generation import bucket
 from medusa_jax.heads import (
     HeadsConfig,
@@ -30,6 +31,7 @@ from medusa_jax.model import Transformer, causal_mask
 from medusa_jax.options import GenerateOptions, batch_key
 from medusa_jax.plan import DecodePlan, plan_decoding
 from medusa_jax.sampling import SamplingParams
+from medusa_jax.sharding import inference_mesh, param_shardings, replicated, shard_global, to_host
 
 
 @dataclasses.dataclass
@@ -67,6 +69,7 @@ class MedusaModel:
     calibration: dict | None = None  # the tree per batch size measured for this device and dtype (`calibrate`)
     train_config: str | None = None  # the resolved training config (YAML) of a run directory
     max_cache: int = 0  # cache positions a conversation may use (0: the model's context length)
+    mesh: Mesh | None = None  # the decoding mesh the params and heads are sharded over (None: one device)
 
     def __post_init__(self):
         if not self.max_cache:
@@ -91,10 +94,10 @@ class MedusaModel:
         """Full causal forward without cache. token_ids `[B, T]` ints -> base logits `[B, T, V]`, head logits
         `[K, B, T, V]` (None without heads; root_token heads at t see token t+1, at the last position the base
         argmax), final hidden states `[B, T, E]`."""
-        tokens = jnp.asarray(token_ids, jnp.int32)
+        tokens = np.asarray(token_ids, np.int32)
         if tokens.ndim == 1:
             tokens = tokens[None]
-        logits, medusa, hidden = _forward(self.cfg, self.params, self.heads, tokens)
+        logits, medusa, hidden = _forward(self.cfg, self.params, self.heads, *self.host_inputs(tokens))
         return ForwardResult(logits, medusa, hidden)
 
     # ------------------------------------------------------------------ generate
@@ -233,6 +236,13 @@ class MedusaModel:
             )
         return slots
 
+    def host_inputs(self, *arrays):
+        """Host arrays -> device arrays: replicated over the mesh (each process places its own devices' copies,
+        from the same host data), or on the default device without a mesh."""
+        if self.mesh is None:
+            return tuple(jnp.asarray(a) for a in arrays)
+        return tuple(shard_global([np.asarray(a) for a in arrays], [replicated(self.mesh)] * len(arrays)))
+
     def _generate_batch(self, encoded, max_new, temperature, top_p, top_k, rng, plan: DecodePlan, th):
         b = len(encoded)
         lengths = np.array([len(e) for e in encoded], np.int32)
@@ -246,21 +256,12 @@ class MedusaModel:
         t0 = time.perf_counter()
         extra = plan.tree.num_nodes + 1 if plan.mode == "medusa" else 0  # room for one tree beyond the output
         slots = self.check_fits(int(lengths.max()), max_new, extra=extra)
-        loop = MedusaLoop(plan.tree, out_len, slots, plan.acceptance, self.eos_ids)
+        loop = MedusaLoop(plan.tree, out_len, slots, plan.acceptance, self.eos_ids, self.mesh)
         heads = self.heads if plan.mode == "medusa" else None  # plain decoding: the root-only loop, no heads
         out, num_out, steps = generate_medusa(
-            self.cfg,
-            loop,
-            self.params,
-            heads,
-            jnp.asarray(tokens),
-            jnp.asarray(lengths),
-            jnp.int32(max_new),
-            sp,
-            th,
-            rng,
+            self.cfg, loop, self.params, heads, *self.host_inputs(tokens, lengths), jnp.int32(max_new), sp, th, rng
         )
-        out, num_out, steps = jax.device_get((out, num_out, steps))
+        out, num_out, steps = (to_host(x) for x in (out, num_out, steps))
         seconds = time.perf_counter() - t0
         results = []
         for r in range(b):
@@ -325,12 +326,13 @@ def shipped_heads(name: str) -> str | None:
 
 def load(
     ckpt: str | None = None,
-    dtype: str = "float32",
+    dtype: str | None = None,
     activations: str | None = None,
     heads: str | bool | None = None,
     tokenizer: bool = True,
     draft_vocab: bool | int = True,
     scan_unroll: int = 1,
+    mesh=None,
 ) -> MedusaModel:
     """Load a backbone (and optional Medusa heads).
 
@@ -338,19 +340,25 @@ def load(
     training run directory (or one step's checkpoint in it), or None for the embedded default
     (SmolLM2-135M-Instruct). heads: a heads directory/file/hub id, a shipped head set's name, False for none, or
     None: a Medusa-2 checkpoint's own heads, or the shipped default heads for the embedded model.
-    dtype: the weights and the inputs of their matmuls ("float32", "bfloat16" or "float16"); sums, activations
-    and the KV cache stay float32, which keeps greedy Medusa output equal to plain decoding. activations:
+    dtype: the weights and the inputs of their matmuls ("float32", "bfloat16" or "float16"; None: float32 on CPUs,
+    bfloat16 on accelerators, `config.default_dtype`); sums, activations and the KV cache stay float32, which keeps
+    greedy Medusa output equal to plain decoding. activations:
     "bfloat16" for bfloat16 activations and KV cache too (half the cache memory; greedy output may then differ
     from plain decoding after near-ties). draft_vocab: use the reduced
     draft vocabulary saved beside the heads (`draft_vocab.json`), if any: True (all of it), an int (its first N
     tokens) or False (the heads draft from the full vocabulary). scan_unroll: layers per iteration of the layer loop;
-    `num_layers` removes the loop (on a 2-core CPU ~25% faster decode steps for SmolLM2, 2-3x longer compiles)."""
+    `num_layers` removes the loop (on a 2-core CPU ~25% faster decode steps for SmolLM2, 2-3x longer compiles).
+    mesh: decode sharded over devices: a `jax.sharding.Mesh` with the axes `sharding.MESH_AXES`, or "DATAxMODEL" /
+    (data, model), e.g. "1x8": rows over DATA devices, heads, MLP and vocabulary over MODEL (`medusa_jax.sharding`).
+    None: one device."""
+    dtype = dtype or default_dtype()[0]
     check_numerics(dtype, activations)  # before any reading
+    mesh = None if mesh is None else inference_mesh(mesh)
     if ckpt is not None and os.path.isdir(ckpt):
         from medusa_jax.run_io import is_run_dir
 
         if is_run_dir(ckpt):
-            return load_run(ckpt, dtype=dtype, tokenizer=tokenizer, activations=activations)
+            return load_run(ckpt, dtype=dtype, tokenizer=tokenizer, activations=activations, mesh=mesh)
     if isinstance(heads, str) and shipped_heads(heads):
         heads = shipped_heads(heads)
     if heads is None and ckpt in (None, "default", "smollm2"):
@@ -379,7 +387,25 @@ def load(
 
         found = check_heads(heads_from_tensors(medusa2, "medusa_head."), model, {"source": path})
         model = dataclasses.replace(model, heads=found)
-    return model
+    return place(model, mesh)
+
+
+def place(model: MedusaModel, mesh) -> MedusaModel:
+    """`model` with its params and heads in their shards on `mesh` (`sharding.param_shardings`; attention split by
+    whole heads). Arrays already in their shards stay where they are; others are placed from host copies, each
+    process placing its own devices' slices. mesh None: `model` as it is."""
+    if mesh is None:
+        return model
+    mesh = inference_mesh(mesh)
+
+    def put(tree):
+        if tree is None:
+            return None
+        shardings = param_shardings(tree, mesh, model.cfg.head_dim)
+        same = lambda x, s: isinstance(x, jax.Array) and x.sharding.is_equivalent_to(s, x.ndim)
+        return jax.tree.map(lambda x, s: x if same(x, s) else shard_global(np.asarray(x), s), tree, shardings)
+
+    return dataclasses.replace(model, params=put(model.params), heads=put(model.heads), mesh=mesh)
 
 
 def with_heads(model: MedusaModel, heads: str, dtype: str, draft_vocab: bool | int = True) -> MedusaModel:
@@ -409,13 +435,16 @@ def with_heads(model: MedusaModel, heads: str, dtype: str, draft_vocab: bool | i
         tree_file = os.path.join(folder, "tree.json")
         tree = get_tree(tree_file) if os.path.exists(tree_file) else None  # a fixed tree shipped with these heads
         calibration = read_calibration(folder, dtype)  # trees sized to this device, per batch size
-    return dataclasses.replace(model, heads=found, tree=tree, calibration=calibration)
+    return place(dataclasses.replace(model, heads=found, tree=tree, calibration=calibration), model.mesh)
 
 
-def load_run(path: str, dtype: str = "float32", tokenizer: bool = True, activations: str | None = None) -> MedusaModel:
+def load_run(
+    path: str, dtype: str = "float32", tokenizer: bool = True, activations: str | None = None, mesh=None
+) -> MedusaModel:
     """A training run directory (its latest checkpoint) or one step's directory in it -> a `MedusaModel` with the
     run's trained heads, its LoRA merged (or its fine-tuned backbone) and the backbone's tokenizer."""
     from medusa_jax.run_io import read_run
 
     run = read_run(path, dtype=dtype, tokenizer=tokenizer, activations=activations)
-    return MedusaModel(run.cfg, run.params, run.tokenizer, heads=run.heads, name=run.name, train_config=run.config)
+    model = MedusaModel(run.cfg, run.params, run.tokenizer, heads=run.heads, name=run.name, train_config=run.config)
+    return place(model, mesh)

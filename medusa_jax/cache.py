@@ -78,3 +78,19 @@ def store(final: str, write) -> None:
         discard(tmp)
         raise
     publish_dir(tmp, final)
+
+
+def atomic_write_text(path: str, text: str) -> None:
+    """Write `text` to `path` through a temp file in the same directory renamed into place: a reader sees the old
+    file or the whole new one, never part of it."""
+    import tempfile
+
+    out_dir = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}-", suffix=".tmp", dir=out_dir)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise

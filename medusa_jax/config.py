@@ -18,6 +18,44 @@ def check_numerics(dtype: str, activations: str | None = None) -> None:
             raise ValueError(f"{name} must be one of {', '.join(INFERENCE_DTYPES)}, got {value!r}")
 
 
+# Backbones by hub id, as their Hugging Face config.json (enough to plan and compile for them without a download).
+KNOWN_CONFIGS: dict[str, dict[str, Any]] = {
+    "lmsys/vicuna-7b-v1.3": dict(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
+                                 num_attention_heads=32, num_key_value_heads=32, max_position_embeddings=2048),
+    "meta-llama/Meta-Llama-3-8B-Instruct": dict(vocab_size=128256, hidden_size=4096, intermediate_size=14336,
+                                                num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8,
+                                                rope_theta=500000.0, rms_norm_eps=1e-5, max_position_embeddings=8192),
+    "meta-llama/Meta-Llama-3-70B-Instruct": dict(vocab_size=128256, hidden_size=8192, intermediate_size=28672,
+                                                 num_hidden_layers=80, num_attention_heads=64, num_key_value_heads=8,
+                                                 rope_theta=500000.0, rms_norm_eps=1e-5, max_position_embeddings=8192),
+}  # fmt: skip
+KNOWN_ALIASES = {"vicuna-7b": "lmsys/vicuna-7b-v1.3", "llama-3-8b": "meta-llama/Meta-Llama-3-8B-Instruct",
+                 "llama-3-70b": "meta-llama/Meta-Llama-3-70B-Instruct"}  # fmt: skip
+
+
+def known_config(name: str) -> ModelConfig | None:
+    """The ModelConfig of a known backbone (hub id, its base-model id, or a short alias), else None."""
+    name = KNOWN_ALIASES.get(name.lower(), name)
+    hf = KNOWN_CONFIGS.get(name) or KNOWN_CONFIGS.get(f"{name}-Instruct")
+    return None if hf is None else ModelConfig.from_hf(dict(hf, model_type="llama"))
+
+
+def default_dtype(backend: str | None = None) -> tuple[str, str]:
+    """(the weights' dtype `load()` uses when none is given, why): float32 on CPUs, bfloat16 on accelerators (half
+    the weight memory and traffic; float32 activations and KV cache keep greedy Medusa output equal to plain
+    decoding)."""
+    if backend is None:
+        import jax
+
+        backend = jax.default_backend()
+    if backend == "cpu":
+        return "float32", "float32 weights on the CPU (the default there; --dtype bfloat16 halves their memory)"
+    return "bfloat16", (
+        f"bfloat16 weights with float32 activations and KV cache on {backend} (the default on accelerators; "
+        "--dtype float32 for full-precision weights)"
+    )
+
+
 @dataclasses.dataclass(frozen=True)
 class RopeScaling:
     """Llama-3 style RoPE frequency scaling (`rope_type: llama3`)."""

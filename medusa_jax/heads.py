@@ -51,9 +51,13 @@ def uses_root(params: dict | None) -> bool:
     return params is not None and "root" in params
 
 
-def heads_hidden(params: dict, hidden: jax.Array, dtype=None, root_emb: jax.Array | None = None) -> jax.Array:
+def heads_hidden(
+    params: dict, hidden: jax.Array, dtype=None, root_emb: jax.Array | None = None, layout=None
+) -> jax.Array:
     """hidden `[..., E]` (and for root_token heads the root token's input embedding `root_emb` `[..., E]`) ->
-    per-head features after the ResBlocks `[K, ..., E]`."""
+    per-head features after the ResBlocks `[K, ..., E]`. layout: applied to each ResBlock's output (on a device
+    mesh, a constraint that gathers the few `[K, ..., E]` activations, so that the next contraction over E, and the
+    vocabulary projection split by vocabulary, run without moving weights)."""
     dtype = dtype or hidden.dtype
     w = params["blocks"]["kernel"].astype(dtype)
     bias = params["blocks"]["bias"].astype(dtype)
@@ -65,6 +69,8 @@ def heads_hidden(params: dict, hidden: jax.Array, dtype=None, root_emb: jax.Arra
         if j == 0 and uses_root(params):
             y = y + jnp.einsum("...e,kef->k...f", root_emb.astype(dtype), params["root"]["kernel"].astype(dtype))
         x = x + jax.nn.silu(y)
+        if layout is not None:
+            x = layout(x)
     return x
 
 
@@ -80,11 +86,14 @@ def sequence_roots(tokens: jax.Array, logits: jax.Array) -> jax.Array:
     return jnp.concatenate([tokens[..., 1:], last], axis=-1)
 
 
-def heads_logits(params: dict, hidden: jax.Array, lm_head: jax.Array, dtype=None, root_emb=None) -> jax.Array:
+def heads_logits(
+    params: dict, hidden: jax.Array, lm_head: jax.Array, dtype=None, root_emb=None, layout=None
+) -> jax.Array:
     """hidden `[..., E]` -> float32 head logits `[K, ..., V]`. `lm_head` `[E, V]` is used when the heads share it;
-    `root_emb` `[..., E]`: the root token's embedding, for root_token heads (ignored by plain heads)."""
+    `root_emb` `[..., E]`: the root token's embedding, for root_token heads (ignored by plain heads); layout: as in
+    `heads_hidden`."""
     dtype = dtype or hidden.dtype
-    x = heads_hidden(params, hidden, dtype, root_emb)
+    x = heads_hidden(params, hidden, dtype, root_emb, layout)
     if "proj" in params:
         out = jnp.einsum("k...e,kev->k...v", x, params["proj"]["kernel"].astype(dtype))
     else:
@@ -130,14 +139,14 @@ def attach_draft_vocab(params: dict, lm_head: jax.Array, ids) -> dict:
 
 
 def draft_logits(
-    params: dict, hidden: jax.Array, lm_head: jax.Array, dtype=None, root_emb=None
+    params: dict, hidden: jax.Array, lm_head: jax.Array, dtype=None, root_emb=None, layout=None
 ) -> tuple[jax.Array, jax.Array | None]:
     """hidden `[..., E]` (+ `root_emb` `[..., E]` for root_token heads) -> (float32 logits `[K, ..., Vd]`, token ids
-    of the Vd columns `[Vd]` or None for the full vocabulary)."""
+    of the Vd columns `[Vd]` or None for the full vocabulary). layout: as in `heads_hidden`."""
     if "draft" not in params:
-        return heads_logits(params, hidden, lm_head, dtype, root_emb), None
+        return heads_logits(params, hidden, lm_head, dtype, root_emb, layout), None
     dtype = dtype or hidden.dtype
-    x = heads_hidden(params, hidden, dtype, root_emb)
+    x = heads_hidden(params, hidden, dtype, root_emb, layout)
     kernel = params["draft"]["kernel"].astype(dtype)
     spec = "k...e,kev->k...v" if kernel.ndim == 3 else "k...e,ev->k...v"
     return jnp.einsum(spec, x, kernel).astype(jnp.float32), params["draft"]["ids"]

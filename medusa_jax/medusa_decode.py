@@ -23,6 +23,8 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from medusa_jax.config import ModelConfig
 from medusa_jax.generation import append_tokens, is_eos, lm_logits, prefill_into
@@ -43,6 +45,7 @@ class MedusaLoop:
     slots: int  # KV-cache slots (prompt + output + one tree)
     acceptance: str  # "greedy" | "typical" | "rejection"
     eos_ids: tuple[int, ...]
+    mesh: Mesh | None = None  # a decoding mesh (`medusa_jax.sharding`): the state is kept in its shards
 
 
 @flax.struct.dataclass
@@ -60,6 +63,32 @@ class MedusaState:
     done: jax.Array  # [B]
     rng: jax.Array
     seq: jax.Array  # [B, S] every token by cache slot, -1 unknown (the lookup chain's source; [B, 0] without one)
+
+
+def constrain_state(s: MedusaState, mesh: Mesh | None) -> MedusaState:
+    """Pin the loop carry to its shards on `mesh` (no-op without one): the cache as `KVCache.constrain`, per-row
+    arrays by rows over data, the base logits `[B, V]` also by vocabulary over tensor (as the projection makes
+    them), so the carry keeps one layout through the while_loop and nothing is gathered between steps."""
+    if mesh is None:
+        return s
+    from medusa_jax.sharding import rows_sharding, spec_for
+
+    def rows(x):
+        return jax.lax.with_sharding_constraint(x, rows_sharding(mesh, x.shape))
+
+    logits_sh = NamedSharding(mesh, spec_for(("batch", "vocab"), s.logits.shape, mesh))
+    return s.replace(
+        cache=s.cache.constrain(mesh),
+        lengths=rows(s.lengths),
+        logits=jax.lax.with_sharding_constraint(s.logits, logits_sh),
+        hidden=rows(s.hidden),
+        banned=rows(s.banned),
+        out=rows(s.out),
+        num_out=rows(s.num_out),
+        steps=rows(s.steps),
+        done=rows(s.done),
+        seq=rows(s.seq),
+    )
 
 
 @flax.struct.dataclass
@@ -263,13 +292,15 @@ def compact_cache(cache: KVCache, lengths, path_nodes) -> KVCache:
     return KVCache(move(cache.k), move(cache.v))
 
 
-def head_logits_at(cfg: ModelConfig, params, heads, hidden: jax.Array, root: jax.Array) -> jax.Array:
+def head_logits_at(cfg: ModelConfig, params, heads, hidden: jax.Array, root: jax.Array, mesh=None) -> jax.Array:
     """hidden `[B, E]`, root `[B]` -> `[K, B, V]`, or `[K, B, Vd]` with a draft vocabulary (K = 0 without heads: the
-    loop is then plain autoregressive decoding)."""
+    loop is then plain autoregressive decoding). On a mesh each ResBlock's `[K, B, E]` output is replicated (a small
+    gather), so the vocabulary projection, split by vocabulary, never moves its weights."""
     if heads is None:
         return jnp.zeros((0, hidden.shape[0], 1), jnp.float32)
     root_emb = root_embedding(params, root) if uses_root(heads) else None
-    return draft_logits(heads, hidden, base_lm_head(params), cfg.jnp_matmul_dtype, root_emb)[0]
+    layout = None if mesh is None else (lambda x: jax.lax.with_sharding_constraint(x, NamedSharding(mesh, P())))
+    return draft_logits(heads, hidden, base_lm_head(params), cfg.jnp_matmul_dtype, root_emb, layout)[0]
 
 
 def draft_ids_of(heads):
@@ -287,8 +318,8 @@ def start_state(cfg, loop: MedusaLoop, params, heads, cache: KVCache, start, tok
     if loop.tree.lookup:
         seq = jnp.full((b, loop.slots), -1, jnp.int32) if history is None else jnp.asarray(history, jnp.int32)
         seq = write_tokens(seq, row_start, tokens, lengths)
-    last_hidden, cache = prefill_into(cfg, params, tokens, lengths, cache, start)
-    return MedusaState(
+    last_hidden, cache = prefill_into(cfg, params, tokens, lengths, cache.constrain(loop.mesh), start)
+    state = MedusaState(
         cache=cache,
         lengths=row_start + lengths,
         logits=lm_logits(cfg, params, last_hidden),
@@ -301,6 +332,7 @@ def start_state(cfg, loop: MedusaLoop, params, heads, cache: KVCache, start, tok
         rng=rng,
         seq=seq,
     )
+    return constrain_state(state, loop.mesh)
 
 
 def medusa_step(cfg, loop: MedusaLoop, params, heads, s: MedusaState, max_new, sp, th) -> MedusaState:
@@ -309,7 +341,7 @@ def medusa_step(cfg, loop: MedusaLoop, params, heads, s: MedusaState, max_new, s
     rng, k_root, k_accept = jax.random.split(s.rng, 3)
     # 1. candidates
     root = choose_root(s.logits, s.banned, k_root, loop, sp, th)
-    head_logits = head_logits_at(cfg, params, heads, s.hidden, root) if tree.head_depth else None
+    head_logits = head_logits_at(cfg, params, heads, s.hidden, root, loop.mesh) if tree.head_depth else None
     draft, valid = lookup_draft(s.seq, s.lengths, root, tree.lookup) if tree.lookup else (None, None)
     if valid is not None:
         valid = jnp.concatenate([jnp.ones((valid.shape[0], tree.num_nodes - tree.lookup), bool), valid], axis=1)
@@ -343,7 +375,7 @@ def medusa_step(cfg, loop: MedusaLoop, params, heads, s: MedusaState, max_new, s
     # 5. the next step's logits and heads' input at the last accepted node
     last_node = jnp.take_along_axis(path_nodes, (count - 1)[:, None], axis=1)[:, 0]
     last_hidden = jnp.take_along_axis(hidden, last_node[:, None, None], axis=1)[:, 0]
-    return MedusaState(
+    state = MedusaState(
         cache=cache,
         lengths=s.lengths + jnp.where(live, count, 0),
         logits=lm_logits(cfg, params, last_hidden),
@@ -356,6 +388,7 @@ def medusa_step(cfg, loop: MedusaLoop, params, heads, s: MedusaState, max_new, s
         rng=rng,
         seq=seq,
     )
+    return constrain_state(state, loop.mesh)
 
 
 def run_steps(cfg, loop: MedusaLoop, params, heads, state: MedusaState, max_new, sp, th, limit=None) -> MedusaState:
@@ -392,7 +425,7 @@ def generate_medusa(
 
     Returns (out `[B, loop.max_new]` padded with -1, num_out `[B]`, steps `[B]`)."""
     b = tokens.shape[0]
-    cache = KVCache.zeros(cfg, b, loop.slots)
+    cache = KVCache.zeros(cfg, b, loop.slots, mesh=loop.mesh)
     state = start_state(cfg, loop, params, heads, cache, jnp.int32(0), tokens, lengths, max_new, rng)
     state = run_steps(cfg, loop, params, heads, state, max_new, sp, th)
     return state.out, state.num_out, state.steps

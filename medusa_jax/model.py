@@ -34,10 +34,27 @@ class KVCache:
     v: jax.Array
 
     @classmethod
-    def zeros(cls, cfg: ModelConfig, batch: int, slots: int, dtype=None) -> KVCache:
+    def zeros(cls, cfg: ModelConfig, batch: int, slots: int, dtype=None, mesh=None) -> KVCache:
+        """An empty cache; on `mesh` (a decoding mesh) created in place in its shards (`sharding.kv_cache_sharding`:
+        rows over data, kv heads over tensor), inside or outside jit."""
         shape = (cfg.num_layers, batch, slots, cfg.num_kv_heads, cfg.head_dim)
         dtype = dtype or cfg.jnp_dtype
-        return cls(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype))
+        if mesh is None:
+            return cls(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype))
+        from medusa_jax.sharding import kv_cache_sharding
+
+        s = kv_cache_sharding(mesh, shape)
+        make = jax.jit(lambda: cls(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)), out_shardings=cls(s, s))
+        return make()
+
+    def constrain(self, mesh) -> KVCache:
+        """Inside jit: pin this cache to its shards on `mesh` (no-op without a mesh)."""
+        if mesh is None:
+            return self
+        from medusa_jax.sharding import kv_cache_sharding
+
+        s = kv_cache_sharding(mesh, self.k.shape)
+        return KVCache(jax.lax.with_sharding_constraint(self.k, s), jax.lax.with_sharding_constraint(self.v, s))
 
     @property
     def slots(self) -> int:
@@ -271,7 +288,7 @@ class Transformer(nn.Module):
         """tokens, positions `[B, T]`; block_mask `[T, T]` or `[B, T, T]`; cache_start `[B]` (slot of the first new
         token; a scalar when all rows start at the same slot). Returns hidden `[B, T, E]` and the cache with the new
         K/V written at `cache_start[b] + t`."""
-        x = self.embed(tokens)
+        x = jnp.take(self.embed.embedding, tokens, axis=0).astype(self.cfg.jnp_dtype)  # rows, then their dtype
         cos, sin = rope_tables(self.cfg, positions)
         row_start = None if cache_start is None else jnp.broadcast_to(cache_start, tokens.shape[:1])
         mask = attention_mask(block_mask, row_start, None if cache is None else cache.slots)
@@ -292,11 +309,16 @@ def causal_mask(t: int) -> jax.Array:
     return jnp.tril(jnp.ones((t, t), bool))
 
 
-def init_params(cfg: ModelConfig, seed: int = 0) -> dict:
-    """Random params (for tests and tiny configs)."""
+def abstract_params(cfg: ModelConfig) -> dict:
+    """The params pytree as `jax.ShapeDtypeStruct`s (nothing allocated)."""
     tokens = jnp.zeros((1, 4), jnp.int32)
     init = lambda m: m.logits(m(tokens, tokens, causal_mask(4))[0])
-    shapes = jax.eval_shape(lambda key: Transformer(cfg).init(key, method=init)["params"], jax.random.PRNGKey(0))
+    return jax.eval_shape(lambda key: Transformer(cfg).init(key, method=init)["params"], jax.random.PRNGKey(0))
+
+
+def init_params(cfg: ModelConfig, seed: int = 0) -> dict:
+    """Random params (for tests and tiny configs)."""
+    shapes = abstract_params(cfg)
     rng = np.random.default_rng(seed)  # numpy: compiling the scanned init costs seconds on CPU
 
     def fill(path, leaf):

@@ -28,6 +28,7 @@ from medusa_jax.model import KVCache
 from medusa_jax.options import GenerateOptions, batch_key
 from medusa_jax.plan import plan_decoding
 from medusa_jax.sampling import SamplingParams
+from medusa_jax.sharding import to_host
 
 
 def common_prefix(a: list[int], b: list[int]) -> int:
@@ -125,7 +126,7 @@ class Session:
         slots = bucket(padded, 256)
         if slots > self.model.max_cache:  # near the context limit: only the padding may outgrow it
             slots = max(self.model.max_cache, -(-padded // 64) * 64)
-        fresh = KVCache.zeros(self.model.cfg, 1, slots)
+        fresh = KVCache.zeros(self.model.cfg, 1, slots, mesh=self.model.mesh)
         if self.cache is not None and self.ids:  # keep what is cached: copy it into the bigger buffer
             old = self.cache.slots
             fresh = KVCache(fresh.k.at[:, :, :old].set(self.cache.k), fresh.v.at[:, :, :old].set(self.cache.v))
@@ -156,7 +157,7 @@ class Session:
         self._ensure_slots(len(ids) + max_new_tokens + extra, keep + t + out_len + self.tree.num_nodes + 1)
         self.last_prefill, self.last_reused, self.last_new, self.last_steps = len(new), keep, 0, 0
         self.recovery = None
-        loop = MedusaLoop(self.tree, out_len, self.cache.slots, self.acceptance, self.model.eos_ids)
+        loop = MedusaLoop(self.tree, out_len, self.cache.slots, self.acceptance, self.model.eos_ids, self.model.mesh)
         tokens = np.zeros((1, t), np.int32)
         tokens[0, : len(new)] = new
         history = None
@@ -170,10 +171,9 @@ class Session:
         old_ids, cache = self.ids, self.cache
         self.ids, self.cache = list(ids[:keep]), None  # the cache is donated into the state and rewritten from keep
         try:
-            state = start_medusa(
-                cfg, loop, params, heads, cache, jnp.asarray([keep], jnp.int32), jnp.asarray(tokens),
-                jnp.asarray([len(new)], jnp.int32), max_new, key, history,
-            )  # fmt: skip
+            start, toks, lengths = self.model.host_inputs(np.int32([keep]), tokens, np.int32([len(new)]))
+            hist = None if history is None else self.model.host_inputs(history)[0]
+            state = start_medusa(cfg, loop, params, heads, cache, start, toks, lengths, max_new, key, hist)
         except BaseException as e:
             self._recover(e, [(old_ids, cache)])
             raise
@@ -184,7 +184,7 @@ class Session:
                 nxt = continue_medusa(
                     cfg, loop, params, heads, state, max_new, self.sp, self.th, jnp.int32(self.chunk_steps)
                 )
-                n, done, steps, out = jax.device_get((nxt.num_out[0], nxt.done[0], nxt.steps[0], nxt.out[0]))
+                n, done, steps, out = (to_host(x)[0] for x in (nxt.num_out, nxt.done, nxt.steps, nxt.out))
                 chunk = [int(x) for x in out[len(got) : int(n)]]
                 state, nxt = nxt, None
                 got += chunk

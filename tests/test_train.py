@@ -11,8 +11,8 @@ import jax
 import numpy as np
 import pytest
 
+from medusa_jax import sharding as sh
 from medusa_jax.train import lora as lora_lib
-from medusa_jax.train import sharding as sh
 from medusa_jax.train import trainer
 from medusa_jax.train.backbone import TINY
 from medusa_jax.train.config import ConfigError, load_config

@@ -9,9 +9,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from medusa_jax import sharding as sh
 from medusa_jax.config import ModelConfig
 from medusa_jax.heads import base_lm_head, root_embedding, uses_root
-from medusa_jax.train import sharding as sh
 from medusa_jax.train.backbone import current_backbone
 from medusa_jax.train.config import Config
 from medusa_jax.train.losses import base_logits, eval_counts, forward_hidden, jnp_roots, jnp_targets

@@ -10,8 +10,8 @@ import os
 import jax
 import numpy as np
 
+from medusa_jax import sharding as sh
 from medusa_jax.train import data as data_lib
-from medusa_jax.train import sharding as sh
 from medusa_jax.train.losses import forward_hidden
 
 HIDDEN_BLOCK_ROWS = 2048

@@ -15,9 +15,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from medusa_jax import sharding as sh
 from medusa_jax.heads import base_lm_head
 from medusa_jax.train import data as data_lib
-from medusa_jax.train import sharding as sh
 from medusa_jax.train.config import Config
 from medusa_jax.train.hidden import cached_hidden, teacher_index
 from medusa_jax.train.rows import RowSource

@@ -18,14 +18,6 @@ import time
 
 # chip: (HBM GiB, peak dense bf16 TFLOP/s)
 CHIPS = {"v5p": (95.0, 459.0), "v5e": (16.0, 197.0), "h100": (80.0, 989.0)}
-# backbones the pod configs name, by their Hugging Face config.json (no download needed to plan)
-KNOWN = {
-    "lmsys/vicuna-7b-v1.3": dict(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
-                                 num_attention_heads=32, num_key_value_heads=32, max_position_embeddings=2048),
-    "meta-llama/Meta-Llama-3-8B-Instruct": dict(vocab_size=128256, hidden_size=4096, intermediate_size=14336,
-                                                num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8,
-                                                rope_theta=500000.0, rms_norm_eps=1e-5, max_position_embeddings=8192),
-}  # fmt: skip
 GIB = 1 << 30
 
 
@@ -46,15 +38,15 @@ class Plan:
 
 def model_config(cfg, layers: int = 0, unrolled: bool = False):
     """The config's backbone as a ModelConfig (a known hub id, a local checkpoint's config, or tiny)."""
-    from medusa_jax.config import ModelConfig
+    from medusa_jax.config import known_config
 
     m = cfg.model
     if m.ckpt == "tiny":
         from medusa_jax.run_io import TINY
 
         mc = TINY
-    elif m.ckpt in KNOWN:
-        mc = ModelConfig.from_hf(KNOWN[m.ckpt])
+    elif known_config(m.ckpt) is not None:
+        mc = known_config(m.ckpt)
     else:
         from medusa_jax import checkpoint
 
@@ -112,8 +104,8 @@ def step_inputs(cfg, mesh_shape: tuple[int, int, int], layers: int = 0, unrolled
     import jax
     import jax.numpy as jnp
 
+    from medusa_jax import sharding as sh
     from medusa_jax.model import Transformer, causal_mask
-    from medusa_jax.train import sharding as sh
     from medusa_jax.train.step import jit_step, make_optimizer
 
     if cfg.train.mode == "medusa1" and cfg.train.precompute_hidden:

@@ -18,14 +18,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from medusa_jax import sharding as sh
 from medusa_jax.run_io import save_tokenizer
+from medusa_jax.sharding import gather_to_host
 from medusa_jax.train import checkpoints as ckpt
-from medusa_jax.train import sharding as sh
 from medusa_jax.train.backbone import build_backbone, init_trainable
 from medusa_jax.train.config import Config
 from medusa_jax.train.evaluate import evaluate
 from medusa_jax.train.inputs import prepare_inputs
-from medusa_jax.train.sharding import gather_to_host
 from medusa_jax.train.step import jit_step, make_optimizer, schedules
 
 __all__ = ["Hooks", "TrainResult", "TrainingError", "TrainingInterrupted", "gather_to_host", "train"]
