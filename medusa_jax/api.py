@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from medusa_jax import checkpoint
+from medusa_jax import checkpoint, shard_load
 from medusa_jax.config import ModelConfig, check_numerics
 from medusa_jax.generation import bucket
 from medusa_jax.heads import (
@@ -331,6 +331,7 @@ def load(
     tokenizer: bool = True,
     draft_vocab: bool | int = True,
     scan_unroll: int = 1,
+    shardings=None,
 ) -> MedusaModel:
     """Load a backbone (and optional Medusa heads).
 
@@ -344,7 +345,9 @@ def load(
     from plain decoding after near-ties). draft_vocab: use the reduced
     draft vocabulary saved beside the heads (`draft_vocab.json`), if any: True (all of it), an int (its first N
     tokens) or False (the heads draft from the full vocabulary). scan_unroll: layers per iteration of the layer loop;
-    `num_layers` removes the loop (on a 2-core CPU ~25% faster decode steps for SmolLM2, 2-3x longer compiles)."""
+    `num_layers` removes the loop (on a 2-core CPU ~25% faster decode steps for SmolLM2, 2-3x longer compiles).
+    shardings: None (the default device) or a callable from the abstract params to their shardings; each device's
+    slice is read from the checkpoint in `dtype` (`shard_load.read_backbone_sharded`)."""
     check_numerics(dtype, activations)  # before any reading
     if ckpt is not None and os.path.isdir(ckpt):
         from medusa_jax.run_io import is_run_dir
@@ -367,9 +370,8 @@ def load(
         if auto_heads and name.startswith("medusa_head."):
             medusa2[name] = arr
 
-    cfg, np_params = checkpoint.read_backbone(path, on_unknown=collect)
+    cfg, params = shard_load.read_backbone_sharded(path, dtype, shardings, on_unknown=collect)  # dtype: param_dtype
     cfg = cfg.for_inference(dtype, activations).replace(scan_unroll=max(1, min(scan_unroll, cfg.num_layers)))
-    params = jax.tree.map(lambda a: jnp.asarray(a, cfg.jnp_param_dtype), np_params)
     tok = _load_tokenizer(path) if tokenizer else None
     model = MedusaModel(cfg, params, tok, name=os.path.basename(path.rstrip("/")))
     if heads is not None:
