@@ -135,6 +135,12 @@ EQUAL = textwrap.dedent(
                     want = shard(jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), new))
                     assert all(a.sharding == s for a, s in zip(jax.tree.leaves(new), jax.tree.leaves(want)))
                 compare(f"{path.split('/')[-1]}:{dtype}:{sharded}", old, new, dtype)
+        if gguf:  # a Medusa-2 head set with LoRA beside it: merged into the placed (sharded) params
+            from medusa_jax.api import load, shipped_heads
+            from medusa_jax.lora import merge_adapter
+            heads = shipped_heads("smollm2_medusa2")
+            model = load(path, heads=heads, tokenizer=False, shardings=shard)
+            compare("lora", merge_adapter(old, heads, np.float32), model.params, "float32")
     print(json.dumps(res))
     """
 )
@@ -152,10 +158,10 @@ def test_sharded_load_equals_whole_array_load(tmp_path):
         write_llama(paths[-1], vocab=72, hidden=64, inter=96, layers=3, heads=8, kv_heads=4, dtype=dtype)
     gguf = default_gguf()
     (res,) = run_workers(tmp_path, EQUAL, [*paths, gguf])
-    assert len(res) == 12
+    assert len(res) == 13
     for name, r in res.items():
         assert r["leaves"] >= 10, name
-        if name.endswith("True"):
+        if name.endswith("True") or name == "lora":
             assert r["split"] >= 5, (name, r)  # most params are really split over the devices
 
 
