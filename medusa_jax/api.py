@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh
 
-from medusa_jax import checkpoint
+from medusa_jax import checkpoint, shard_load
 from medusa_jax.config import ModelConfig, check_numerics, default_dtype
 from medusa_jax.generation import bucket
 from medusa_jax.heads import (
@@ -350,7 +350,8 @@ def load(
     `num_layers` removes the loop (on a 2-core CPU ~25% faster decode steps for SmolLM2, 2-3x longer compiles).
     mesh: decode sharded over devices: a `jax.sharding.Mesh` with the axes `sharding.MESH_AXES`, or "DATAxMODEL" /
     (data, model), e.g. "1x8": rows over DATA devices, heads, MLP and vocabulary over MODEL (`medusa_jax.sharding`).
-    None: one device."""
+    The backbone is read straight into its shards (each device's slice from the checkpoint, in `dtype`:
+    `shard_load.read_backbone_sharded`). None: one device."""
     dtype = dtype or default_dtype()[0]
     check_numerics(dtype, activations)  # before any reading
     mesh = None if mesh is None else inference_mesh(mesh)
@@ -375,9 +376,9 @@ def load(
         if auto_heads and name.startswith("medusa_head."):
             medusa2[name] = arr
 
-    cfg, np_params = checkpoint.read_backbone(path, on_unknown=collect)
+    shardings = None if mesh is None else (lambda tree, c: param_shardings(tree, mesh, c.head_dim))
+    cfg, params = shard_load.read_backbone_sharded(path, dtype, shardings, on_unknown=collect)  # dtype: param_dtype
     cfg = cfg.for_inference(dtype, activations).replace(scan_unroll=max(1, min(scan_unroll, cfg.num_layers)))
-    params = jax.tree.map(lambda a: jnp.asarray(a, cfg.jnp_param_dtype), np_params)
     tok = _load_tokenizer(path) if tokenizer else None
     model = MedusaModel(cfg, params, tok, name=os.path.basename(path.rstrip("/")))
     if heads is not None:

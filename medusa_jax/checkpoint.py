@@ -69,57 +69,97 @@ def convert(
     on_unknown: Callable[[str, np.ndarray], None] | None = None,
 ) -> dict:
     """Map (name, array) pairs through `table` into a nested params dict; layer tensors are stacked `[N, ...]`."""
-    compiled = [(re.compile(rx + "$"), path, tf) for rx, path, tf in table]
+    compiled = compile_table(table)
     flat: dict[tuple[str, ...], object] = {}
     for name, arr in tensors:
-        for rx, path, tf in compiled:
-            m = rx.match(name)
-            if not m:
-                continue
-            arr = np.asarray(arr)
-            try:
-                if tf == "unpermute_q":
-                    arr = _unpermute(arr, cfg.num_heads)
-                elif tf == "unpermute_k":
-                    arr = _unpermute(arr, cfg.num_kv_heads)
-            except ValueError:
-                raise CheckpointError(
-                    f"tensor {name} has shape {list(arr.shape)}, which does not fit the config's heads"
-                ) from None
-            if tf is not None and arr.ndim == 2:
-                arr = arr.T
-            arr = np.ascontiguousarray(arr, dtype=dtype)
-            key = tuple(p.format(*m.groups()) for p in path)
-            if path[0] == "layers":
-                layer = int(m.group(1))
-                stack = flat.setdefault(key, [None] * cfg.num_layers)
-                if layer >= cfg.num_layers:
-                    raise CheckpointError(f"tensor {name} names layer {layer}, but the config has {cfg.num_layers}")
-                stack[layer] = arr
-            else:
-                flat[key] = arr
-            break
-        else:
+        hit = match(compiled, name)
+        if hit is None:
             if on_unknown is not None:
                 on_unknown(name, arr)
+            continue
+        key, layer, tf = hit
+        arr = np.asarray(arr)
+        check_heads_fit(name, arr.shape, tf, cfg)
+        if tf == "unpermute_q":
+            arr = _unpermute(arr, cfg.num_heads)
+        elif tf == "unpermute_k":
+            arr = _unpermute(arr, cfg.num_kv_heads)
+        if tf is not None and arr.ndim == 2:
+            arr = arr.T
+        put(flat, key, layer, np.ascontiguousarray(arr, dtype=dtype), cfg, name)
     params: dict = {}
     for key, val in flat.items():
         if isinstance(val, list):
-            missing = [i for i, a in enumerate(val) if a is None]
-            if missing:
-                raise CheckpointError(f"checkpoint is missing {'/'.join(key)} for layers {missing[:5]}")
-            if len({a.shape for a in val}) > 1:
-                raise CheckpointError(f"the layers' {'/'.join(key)} tensors differ in shape: the file is corrupt")
+            check_stack(key, [None if a is None else a.shape for a in val])
             val = np.stack(val)
-        node = params
-        for k in key[:-1]:
-            node = node.setdefault(k, {})
-        node[key[-1]] = val
+        set_path(params, key, val)
     _check_complete(params, cfg)
     return params
 
 
+def compile_table(table) -> list:
+    return [(re.compile(rx + "$"), path, tf) for rx, path, tf in table]
+
+
+def match(compiled, name: str) -> tuple[tuple[str, ...], int | None, str | None] | None:
+    """(params path, layer or None, transform) of checkpoint tensor `name`, or None for a tensor the table does not
+    know."""
+    for rx, path, tf in compiled:
+        m = rx.match(name)
+        if not m:
+            continue
+        key = tuple(p.format(*m.groups()) for p in path)
+        if path[0] != "layers":
+            return key, None, tf
+        return key, int(m.group(1)), tf
+    return None
+
+
+def check_heads_fit(name: str, shape, tf: str | None, cfg: ModelConfig) -> None:
+    """A CheckpointError when a q/k tensor to unpermute has rows that do not split into the config's heads."""
+    heads = {"unpermute_q": cfg.num_heads, "unpermute_k": cfg.num_kv_heads}.get(tf or "")
+    if heads is None:
+        return
+    rows = shape[0] if len(shape) else -1
+    if len(shape) == 0 or heads * (rows // heads // 2) * 2 != rows:
+        raise CheckpointError(f"tensor {name} has shape {list(shape)}, which does not fit the config's heads")
+
+
+def converted_shape(shape, tf: str | None) -> tuple[int, ...]:
+    """The shape a checkpoint tensor has in our layout (2-D tensors with a transform are transposed)."""
+    shape = tuple(int(d) for d in shape)
+    return shape[::-1] if tf is not None and len(shape) == 2 else shape
+
+
+def put(flat: dict, key: tuple[str, ...], layer: int | None, item, cfg: ModelConfig, name: str) -> None:
+    """Files `item` (of tensor `name`) under `key`, in the list of per-layer items when `layer` is not None."""
+    if layer is None:
+        flat[key] = item
+        return
+    stack = flat.setdefault(key, [None] * cfg.num_layers)
+    if layer >= cfg.num_layers:
+        raise CheckpointError(f"tensor {name} names layer {layer}, but the config has {cfg.num_layers}")
+    stack[layer] = item
+
+
+def check_stack(key: tuple[str, ...], shapes: list) -> None:
+    """A CheckpointError when a stacked param misses layers (None shapes) or its layers differ in shape."""
+    missing = [i for i, s in enumerate(shapes) if s is None]
+    if missing:
+        raise CheckpointError(f"checkpoint is missing {'/'.join(key)} for layers {missing[:5]}")
+    if len({tuple(s) for s in shapes}) > 1:
+        raise CheckpointError(f"the layers' {'/'.join(key)} tensors differ in shape: the file is corrupt")
+
+
+def set_path(tree: dict, key: tuple[str, ...], val) -> None:
+    node = tree
+    for k in key[:-1]:
+        node = node.setdefault(k, {})
+    node[key[-1]] = val
+
+
 def _check_complete(params: dict, cfg: ModelConfig) -> None:
+    """A CheckpointError when a needed param is missing or a leaf (anything with `.shape`) differs from the config."""
     need = [("embed", "embedding"), ("norm", "scale")]
     if not cfg.tie_word_embeddings:
         need.append(("lm_head", "kernel"))
@@ -185,10 +225,8 @@ def check_config(cfg: ModelConfig, source: str) -> ModelConfig:
 
 
 # ---------------------------------------------------------------------------------------------- HF directories
-def read_safetensors_dir(path: str) -> Iterator[tuple[str, np.ndarray]]:
-    """Every tensor of `*.safetensors` in `path` (sharded with an index or not), as float32 numpy."""
-    from safetensors import safe_open
-
+def safetensors_files(path: str) -> list[str]:
+    """The weight files of an HF directory: those its index names, else its `*.safetensors` (no Medusa heads)."""
     index = os.path.join(path, "model.safetensors.index.json")
     if os.path.exists(index):
         with open(index) as f:
@@ -199,7 +237,14 @@ def read_safetensors_dir(path: str) -> Iterator[tuple[str, np.ndarray]]:
         files = [f for f in files if not os.path.basename(f).startswith("medusa_lm_head")]
     if not files:
         raise CheckpointError(f"no *.safetensors weights in {path}; save the model with save_pretrained()")
-    for file in files:
+    return files
+
+
+def read_safetensors_dir(path: str) -> Iterator[tuple[str, np.ndarray]]:
+    """Every tensor of `*.safetensors` in `path` (sharded with an index or not), as float32 numpy."""
+    from safetensors import safe_open
+
+    for file in safetensors_files(path):
         try:
             with safe_open(file, framework="np") as f:
                 for name in f.keys():  # noqa: SIM118 (safe_open is not iterable)
@@ -207,14 +252,19 @@ def read_safetensors_dir(path: str) -> Iterator[tuple[str, np.ndarray]]:
         except CheckpointError:
             raise
         except Exception as e:  # truncated or corrupt file
-            raise CheckpointError(f"cannot read {file}: {str(e).splitlines()[0]}; re-download or re-save it") from e
+            raise unreadable(file, e) from e
+
+
+def unreadable(file: str, e: BaseException) -> CheckpointError:
+    return CheckpointError(f"cannot read {file}: {str(e).splitlines()[0]}; re-download or re-save it")
 
 
 def _to_float32(f, name: str) -> np.ndarray:
     return f.get_tensor(name).astype(np.float32)  # bfloat16 arrives as an ml_dtypes array
 
 
-def load_hf_dir(path: str, dtype=np.float32, on_unknown=None) -> tuple[ModelConfig, dict]:
+def hf_config(path: str) -> ModelConfig:
+    """The checked model settings of an HF directory's config.json."""
     cfg_path = os.path.join(path, "config.json")
     if not os.path.exists(cfg_path):
         raise CheckpointError(
@@ -239,6 +289,11 @@ def load_hf_dir(path: str, dtype=np.float32, on_unknown=None) -> tuple[ModelConf
         raise CheckpointError(f"{cfg_path} has no {e.args[0]!r}: is it a Llama-family config.json?") from None
     except (TypeError, ValueError, AttributeError, ZeroDivisionError, OverflowError) as e:
         raise CheckpointError(f"{cfg_path}: unusable model settings ({str(e).splitlines()[0]})") from None
+    return cfg
+
+
+def load_hf_dir(path: str, dtype=np.float32, on_unknown=None) -> tuple[ModelConfig, dict]:
+    cfg = hf_config(path)
     params = convert(read_safetensors_dir(path), HF_TABLE, cfg, dtype, on_unknown)
     return cfg, params
 
@@ -251,9 +306,9 @@ def _gguf_field(reader, key, default=None):
     return field.contents()
 
 
-def load_gguf(path: str, dtype=np.float32) -> tuple[ModelConfig, dict]:
+def open_gguf(path: str):
+    """(reader, conversion table, model settings) of a GGUF file; the tensors are memory-mapped, not read."""
     import gguf
-    from gguf.quants import dequantize
 
     try:
         reader = gguf.GGUFReader(path)
@@ -273,16 +328,23 @@ def load_gguf(path: str, dtype=np.float32) -> tuple[ModelConfig, dict]:
         if arch == "llama"
         else [(rx, p, T if tf and tf.startswith("unpermute") else tf) for rx, p, tf in GGUF_TABLE]
     )
+    return reader, table, cfg
 
-    def tensors():
-        for t in reader.tensors:
-            try:
-                arr = dequantize(t.data, t.tensor_type)
-            except Exception as e:
-                raise CheckpointError(f"cannot dequantize {t.name} in {path}: {e}") from e
-            yield t.name, arr
 
-    return cfg, convert(tensors(), table, cfg, dtype)
+def dequantize_tensor(t, path: str) -> np.ndarray:
+    """One GGUF tensor as float numpy (numpy's axis order: the reverse of GGUF's)."""
+    from gguf.quants import dequantize
+
+    try:
+        return dequantize(t.data, t.tensor_type)
+    except Exception as e:
+        raise CheckpointError(f"cannot dequantize {t.name} in {path}: {e}") from e
+
+
+def load_gguf(path: str, dtype=np.float32) -> tuple[ModelConfig, dict]:
+    reader, table, cfg = open_gguf(path)
+    tensors = ((t.name, dequantize_tensor(t, path)) for t in reader.tensors)
+    return cfg, convert(tensors, table, cfg, dtype)
 
 
 def _gguf_config(reader, arch: str) -> ModelConfig:
@@ -360,10 +422,20 @@ def resolve(ckpt: str | None, patterns=None, what: str = "") -> str:
 
 
 def read_backbone(path: str, dtype=np.float32, on_unknown=None) -> tuple[ModelConfig, dict]:
+    """(config, params as `dtype` numpy) of a GGUF file (through the converted-params cache) or an HF directory."""
     if path.endswith(".gguf"):
         return cached_gguf(path, dtype)
     if os.path.isdir(path):
         return load_hf_dir(path, dtype, on_unknown)
+    raise CheckpointError(f"{path} is not a .gguf file or a model directory")
+
+
+def read_config(path: str) -> ModelConfig:
+    """The model settings of a GGUF file or an HF directory, without reading the weights."""
+    if path.endswith(".gguf"):
+        return open_gguf(path)[2]
+    if os.path.isdir(path):
+        return hf_config(path)
     raise CheckpointError(f"{path} is not a .gguf file or a model directory")
 
 
@@ -376,7 +448,7 @@ def cached_gguf(path: str, dtype=np.float32) -> tuple[ModelConfig, dict]:
     a second run reads float arrays instead of parsing and dequantizing the file."""
     from medusa_jax import cache
 
-    entry = cache.entry("params", cache.file_key(path, f"gguf-params-1:{np.dtype(dtype).name}"))
+    entry = gguf_cache_entry(path, dtype)
     if os.path.exists(os.path.join(entry, PARAMS_FILE)):
         try:
             return read_params_entry(entry)
@@ -387,6 +459,13 @@ def cached_gguf(path: str, dtype=np.float32) -> tuple[ModelConfig, dict]:
     cfg, params = load_gguf(path, dtype)
     cache.store(entry, lambda tmp: write_params_entry(tmp, cfg, params))
     return cfg, params
+
+
+def gguf_cache_entry(path: str, dtype=np.float32) -> str:
+    """The cache directory of a GGUF file's converted params (`PARAMS_FILE` in our layout, `CONFIG_FILE`)."""
+    from medusa_jax import cache
+
+    return cache.entry("params", cache.file_key(path, f"gguf-params-1:{np.dtype(dtype).name}"))
 
 
 def write_params_entry(directory: str, cfg: ModelConfig, params: dict) -> None:
@@ -405,11 +484,7 @@ def read_params_entry(directory: str) -> tuple[ModelConfig, dict]:
         cfg = ModelConfig.from_dict(json.load(f))
     params: dict = {}
     for name, arr in load_file(os.path.join(directory, PARAMS_FILE)).items():
-        *parents, leaf = name.split("/")
-        node = params
-        for k in parents:
-            node = node.setdefault(k, {})
-        node[leaf] = arr
+        set_path(params, tuple(name.split("/")), arr)
     _check_complete(params, cfg)
     return cfg, params
 

@@ -9,7 +9,7 @@ import pytest
 from test_medusa import tiny_model
 
 import medusa_jax
-from medusa_jax import checkpoint
+from medusa_jax import checkpoint, shard_load
 from medusa_jax.draft_vocab import FILE, read
 from medusa_jax.heads_io import save_heads
 
@@ -40,7 +40,7 @@ def heads_dir(tmp_path, model, ids):
 def load_with_heads(model, heads, monkeypatch):
     """`medusa_jax.load` of the tiny model (its backbone read from memory) with the heads directory `heads`."""
     monkeypatch.setattr(checkpoint, "resolve", lambda ckpt, *a, **k: str(ckpt))
-    monkeypatch.setattr(checkpoint, "read_backbone", lambda path, **k: (model.cfg, model.params))
+    monkeypatch.setattr(shard_load, "read_backbone_sharded", lambda path, *a, **k: (model.cfg, model.params))
     return medusa_jax.load("tiny", heads=str(heads), tokenizer=False)
 
 

@@ -182,6 +182,12 @@ def load_gguf_file(p):
     return load_gguf(str(p))
 
 
+def load_sharded(p):
+    from medusa_jax.shard_load import read_backbone_sharded
+
+    return read_backbone_sharded(str(p), "bfloat16")
+
+
 def load_heads_dir(p):
     from medusa_jax.heads_io import read_heads
 
@@ -310,6 +316,8 @@ def kinds(tmp: Path):
         "safetensors": (write_hf_dir, "model.safetensors", load_hf, rewrite_safetensors_header),
         "hf-config": (write_hf_dir, "config.json", load_hf, None),
         "gguf": (write_gguf, None, load_gguf_file, rewrite_gguf_header),
+        "safetensors-sharded": (write_hf_dir, "model.safetensors", load_sharded, rewrite_safetensors_header),
+        "gguf-sharded": (write_gguf, None, load_sharded, rewrite_gguf_header),
         "heads-safetensors": (
             write_heads_dir,
             "medusa_lm_head.safetensors",
@@ -351,13 +359,14 @@ def run_case(loader, path) -> str | None:
         signal.signal(signal.SIGALRM, old)
 
 
-def test_fuzz_loaders(tmp_path):
+def test_fuzz_loaders(tmp_path, monkeypatch):
     from medusa_jax.calibrate import calibration_path
 
+    monkeypatch.setenv("MEDUSA_JAX_CACHE", str(tmp_path / "cache"))  # the sharded GGUF reader fills the params cache
     rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     failures, count = [], 0
     for k, (name, (make, inner, loader, rewrite)) in enumerate(kinds(tmp_path).items()):
-        valid = make(tmp_path / f"{name}-valid" if name != "gguf" else tmp_path / "valid.gguf")
+        valid = make(tmp_path / (f"{name}-valid" if not name.startswith("gguf") else f"{name}-valid.gguf"))
         if name == "calibration":
             inner = os.path.basename(calibration_path(str(valid), "float32"))
         assert run_case(loader, valid) is None, f"{name}: the valid file does not load"
