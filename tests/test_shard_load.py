@@ -161,8 +161,11 @@ def test_sharded_load_equals_whole_array_load(tmp_path):
     assert len(res) == 13
     for name, r in res.items():
         assert r["leaves"] >= 10, name
-        if name.endswith("True") or name == "lora":
+        if name.endswith("True"):
             assert r["split"] >= 5, (name, r)  # most params are really split over the devices
+    # load(mesh=...) splits attention by whole heads: SmolLM2's 9 and 3 heads stay whole on 8 devices, while the
+    # embedding and the three MLP matrices are split
+    assert res["lora"]["split"] == 4, res["lora"]
 
 
 def test_cache_written_by_the_sharded_reader_reads_back(tmp_path, monkeypatch):
