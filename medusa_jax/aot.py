@@ -287,17 +287,22 @@ def memory(s: Setup) -> dict:
                   "compile_s": round(time.perf_counter() - t0, 1)}  # fmt: skip
 
 
+MAX_BATCH_CAP = 1024  # the search stops here: a larger batch is reported as this
+
+
 def max_batch(s: Setup, first: dict) -> int:
-    """The largest batch (a multiple of the data axis) whose generation fits the chip: memory grows linearly with the
-    batch, so two compiled points predict it; the prediction is compiled to check (and lowered until it fits)."""
+    """The largest batch (a multiple of the data axis, at most `MAX_BATCH_CAP`) whose generation fits the chip:
+    memory grows linearly with the batch, so two compiled points predict it; the prediction is compiled to check
+    (and lowered until it fits)."""
     step = s.mesh.shape["data"]
     b1, m1 = s.batch, first["per_chip_bytes"]
     b2 = b1 * 2
     m2 = memory(s.replace(batch=b2))["per_chip_bytes"]
     slope = (m2 - m1) / (b2 - b1)
+    cap = max(MAX_BATCH_CAP // step * step, b2)
     if slope <= 0:
-        return b2
-    guess = int((first["hbm_bytes"] - (m1 - slope * b1)) // slope) // step * step
+        return cap
+    guess = min(cap, int((first["hbm_bytes"] - (m1 - slope * b1)) // slope) // step * step)
     for _ in range(4):
         if guess < step:
             return 0

@@ -1,0 +1,131 @@
+"""Decoding on a device mesh (8 simulated CPU devices): greedy tokens equal the one-device run for plain and Medusa
+decoding at batch 1 and 8 on meshes 1x8, 2x4 and 8x1, sampling (rejection, typical) draws the same tokens, a
+two-turn conversation reuses its sharded cache; SmolLM2 with its shipped heads (`mc_sim_7b_63` + lookup 10) gives
+the one-device tokens on a mesh, in float32 and in the bfloat16 default (greedy Medusa == greedy plain decoding)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+TINY = textwrap.dedent(
+    """
+    import json, sys
+    import jax, numpy as np
+    from medusa_jax.api import MedusaModel, place
+    from medusa_jax.config import ModelConfig
+    from medusa_jax.heads import HeadsConfig, init_heads
+    from medusa_jax.model import init_params
+    from medusa_jax.session import Session
+    cfg = ModelConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=8, num_kv_heads=4,
+                      head_dim=4, tie_word_embeddings=True, max_position_embeddings=512)
+    params = jax.tree.map(lambda a: a * 8 if a.ndim >= 2 else a, init_params(cfg, 1))
+    model = MedusaModel(cfg, params, heads=init_heads(HeadsConfig(4, 1), params, seed=1, scale=0.3))
+    rng = np.random.default_rng(3)
+    prompts = [rng.integers(0, 64, size=int(rng.integers(3, 20))).tolist() for _ in range(8)]
+    medusa = dict(mode="medusa", tree="mc_sim_7b_63", lookup=4)
+    runs = {"ar": dict(mode="ar"), "medusa": medusa, "rejection": dict(medusa, temperature=0.8, seed=5),
+            "typical": dict(medusa, temperature=0.8, seed=5, acceptance="typical"),
+            "ar-sample": dict(mode="ar", temperature=0.8, top_k=20, top_p=0.9, seed=5)}
+
+    def run(m, full):
+        out = {}
+        for name, kw in runs.items():
+            if name in ("typical", "ar-sample") and not full:
+                continue
+            b8 = m.generate(prompts, max_new_tokens=24, batch_size=8, **kw)
+            out[name] = [r.output_ids for r in b8] + [r.steps for r in b8]
+        out["medusa-b1"] = m.generate(prompts[:1], max_new_tokens=24, batch_size=1, **medusa)[0].output_ids
+        if full:
+            chat = Session(m, mode="medusa", tree="mc_sim_7b_63", lookup=4)
+            first = [t for c in chat.stream_ids(prompts[0], 16) for t in c]
+            second = [t for c in chat.stream_ids(chat.ids + prompts[1], 16) for t in c]
+            out["chat"] = [first, second, chat.last_reused]
+        return out
+
+    res = {"one": run(model, True)}
+    for mesh in ("1x8", "2x4", "8x1"):
+        m = place(model, mesh)
+        res[mesh] = run(m, mesh == "2x4")
+        res[mesh + "-q"] = list(m.params["layers"]["attn"]["q_proj"]["kernel"].sharding.spec)
+    print("RESULT " + json.dumps(res))
+    """
+)
+
+SMOLLM2 = textwrap.dedent(
+    """
+    import json, sys
+    import jax
+    import medusa_jax
+    prompts, new = json.loads(sys.argv[1]), int(sys.argv[2])
+    medusa = dict(mode="medusa", tree="mc_sim_7b_63", lookup=10)
+    one = medusa_jax.load(dtype="float32")
+    res = {"ar": [r.output_ids for r in one.generate(prompts, max_new_tokens=new, mode="ar")]}
+    m = medusa_jax.load(dtype="float32", mesh="2x4")
+    got = m.generate(prompts, max_new_tokens=new, **medusa)
+    res["mesh"] = [r.output_ids for r in got]
+    res["steps"] = [r.steps for r in got]
+    spec = lambda x: list(x.sharding.spec)
+    res["specs"] = {"up": spec(m.params["layers"]["mlp"]["up_proj"]["kernel"]), "q": spec(m.params["layers"]["attn"]
+                    ["q_proj"]["kernel"]), "embed": spec(m.params["embed"]["embedding"]),
+                    "proj": spec(m.heads["proj"]["kernel"]) if "proj" in m.heads else spec(m.heads["draft"]["kernel"])}
+    bf = medusa_jax.load(dtype="bfloat16", mesh="1x8")
+    res["bf16"] = {k: [r.output_ids for r in bf.generate(prompts[:4], max_new_tokens=new, **kw)]
+                   for k, kw in (("ar", dict(mode="ar")), ("medusa", medusa))}
+    print("RESULT " + json.dumps(res))
+    """
+)
+
+
+def run_worker(tmp_path, source: str, *args: str, timeout: int = 900) -> dict:
+    script = tmp_path / "worker.py"
+    script.write_text(source)
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
+    env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
+    out = subprocess.run([sys.executable, str(script), *args], env=env, capture_output=True, text=True,
+                         timeout=timeout)  # fmt: skip
+    assert out.returncode == 0, (out.stdout + out.stderr)[-4000:]
+    line = next(x for x in out.stdout.splitlines() if x.startswith("RESULT "))
+    return json.loads(line[len("RESULT ") :])
+
+
+@pytest.fixture(scope="module")
+def tiny_runs(tmp_path_factory):
+    return run_worker(tmp_path_factory.mktemp("tiny"), TINY)
+
+
+@pytest.mark.parametrize("mesh", ["1x8", "2x4", "8x1"])
+def test_tokens_on_a_mesh_equal_one_device(tiny_runs, mesh):
+    """Greedy plain and Medusa decoding and rejection sampling on every mesh; typical acceptance, top-k/top-p
+    sampling and a two-turn conversation on 2x4 (rows over data and heads over tensor at once)."""
+    one, got = tiny_runs["one"], tiny_runs[mesh]
+    assert len(got) >= 4
+    for name in got:
+        assert got[name] == one[name], (mesh, name)
+    assert one["medusa"][:8] == one["ar"][:8]  # greedy Medusa is lossless (the premise)
+    assert sum(one["medusa"][8:]) < 0.9 * sum(one["ar"][8:])  # and really ran its tree
+    assert one["chat"][2] > len(one["chat"][0])  # the second turn reused the first turn's cache
+
+
+def test_heads_that_divide_the_model_axis_are_split(tiny_runs):
+    assert tiny_runs["1x8-q"] == [None, None, "tensor"]  # 8 heads over 8 devices
+    assert tiny_runs["2x4-q"] == [None, None, "tensor"]
+    assert tiny_runs["8x1-q"] in ([], [None, None, None])
+
+
+def test_smollm2_on_a_mesh_equals_one_device(tmp_path, dev_prompts):
+    res = run_worker(tmp_path, SMOLLM2, json.dumps(dev_prompts[:8]), "32")
+    assert res["mesh"] == res["ar"]  # 2x4 Medusa (float32) == one-device plain decoding, at batch 8
+    assert sum(res["steps"]) < 0.75 * sum(len(a) for a in res["ar"])
+    # SmolLM2's 9 query heads stay whole on 4 devices; MLP, vocabulary and the heads' projection are split
+    assert res["specs"]["q"] in ([], [None, None, None])
+    assert res["specs"]["up"] == [None, None, "tensor"]
+    assert "tensor" in res["specs"]["embed"] and "tensor" in res["specs"]["proj"]
+    assert res["bf16"]["medusa"] == res["bf16"]["ar"]  # the bf16 default keeps its parity on a mesh
