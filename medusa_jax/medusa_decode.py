@@ -410,7 +410,7 @@ def generate_medusa(
     rng: jax.Array,
 ):
     """Medusa generation, prefill and loop in one jitted call. tokens `[B, P]` right-padded, lengths `[B]`,
-    max_new scalar.
+    max_new scalar, or `[B]` per row (a row with 0 is done from the start: a padding row).
 
     Returns (out `[B, loop.max_new]` padded with -1, num_out `[B]`, steps `[B]`)."""
     b = tokens.shape[0]

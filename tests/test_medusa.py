@@ -219,3 +219,29 @@ def test_no_vocabulary_sort_without_top_k_or_top_p():
     assert sorts(SamplingParams.make(0.8)) == 0
     assert sorts(SamplingParams.make(0.8, top_k=5)) > 0 and sorts(SamplingParams.make(0.8, top_p=0.9)) > 0
 
+
+def test_forward_simulator_and_trailing_batches_reuse_compiled_shapes():
+    """`forward` and the step simulator pad to length buckets, and a trailing smaller batch of `generate` is padded
+    with done rows to the call's batch size: one compile for many lengths and batch sizes, the same results."""
+    from medusa_jax.api import _forward
+    from medusa_jax.medusa_decode import generate_medusa
+    from medusa_jax.simulate import _ranks, head_ranks
+
+    m = tiny_model(vocab=16, heads=2, seed=2, root_token=True)
+    seqs = [random_prompts(1, 16, seed=s)[0][:n] + [1] for s, n in zip(range(6), (3, 5, 7, 9, 11, 13))]
+    n_forward, n_ranks = _forward._cache_size(), _ranks._cache_size()
+    for seq in seqs:
+        got = m.forward([seq])
+        want = _forward(m.cfg, m.params, m.heads, jnp.asarray([seq]), jnp.int32(len(seq)))  # unpadded
+        for a, b in zip((got.logits, got.medusa_logits, got.hidden), want):
+            assert a.shape == b.shape
+            np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-4)  # float32 sum order
+        head_ranks(m, seq)
+    assert _forward._cache_size() - n_forward == 1 + len(seqs)  # one bucket (+ the unpadded references)
+    assert _ranks._cache_size() - n_ranks == 1
+    prompts = random_prompts(5, 16, seed=7)
+    one = m.generate(prompts, max_new_tokens=12, mode="medusa", tree=[[0], [0, 0]], topk=2)
+    n_loop = generate_medusa._cache_size()
+    by2 = m.generate(prompts, max_new_tokens=12, mode="medusa", tree=[[0], [0, 0]], topk=2, batch_size=2)
+    assert generate_medusa._cache_size() - n_loop == 1  # batches of 2, 2 and 1 (run as 2)
+    assert [(r.prompt_ids, r.output_ids, r.steps) for r in by2] == [(r.prompt_ids, r.output_ids, r.steps) for r in one]
