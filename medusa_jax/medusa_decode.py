@@ -361,7 +361,9 @@ def medusa_step(cfg, loop: MedusaLoop, params, heads, s: MedusaState, max_new, s
     # 5. the next step's logits and heads' input at the last accepted node
     last_node = jnp.take_along_axis(path_nodes, (count - 1)[:, None], axis=1)[:, 0]
     last_hidden = jnp.take_along_axis(hidden, last_node[:, None, None], axis=1)[:, 0]
-    if every_node:
+    if every_node and tree.num_nodes == 1:  # plain decoding: its one node
+        next_logits = node_logits[:, 0]
+    elif every_node:
         next_logits = jnp.take_along_axis(node_logits, last_node[:, None, None], axis=1)[:, 0]
     else:
         next_logits = lm_logits(cfg, params, last_hidden)
