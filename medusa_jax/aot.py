@@ -140,7 +140,7 @@ class Setup:
 
 
 def scalars(mesh: Mesh):
-    sp = SamplingParams(*(sds((), d, mesh) for d in ("float32", "int32", "float32", "float32")))
+    sp = SamplingParams(*(sds((), d, mesh) for d in ("float32", "int32", "float32", "float32")), filtered=False)
     th = Thresholds(sds((), "float32", mesh), sds((), "float32", mesh))
     return sp, th
 

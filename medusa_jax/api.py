@@ -97,8 +97,10 @@ class MedusaModel:
         tokens = np.asarray(token_ids, np.int32)
         if tokens.ndim == 1:
             tokens = tokens[None]
-        logits, medusa, hidden = _forward(self.cfg, self.params, self.heads, *self.host_inputs(tokens))
-        return ForwardResult(logits, medusa, hidden)
+        t = tokens.shape[1]  # padded to a bucketed length (one compile per bucket); causal: padding changes nothing
+        padded = np.pad(tokens, ((0, 0), (0, bucket(t, 16) - t)))
+        logits, medusa, hidden = _forward(self.cfg, self.params, self.heads, *self.host_inputs(padded, np.int32(t)))
+        return ForwardResult(logits[:, :t], None if medusa is None else medusa[:, :, :t], hidden[:, :t])
 
     # ------------------------------------------------------------------ generate
     def encode(self, prompt, raw: bool = False) -> list[int]:
@@ -150,6 +152,7 @@ class MedusaModel:
         # more prompts than one batch: batch them by length (less padding in prefill, cache and attention)
         run_mode = mode or ("medusa" if self.heads is not None else "ar")
         batches = self.plan_batches(encoded, max_new_tokens, run_mode, batch_size, max_memory, medusa_kw)
+        rows = self.batch_rows(encoded, batches, max_new_tokens, run_mode, max_memory, medusa_kw)
         order = [j for idx in batches for j in idx] if len(batches) > 1 else None
         if order is not None:
             encoded = [encoded[j] for j in order]
@@ -158,13 +161,13 @@ class MedusaModel:
         )
         results = []
         i = 0
-        for j, size in enumerate(map(len, batches)):
+        for j, (size, n_rows) in enumerate(zip(map(len, batches), rows)):
             chunk, i = encoded[i : i + size], i + size
-            plan = self.plan(size, mode=mode, temperature=temperature, **medusa_kw)
+            plan = self.plan(n_rows, mode=mode, temperature=temperature, **medusa_kw)
             if plan.mode == "ar" and mode is None and self.calibration is not None and self.heads is not None:
-                _warn_unused(medusa_kw, size)
+                _warn_unused(medusa_kw, n_rows)
             results += self._generate_batch(
-                chunk, max_new_tokens, temperature, top_p, top_k, batch_key(seed, j), plan, th
+                chunk, max_new_tokens, temperature, top_p, top_k, batch_key(seed, j), plan, th, n_rows
             )
         if order is not None:
             results = [r for _, r in sorted(zip(order, results), key=lambda t: t[0])]
@@ -180,6 +183,25 @@ class MedusaModel:
         temporaries (`memory.batch_bytes`) fit `max_memory` bytes (default `memory.default_budget()`)."""
         from medusa_jax import memory
 
+        fits = self._fits(max_new, mode, max_memory, medusa_kw)
+        return memory.plan_batches([len(e) for e in encoded], batch_size or 16, fits)
+
+    def batch_rows(self, encoded, batches, max_new, mode, max_memory=None, medusa_kw=None) -> list[int]:
+        """The rows each batch of `plan_batches` runs with: a smaller batch (the trailing one) is padded to the
+        smallest larger batch size of the call that still fits the memory budget, so it reuses that compiled loop."""
+        fits = self._fits(max_new, mode, max_memory, medusa_kw)
+        sizes = sorted({len(b) for b in batches})
+        rows = []
+        for b in batches:
+            longest = max(len(encoded[j]) for j in b)
+            rows.append(next((n for n in sizes if n > len(b) and fits(n, longest)), len(b)))
+        return rows
+
+    def _fits(self, max_new, mode, max_memory=None, medusa_kw=None):
+        """(batch, longest prompt) -> whether its KV cache and temporaries (`memory.batch_bytes`) fit `max_memory`
+        bytes (default `memory.default_budget()`)."""
+        from medusa_jax import memory
+
         kw = medusa_kw or {}
         budget = max_memory or memory.default_budget()
         nodes: dict[int, int] = {}
@@ -191,7 +213,7 @@ class MedusaModel:
             slots = self.check_fits(longest, max_new, extra=extra)
             return memory.batch_bytes(self.cfg, b, bucket(longest), slots, nodes[b]) <= budget
 
-        return memory.plan_batches([len(e) for e in encoded], batch_size or 16, fits)
+        return fits
 
     def _tree_nodes(self, batch: int, kw: dict) -> int:
         """The nodes of the tree a Medusa batch of this size runs (as `generate` picks it)."""
@@ -243,13 +265,20 @@ class MedusaModel:
             return tuple(jnp.asarray(a) for a in arrays)
         return tuple(shard_global([np.asarray(a) for a in arrays], [replicated(self.mesh)] * len(arrays)))
 
-    def _generate_batch(self, encoded, max_new, temperature, top_p, top_k, rng, plan: DecodePlan, th):
+    def _generate_batch(self, encoded, max_new, temperature, top_p, top_k, rng, plan: DecodePlan, th, rows=None):
+        """Decode the prompts `encoded` as one batch of `rows` (default: one per prompt). Padding rows hold a
+        one-token prompt with no new tokens allowed: done from the start, they write nothing, and rows never
+        attend to each other; their results are dropped."""
         b = len(encoded)
-        lengths = np.array([len(e) for e in encoded], np.int32)
+        n_rows = max(rows or b, b)
+        lengths = np.ones(n_rows, np.int32)
+        lengths[:b] = [len(e) for e in encoded]
         p_len = bucket(int(lengths.max()))
-        tokens = np.zeros((b, p_len), np.int32)
+        tokens = np.zeros((n_rows, p_len), np.int32)
         for r, e in enumerate(encoded):
             tokens[r, : len(e)] = e
+        row_max_new = np.zeros(n_rows, np.int32)
+        row_max_new[:b] = max_new
         greedy = temperature == 0.0
         sp = SamplingParams.make(temperature if not greedy else 1.0, top_k, top_p)
         out_len = bucket(max_new, 16)
@@ -259,7 +288,7 @@ class MedusaModel:
         loop = MedusaLoop(plan.tree, out_len, slots, plan.acceptance, self.eos_ids, self.mesh)
         heads = self.heads if plan.mode == "medusa" else None  # plain decoding: the root-only loop, no heads
         out, num_out, steps = generate_medusa(
-            self.cfg, loop, self.params, heads, *self.host_inputs(tokens, lengths), jnp.int32(max_new), sp, th, rng
+            self.cfg, loop, self.params, heads, *self.host_inputs(tokens, lengths, row_max_new), sp, th, rng
         )
         out, num_out, steps = (to_host(x) for x in (out, num_out, steps))
         seconds = time.perf_counter() - t0
@@ -284,14 +313,20 @@ def _warn_unused(medusa_kw: dict, batch: int) -> None:
 
 
 @jax.jit(static_argnums=(0,))
-def _forward(cfg, params, heads, tokens):
+def _forward(cfg, params, heads, tokens, length):
+    """tokens `[B, T]` of which the first `length` (a scalar) are real -> logits `[B, T, V]`, head logits
+    `[K, B, T, V]` (or None), hidden `[B, T, E]`; what follows `length` is padding's."""
     model = Transformer(cfg)
     b, t = tokens.shape
     hidden, _ = model.apply({"params": params}, tokens, jnp.broadcast_to(jnp.arange(t), (b, t)), causal_mask(t))
     logits = model.apply({"params": params}, hidden, method=model.logits)
     medusa = None
     if heads is not None:  # root_token heads see the next input token (the base argmax after the last one)
-        root_emb = root_embedding(params, sequence_roots(tokens, logits)) if uses_root(heads) else None
+        root_emb = None
+        if uses_root(heads):
+            last = jax.lax.dynamic_slice_in_dim(logits, length - 1, 1, axis=1)  # [B, 1, V]
+            roots = jnp.where(jnp.arange(t) < length - 1, sequence_roots(tokens, logits), jnp.argmax(last, axis=-1))
+            root_emb = root_embedding(params, roots.astype(tokens.dtype))
         medusa = heads_logits(heads, hidden, base_lm_head(params), root_emb=root_emb)
     return logits, medusa, hidden
 

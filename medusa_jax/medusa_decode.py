@@ -335,6 +335,19 @@ def start_state(cfg, loop: MedusaLoop, params, heads, cache: KVCache, start, tok
     return constrain_state(state, loop.mesh)
 
 
+LOGIT_BYTES = 8  # a float32 logit of a node written by the projection and read once
+
+
+def project_every_node(cfg: ModelConfig, batch: int, tree: TreeBuffers) -> bool:
+    """Whether a step projects every tree node to the vocabulary at once (the last accepted node's logits, the next
+    step's, are then among them: one read of the `[E, V]` matrix), rather than the internal nodes and afterwards the
+    last accepted node (two reads). Chosen by bytes: the leaves' float32 logits `[B, leaves, V]` against one read
+    of the matrix; the root-only tree (plain decoding) projects its one node either way."""
+    leaves = tree.num_nodes - len(tree_parents(tree)[1])
+    extra = batch * (leaves - 1) * LOGIT_BYTES  # per vocabulary entry: the leaves beyond the last accepted node
+    return extra <= cfg.hidden_size * cfg.jnp_param_dtype.itemsize
+
+
 def medusa_step(cfg, loop: MedusaLoop, params, heads, s: MedusaState, max_new, sp, th) -> MedusaState:
     """One decoding step for every row: candidates -> verify -> accept -> cache update -> tokens."""
     tree = loop.tree
@@ -351,8 +364,13 @@ def medusa_step(cfg, loop: MedusaLoop, params, heads, s: MedusaState, max_new, s
     positions = s.lengths[:, None] + jnp.asarray(tree.position_ids)[None, :]
     mask = jnp.asarray(tree.attn_mask > 0)
     hidden, cache = model.apply({"params": params}, cand, positions, mask, s.cache, s.lengths)
-    internal = tree_parents(tree)[1]  # base logits only where a node has children to judge
-    logits = model.apply({"params": params}, hidden[:, internal], method=model.logits) if tree.depth else None
+    internal = tree_parents(tree)[1]  # base logits to judge with: where a node has children
+    every_node = project_every_node(cfg, cand.shape[0], tree)
+    if every_node:  # one read of the [E, V] projection gives the judging rows and the next step's logits
+        node_logits = model.apply({"params": params}, hidden, method=model.logits)  # [B, L, V]
+        logits = node_logits[:, internal] if tree.depth else None
+    else:
+        logits = model.apply({"params": params}, hidden[:, internal], method=model.logits) if tree.depth else None
     # 3. accept
     if loop.acceptance == "rejection":
         acc, path_tokens, path_nodes, banned = rejection_paths(cand, logits, loop, sp, k_accept, valid)
@@ -375,10 +393,16 @@ def medusa_step(cfg, loop: MedusaLoop, params, heads, s: MedusaState, max_new, s
     # 5. the next step's logits and heads' input at the last accepted node
     last_node = jnp.take_along_axis(path_nodes, (count - 1)[:, None], axis=1)[:, 0]
     last_hidden = jnp.take_along_axis(hidden, last_node[:, None, None], axis=1)[:, 0]
+    if every_node and tree.num_nodes == 1:  # plain decoding: its one node
+        next_logits = node_logits[:, 0]
+    elif every_node:
+        next_logits = jnp.take_along_axis(node_logits, last_node[:, None, None], axis=1)[:, 0]
+    else:
+        next_logits = lm_logits(cfg, params, last_hidden)
     state = MedusaState(
         cache=cache,
         lengths=s.lengths + jnp.where(live, count, 0),
-        logits=lm_logits(cfg, params, last_hidden),
+        logits=next_logits,
         hidden=last_hidden,
         banned=jnp.where((count == acc + 1)[:, None], banned, -1),  # a cut path continues from an accepted node
         out=out,
@@ -421,7 +445,7 @@ def generate_medusa(
     rng: jax.Array,
 ):
     """Medusa generation, prefill and loop in one jitted call. tokens `[B, P]` right-padded, lengths `[B]`,
-    max_new scalar.
+    max_new scalar, or `[B]` per row (a row with 0 is done from the start: a padding row).
 
     Returns (out `[B, loop.max_new]` padded with -1, num_out `[B]`, steps `[B]`)."""
     b = tokens.shape[0]

@@ -143,11 +143,20 @@ def matmul(cfg: ModelConfig, spec: str, x: jax.Array, w: jax.Array) -> jax.Array
     passes = cfg.matmul_passes if x.dtype != dt and jnp.finfo(x.dtype).bits > jnp.finfo(dt).bits else 1
     if passes == 1:
         return jnp.einsum(spec, x.astype(dt), w.astype(dt), precision=prec, preferred_element_type=jnp.float32)
+    fi = jnp.finfo(dt)
     rest = x.astype(jnp.float32)
     parts = []
-    for _ in range(passes):
-        parts.append(rest.astype(dt))
-        rest = rest - parts[-1].astype(jnp.float32)
+    for _ in range(passes - 1):
+        # `rest` rounded to the matmul dtype but kept in float32 by reduce_precision (the dtype's exponent and mantissa
+        # bits: 8 and 7 for bfloat16; round to nearest even, as the cast), not by a cast down and back up: XLA drops a
+        # float32 -> bfloat16 -> float32 convert pair as a no-op when excess precision is allowed
+        # (`--xla_allow_excess_precision`, on by default: GPU and CPU then run `SimplifyFPConversions`), which would
+        # make `rest - part` zero and silently leave one pass. reduce_precision is no convert pair, so that pass leaves it.
+        # The part is exact in the matmul dtype and `rest - part` exact in float32.
+        part = jax.lax.reduce_precision(rest, exponent_bits=fi.nexp, mantissa_bits=fi.nmant)
+        parts.append(part.astype(dt))
+        rest = rest - part
+    parts.append(rest.astype(dt))
     lhs, rhs = spec.split(",")
     split_spec = f"z{lhs},{rhs.replace('->', '->z')}"  # z: the parts, as extra rows
     y = jnp.einsum(split_spec, jnp.stack(parts), w.astype(dt), precision=prec, preferred_element_type=jnp.float32)

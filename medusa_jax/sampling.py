@@ -1,5 +1,5 @@
 """Turning logits into tokens: greedy, temperature, top-k, top-p. Sampling knobs are traced scalars (no recompile
-when they change); only `greedy` is static."""
+when they change); only `greedy` and whether top-k or top-p is on at all are static (without either, no sort)."""
 
 from __future__ import annotations
 
@@ -11,12 +11,14 @@ import jax.numpy as jnp
 @flax.struct.dataclass
 class SamplingParams:
     """Scalars: temperature (> 0 when sampling), top_k (0 = off), top_p (1.0 = off), and top-p's drop mass
-    1 - top_p (rounded from double precision, as HF compares it)."""
+    1 - top_p (rounded from double precision, as HF compares it). `filtered` (static, part of the jit key): whether
+    top-k or top-p may drop tokens; False skips their vocabulary sort."""
 
     temperature: jax.Array
     top_k: jax.Array
     top_p: jax.Array
     drop_mass: jax.Array
+    filtered: bool = flax.struct.field(pytree_node=False, default=True)
 
     @classmethod
     def make(cls, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0) -> SamplingParams:
@@ -25,6 +27,7 @@ class SamplingParams:
             jnp.asarray(top_k, jnp.int32),
             jnp.asarray(top_p, jnp.float32),
             jnp.asarray(1.0 - float(top_p), jnp.float32),
+            filtered=top_k > 0 or top_p < 1.0,
         )
 
 
@@ -36,6 +39,8 @@ def process_logits(logits: jax.Array, sp: SamplingParams) -> jax.Array:
     walks it from the least likely token up and drops tokens while their cumulative mass is <= 1 - top_p, always
     keeping the most likely one. Among equal logits at the top-p cutoff the lower token id is kept."""
     logits = logits.astype(jnp.float32) / sp.temperature
+    if not sp.filtered:
+        return logits
     v = logits.shape[-1]
     # ascending order, ties by descending id (so the lower id comes later and survives the cut)
     order = jnp.flip(jnp.argsort(-logits, axis=-1, stable=True), axis=-1)

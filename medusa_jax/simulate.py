@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from medusa_jax.generation import bucket
 from medusa_jax.heads import base_lm_head, draft_logits, root_embedding, uses_root
 from medusa_jax.lookup import NGRAM
 from medusa_jax.ranking import candidate_rank
@@ -48,9 +49,13 @@ def head_ranks(model, seq: list[int]) -> np.ndarray:
         ids = heads["draft"]["ids"]
         col = jnp.full((model.cfg.vocab_size,), -1, jnp.int32).at[ids].set(jnp.arange(ids.shape[0], dtype=jnp.int32))
     hidden = model.forward([seq]).hidden[0]  # [n, E]
-    roots = jnp.asarray(seq[1:] + [0], jnp.int32)  # the token after t (on greedy answers: the root at t)
+    pad = bucket(n, 16) - n  # a bucketed length: one compile per bucket, not per answer length
+    hidden = jnp.pad(hidden, ((0, pad), (0, 0)))
+    targets = np.pad(targets, ((0, 0), (0, pad)), constant_values=-1)
+    roots = jnp.asarray(seq[1:] + [0] * (1 + pad), jnp.int32)  # the token after t (on greedy answers: the root at t)
     lm, embed = base_lm_head(model.params), model.params["embed"]
     rank = np.array(_ranks(model.cfg.jnp_matmul_dtype, heads, lm, embed, hidden, jnp.asarray(targets), roots, col))
+    rank = rank[:, :n]
     for h in range(k):
         rank[h, max(n - h - 2, 0) :] = UNPROPOSABLE
     return rank

@@ -3,14 +3,17 @@
 import itertools
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
+from jax.extend.core import jaxprs_in_params
 
 from medusa_jax.api import MedusaModel
 from medusa_jax.config import ModelConfig
 from medusa_jax.heads import HeadsConfig, init_heads
-from medusa_jax.medusa_decode import resolve_tree
-from medusa_jax.model import init_params
+from medusa_jax.medusa_decode import MedusaLoop, Thresholds, medusa_step, project_every_node, resolve_tree, start_state
+from medusa_jax.model import KVCache, init_params
+from medusa_jax.sampling import SamplingParams
 from medusa_jax.tree import build_buffers
 
 
@@ -168,3 +171,77 @@ def test_draft_vocabulary_keeps_greedy_output_and_only_proposes_its_tokens():
     assert full.shape == (2, 1, 3, 16)  # forward still covers the full vocabulary
     cand = tree_candidates(jnp.array([15, 15, 15]), logits, build_buffers([[0], [1], [0, 0]], topk=2), got_ids)
     assert set(np.asarray(cand[:, 1:]).ravel().tolist()) <= set(ids)
+
+
+def step_jaxpr(cfg, loop, params, heads, batch, sp=None):
+    """The jaxpr of one `medusa_step` at `batch` rows (sampling params `sp`, default: temperature 1, no filter)."""
+    tokens, lengths = jnp.ones((batch, 4), jnp.int32), jnp.full((batch,), 4, jnp.int32)
+    cache = KVCache.zeros(cfg, batch, loop.slots)
+    state = start_state(cfg, loop, params, heads, cache, jnp.int32(0), tokens, lengths, 20, jax.random.PRNGKey(0))
+    sp, th = sp or SamplingParams.make(1.0), Thresholds(jnp.float32(0.09), jnp.float32(0.3))
+    return jax.make_jaxpr(lambda s: medusa_step(cfg, loop, params, heads, s, jnp.int32(20), sp, th))(state).jaxpr
+
+
+def count_eqns(jaxpr, pred) -> int:
+    """Equations of `jaxpr` (nested ones included) for which `pred(eqn)` holds."""
+    return sum(bool(pred(e)) + sum(count_eqns(sub, pred) for sub in jaxprs_in_params(e.params)) for e in jaxpr.eqns)
+
+
+def vocabulary_projections(cfg, loop, params, heads, batch) -> int:
+    """The matmuls of one `medusa_step` with the base model's tied `[V, E]` projection (its reads of that matrix)."""
+    shape = (cfg.vocab_size, cfg.hidden_size)
+    is_projection = lambda e: e.primitive.name == "dot_general" and any(v.aval.shape == shape for v in e.invars)
+    return count_eqns(step_jaxpr(cfg, loop, params, heads, batch), is_projection)
+
+
+def test_one_vocabulary_projection_per_step_when_it_saves_bytes():
+    """A step projects the tree's nodes to the vocabulary in one matmul and takes the next step's logits (at the last
+    accepted node) from it, unless the leaves' logits would cost more than a second read of the matrix; plain
+    decoding projects once."""
+    m = tiny_model(vocab=16, heads=3, seed=1)
+    tree = resolve_tree([[0], [1], [0, 0], [0, 1], [1, 0], [0, 0, 0], [2]], 3, topk=4)  # 4 internal nodes, 4 leaves
+    loop = MedusaLoop(tree, 16, 64, "greedy", ())
+    assert project_every_node(m.cfg, 1, tree) and not project_every_node(m.cfg, 8, tree)
+    assert vocabulary_projections(m.cfg, loop, m.params, m.heads, 1) == 1
+    assert vocabulary_projections(m.cfg, loop, m.params, m.heads, 8) == 2
+    ar = MedusaLoop(build_buffers([], topk=1), 16, 64, "greedy", ())
+    assert vocabulary_projections(m.cfg, ar, m.params, None, 8) == 1
+
+
+def test_no_vocabulary_sort_without_top_k_or_top_p():
+    """A rejection-sampling step (lookup chain included) sorts the vocabulary only when top-k or top-p is on."""
+    m = tiny_model(vocab=16, heads=3, seed=1)
+    tree = resolve_tree([[0], [1], [0, 0]], 3, topk=4, lookup=3)
+    loop = MedusaLoop(tree, 16, 64, "rejection", ())
+    sorts = lambda sp: count_eqns(
+        step_jaxpr(m.cfg, loop, m.params, m.heads, 2, sp), lambda e: e.primitive.name == "sort"
+    )
+    assert sorts(SamplingParams.make(0.8)) == 0
+    assert sorts(SamplingParams.make(0.8, top_k=5)) > 0 and sorts(SamplingParams.make(0.8, top_p=0.9)) > 0
+
+
+def test_forward_simulator_and_trailing_batches_reuse_compiled_shapes():
+    """`forward` and the step simulator pad to length buckets, and a trailing smaller batch of `generate` is padded
+    with done rows to the call's batch size: one compile for many lengths and batch sizes, the same results."""
+    from medusa_jax.api import _forward
+    from medusa_jax.medusa_decode import generate_medusa
+    from medusa_jax.simulate import _ranks, head_ranks
+
+    m = tiny_model(vocab=16, heads=2, seed=2, root_token=True)
+    seqs = [random_prompts(1, 16, seed=s)[0][:n] + [1] for s, n in zip(range(6), (3, 5, 7, 9, 11, 13))]
+    n_forward, n_ranks = _forward._cache_size(), _ranks._cache_size()
+    for seq in seqs:
+        got = m.forward([seq])
+        want = _forward(m.cfg, m.params, m.heads, jnp.asarray([seq]), jnp.int32(len(seq)))  # unpadded
+        for a, b in zip((got.logits, got.medusa_logits, got.hidden), want):
+            assert a.shape == b.shape
+            np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-4)  # float32 sum order
+        head_ranks(m, seq)
+    assert _forward._cache_size() - n_forward == 1 + len(seqs)  # one bucket (+ the unpadded references)
+    assert _ranks._cache_size() - n_ranks == 1
+    prompts = random_prompts(5, 16, seed=7)
+    one = m.generate(prompts, max_new_tokens=12, mode="medusa", tree=[[0], [0, 0]], topk=2)
+    n_loop = generate_medusa._cache_size()
+    by2 = m.generate(prompts, max_new_tokens=12, mode="medusa", tree=[[0], [0, 0]], topk=2, batch_size=2)
+    assert generate_medusa._cache_size() - n_loop == 1  # batches of 2, 2 and 1 (run as 2)
+    assert [(r.prompt_ids, r.output_ids, r.steps) for r in by2] == [(r.prompt_ids, r.output_ids, r.steps) for r in one]

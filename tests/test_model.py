@@ -1,8 +1,11 @@
 """The backbone: cached decoding equals the full forward; dtypes; rematerialization; the attention mask."""
 
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.extend.core import Literal
 
 from medusa_jax.config import ModelConfig
 from medusa_jax.model import KVCache, Transformer, attention_mask, causal_mask, init_params
@@ -88,6 +91,49 @@ def test_float32_activations_enter_bfloat16_matmuls_in_two_parts():
     xb = x.astype(jnp.bfloat16)
     one = matmul(cfg.replace(matmul_passes=1), "...e,ef->...f", xb, w)
     np.testing.assert_array_equal(np.asarray(matmul(cfg, "...e,ef->...f", xb, w)), np.asarray(one))
+
+
+def fold_convert_pairs(f, *args):
+    """f(*args) evaluated as XLA's `SimplifyFPConversions` (run when excess precision is allowed) rewrites it: a chain
+    of float converts that ends in its source's dtype (float32 -> bfloat16 -> float32) is replaced by the source."""
+    closed = jax.make_jaxpr(f)(*args)
+    env = dict(zip(closed.jaxpr.constvars, closed.consts)) | dict(zip(closed.jaxpr.invars, args))
+    source = {}  # a convert's output -> the value its float convert chain started from
+    read = lambda v: v.val if isinstance(v, Literal) else env[v]
+    for eqn in closed.jaxpr.eqns:
+        if eqn.primitive.name == "convert_element_type" and not isinstance(eqn.invars[0], Literal):
+            src, out = source.get(eqn.invars[0], eqn.invars[0]), eqn.outvars[0]
+            floats = all(jnp.issubdtype(v.aval.dtype, jnp.floating) for v in (src, out))
+            if floats and src.aval.dtype == out.aval.dtype:
+                env[out] = env[src]
+                continue
+            if floats:
+                source[out] = src
+        outs = eqn.primitive.bind(*map(read, eqn.invars), **eqn.primitive.get_bind_params(eqn.params))
+        for v, o in zip(eqn.outvars, outs if eqn.primitive.multiple_results else [outs]):
+            env[v] = o
+    return [read(v) for v in closed.jaxpr.outvars]
+
+
+def test_two_part_matmul_survives_convert_pair_folding():
+    """The second part of a two-pass matmul is not built from a float32 -> bfloat16 -> float32 convert pair, which
+    XLA may fold to a no-op (GPU and CPU, with excess precision allowed: the default), making it zero. Under such
+    folding the sums keep the two-pass accuracy, and the compiled program keeps a reduce-precision op and bfloat16
+    matmul operands with both parts as rows."""
+    from medusa_jax.model import matmul
+
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.normal(size=(5, 3, 256)) * rng.uniform(0.1, 10, (5, 3, 1)), jnp.float32)
+    w = jnp.asarray(rng.normal(size=(256, 64)), jnp.bfloat16)
+    exact = np.asarray(x, np.float64) @ np.asarray(w, np.float64)
+    cfg = CFG.for_inference("bfloat16")
+    f = lambda x, w: matmul(cfg, "...e,ef->...f", x, w)
+    (folded,) = fold_convert_pairs(f, x, w)
+    err = np.abs(np.asarray(folded) - exact).max() / np.abs(exact).max()
+    assert err < 2e-5, err  # one pass (the second part folded to zero): ~1e-3
+    hlo = jax.jit(f).lower(x, w).compile().as_text()
+    assert "reduce-precision(" in hlo and "exponent_bits=8" in hlo and "mantissa_bits=7" in hlo
+    assert re.search(r"bf16\[(30|2,15|2,5,3),256\]", hlo), "the two parts enter one bfloat16 matmul as stacked rows"
 
 
 def test_inference_numerics_keep_float32_activations_and_cache():

@@ -60,3 +60,18 @@ def test_top_p_after_top_k():
     # top-k alone keeps the tie (3 tokens for k=2), top-p alone on .4/.3/.29 keeps 2
     assert np.isfinite(ours(logits, 1.0, 2, 1.0)).sum(-1).tolist() == [2, 3]
     assert np.isfinite(ours(logits, 1.0, 0, 0.5)).sum(-1).tolist() == [2, 2]
+
+
+def test_no_filter_skips_the_sort_with_the_same_logits():
+    """Without top-k and top-p the filters drop nothing, so the sort is skipped (statically) with equal results."""
+    import jax
+
+    logits = np.random.default_rng(2).integers(0, 5, (8, 24)).astype(np.float32)
+    off = SamplingParams.make(0.7)
+    assert (
+        not off.filtered and SamplingParams.make(0.7, top_k=3).filtered and SamplingParams.make(0.7, top_p=0.9).filtered
+    )
+    sorted_anyway = off.replace(filtered=True)
+    np.testing.assert_array_equal(process_logits(logits, off), process_logits(logits, sorted_anyway))
+    jaxpr = lambda sp: str(jax.make_jaxpr(lambda x: process_logits(x, sp))(logits))
+    assert "sort" not in jaxpr(off) and "sort" in jaxpr(sorted_anyway)
