@@ -56,9 +56,14 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument(
         "--dtype",
         choices=("float32", "bfloat16"),
-        default="float32",
         help="the weights' dtype; activations and the KV cache stay float32, so greedy Medusa output equals plain "
-        "decoding (default: float32)",
+        "decoding (default: float32 on CPUs, bfloat16 on GPUs and TPUs)",
+    )
+    m.add_argument(
+        "--mesh",
+        metavar="DATAxMODEL",
+        help="decode sharded over DATA x MODEL devices, e.g. 1x8: batch rows over DATA, attention heads, MLP and "
+        "vocabulary over MODEL (default: one device)",
     )
     m.add_argument(
         "--activations",
@@ -139,6 +144,13 @@ def validate(args) -> list[str]:
             args.max_memory = parse_bytes(args.max_memory)
         except ValueError as e:
             raise InputError(f"--max-memory: {e}") from None
+    if args.mesh is not None:
+        from medusa_jax.sharding import parse_mesh
+
+        try:
+            parse_mesh(args.mesh)
+        except ValueError as e:
+            raise InputError(f"--mesh: {e}") from None
     if args.num_prompts is not None and args.num_prompts < 1:
         raise InputError(f"--num-prompts must be >= 1, got {args.num_prompts}")
     if args.num_prompts is not None and not args.prompts_file:
@@ -458,6 +470,17 @@ def write_output(path: str, prompts: list[str], results) -> None:
         raise
 
 
+def numerics_line(args) -> str:
+    """Which numerics run and why (the weights' dtype given, or the device's default)."""
+    from medusa_jax.config import default_dtype
+
+    if args.activations == "bfloat16":
+        return f"{args.dtype or default_dtype()[0]} weights with bfloat16 activations and KV cache (--activations)"
+    if args.dtype:
+        return f"{args.dtype} weights with float32 activations and KV cache (--dtype)"
+    return default_dtype()[1]
+
+
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")  # "PyTorch was not found": we need no torch
     parser = build_parser()
@@ -471,13 +494,15 @@ def main(argv: list[str] | None = None) -> int:
         import medusa_jax
 
         heads = False if args.heads == "none" else args.heads
-        model = medusa_jax.load(args.ckpt, dtype=args.dtype, activations=args.activations, heads=heads)
+        numerics = numerics_line(args)
+        model = medusa_jax.load(args.ckpt, dtype=args.dtype, activations=args.activations, heads=heads, mesh=args.mesh)
         if model.tokenizer is None:
             raise InputError(f"{args.ckpt} has no tokenizer files: decode.py needs them to read text prompts")
         mode, why = choose_mode(model, args, 1 if args.chat else len(prompts))
         if mode == "medusa" and model.heads is None:
             raise InputError("--mode medusa needs Medusa heads: pass --heads PATH")
         check_options(model, mode, args)
+        say(f"numerics: {numerics}" + (f"; sharded over a {args.mesh} mesh" if args.mesh else ""))
         say(f"loaded {model.name} in {time.perf_counter() - t0:.1f} s; {why}; running {MODES[mode]} "
             "(the first run of a prompt/output size compiles; later runs read the compilation cache)")  # fmt: skip
         if args.chat:

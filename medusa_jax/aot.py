@@ -306,10 +306,19 @@ def max_batch(s: Setup, first: dict) -> int:
     for _ in range(4):
         if guess < step:
             return 0
-        if memory(s.replace(batch=guess))["fits"]:
+        if _fits(s.replace(batch=guess)):
             return guess
         guess = int(guess * 0.9) // step * step
     return guess
+
+
+def _fits(s: Setup) -> bool:
+    """Whether the generation at `s` compiles within the chip's HBM; a compiler failure at an extreme shape (the
+    TPU compiler has crashed on batches of thousands of rows) counts as not fitting."""
+    try:
+        return memory(s)["fits"]
+    except Exception:
+        return False
 
 
 def traffic(s: Setup) -> dict:
@@ -396,7 +405,7 @@ def _max_batch_down(s: Setup) -> int:
     """The largest power-of-two batch below `s.batch` that fits (0: none)."""
     b = s.batch // 2
     while b >= s.mesh.shape["data"]:
-        if memory(s.replace(batch=b))["fits"]:
+        if _fits(s.replace(batch=b)):
             return b
         b //= 2
     return 0
@@ -434,7 +443,7 @@ def describe(row: dict) -> str:
 
 def build_setup(args) -> Setup:
     check_numerics(args.dtype, args.activations)
-    cfg = model_config(args.model).for_inference(args.dtype, args.activations)
+    cfg = model_config(args.model).for_inference(args.dtype, args.activations).replace(row_writes="scatter")
     topo_name, chips, _ = topology.resolve(args.topology)
     data, model = sh.parse_mesh(args.mesh)
     if data * model != chips:

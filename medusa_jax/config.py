@@ -94,6 +94,17 @@ class ModelConfig:
     precision: str = "default"  # jax.lax precision of float32 matmuls ("highest": no TF32 on GPUs)
     remat: bool = False  # rematerialize each layer in the backward pass
     scan_unroll: int = 1  # layers per while-loop iteration (num_layers: no loop; see Transformer)
+    row_writes: str = "auto"  # KV writes of more rows than are unrolled: "loop", "scatter" (auto: scatter on TPUs)
+
+    @property
+    def scatter_rows(self) -> bool:
+        """Whether many rows' KV writes are one scatter (TPUs: their compiler fails on the row loop at batches above
+        16) rather than a loop of in-place row writes (CPUs, GPUs: a batched scatter copied the whole cache)."""
+        if self.row_writes != "auto":
+            return self.row_writes == "scatter"
+        import jax
+
+        return jax.default_backend() == "tpu"
 
     @property
     def jnp_dtype(self):

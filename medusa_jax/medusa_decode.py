@@ -266,7 +266,7 @@ def rejection_paths(tokens, logits, loop: MedusaLoop, sp: SamplingParams, rng, v
 UNROLL_ROWS = 16  # compaction writes up to this many rows unrolled, more in a loop
 
 
-def compact_cache(cache: KVCache, lengths, path_nodes) -> KVCache:
+def compact_cache(cache: KVCache, lengths, path_nodes, scatter: bool = False) -> KVCache:
     """Move the K/V of each row's path nodes (slots `lengths + path_nodes`) to slots `lengths + 0..D`, in place: the
     path's `[N, B, D+1, K, Dh]` entries are gathered, then written row by row (a batched scatter, or a gather over all
     slots, would copy the whole cache)."""
@@ -285,6 +285,9 @@ def compact_cache(cache: KVCache, lengths, path_nodes) -> KVCache:
             for r in range(b):
                 c = put(jnp.int32(r), c)
             return c
+        if scatter:  # many rows on a TPU: one scatter (its compiler fails on this loop; `ModelConfig.scatter_rows`)
+            dst = lengths[:, None] + jnp.arange(src.shape[1])[None, :]
+            return c.at[:, jnp.arange(b)[:, None], dst].set(path, unique_indices=True, mode="drop")
         return jax.lax.fori_loop(0, b, put, c)  # many rows: a loop, so the program does not grow with the batch
 
     if path_nodes.shape[1] == 1:  # root only: its K/V is already in place
@@ -385,7 +388,7 @@ def medusa_step(cfg, loop: MedusaLoop, params, heads, s: MedusaState, max_new, s
     count = jnp.minimum(count, max_new - s.num_out)
     live = ~s.done
     # 4. cache update and outputs
-    cache = compact_cache(cache, s.lengths, path_nodes)
+    cache = compact_cache(cache, s.lengths, path_nodes, cfg.scatter_rows)
     out = append_tokens(s.out, s.num_out, path_tokens, count, live)
     num_out = s.num_out + jnp.where(live, count, 0)
     seq = write_tokens(s.seq, s.lengths, path_tokens, jnp.where(live, count, 0)) if tree.lookup else s.seq

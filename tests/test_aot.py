@@ -114,3 +114,15 @@ def test_topology_names():
     with pytest.raises(topology.TopologyError, match="multiple of 2"):
         topology.resolve("v5p-3")
     assert os.environ.get("ALLOW_MULTIPLE_LIBTPU_LOAD", "1") == "1"
+
+
+def test_train_plan_compiles_for_a_tpu_slice(v5e_2x2, capsys):
+    """The pod training plan, compiled by the TPU compiler for v5e:2x2 (the tiny config; real slices in the docs)."""
+    from medusa_jax.train import plan
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    cfg = os.path.join(root, "configs", "tiny.yaml")
+    assert plan.main(["--config", cfg, "--topology", "v5e:2x2", "--mesh", "1,4,1", "train.batch_size=4"]) == 0
+    out = capsys.readouterr().out
+    assert "compiled by the TPU compiler for v5e:2x2" in out and "fits" in out
+    assert plan.main(["--config", cfg, "--topology", "v5e-3"]) == 2

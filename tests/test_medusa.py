@@ -245,3 +245,19 @@ def test_forward_simulator_and_trailing_batches_reuse_compiled_shapes():
     by2 = m.generate(prompts, max_new_tokens=12, mode="medusa", tree=[[0], [0, 0]], topk=2, batch_size=2)
     assert generate_medusa._cache_size() - n_loop == 1  # batches of 2, 2 and 1 (run as 2)
     assert [(r.prompt_ids, r.output_ids, r.steps) for r in by2] == [(r.prompt_ids, r.output_ids, r.steps) for r in one]
+
+
+def test_many_rows_write_by_scatter_as_by_loop():
+    """Above 16 rows the KV writes and the path compaction are a loop of row writes (CPU, GPU) or one scatter (TPU,
+    whose compiler fails on that loop): both give the same tokens, here forced on the CPU at batch 20."""
+    import dataclasses
+
+    m = tiny_model(vocab=16, heads=3, seed=2)
+    prompts = random_prompts(20, 16, seed=7)
+    kw = dict(max_new_tokens=12, mode="medusa", tree=[[0], [1], [0, 0], [0, 1], [0, 0, 0]], batch_size=20)
+    loop = dataclasses.replace(m, cfg=m.cfg.replace(row_writes="loop"))
+    scat = dataclasses.replace(m, cfg=m.cfg.replace(row_writes="scatter"))
+    a, b = loop.generate(prompts, **kw), scat.generate(prompts, **kw)
+    assert [r.output_ids for r in a] == [r.output_ids for r in b]
+    assert [r.output_ids for r in a] == [r.output_ids for r in m.generate(prompts, max_new_tokens=12, mode="ar")]
+    assert sum(r.steps for r in b) < sum(r.new_tokens for r in b)

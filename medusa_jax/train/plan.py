@@ -98,7 +98,7 @@ def default_mesh(devices: int, batch: int, tensor: int = 1) -> tuple[int, int, i
     return 1, devices // t, t
 
 
-def step_inputs(cfg, mesh_shape: tuple[int, int, int], layers: int = 0, unrolled: bool = False):
+def step_inputs(cfg, mesh_shape: tuple[int, int, int], layers: int = 0, unrolled: bool = False, devices=None):
     """The config's jitted train step for `mesh_shape` and its abstract arguments: (step, [(abstract pytree,
     shardings)] for trainable, optimizer state, frozen params, batch and step number)."""
     import jax
@@ -113,7 +113,7 @@ def step_inputs(cfg, mesh_shape: tuple[int, int, int], layers: int = 0, unrolled
             "Medusa-1 on precomputed hidden states needs no pod: plan it with train.precompute_hidden=false"
         )
     mc = model_config(cfg, layers, unrolled)
-    mesh = sh.make_mesh(*mesh_shape)
+    mesh = sh.make_mesh(*mesh_shape, devices=None if devices is None else list(devices))
     tokens = jnp.zeros((1, 4), jnp.int32)
     init = lambda m: m.logits(m(tokens, tokens, causal_mask(4))[0])  # noqa: E731
     backbone = jax.eval_shape(lambda key: Transformer(mc).init(key, method=init)["params"], jax.random.PRNGKey(0))
@@ -136,8 +136,8 @@ def step_inputs(cfg, mesh_shape: tuple[int, int, int], layers: int = 0, unrolled
     return step, args
 
 
-def _compile(cfg, mesh_shape, layers: int, unrolled: bool = False):
-    step, args = step_inputs(cfg, mesh_shape, layers, unrolled)
+def _compile(cfg, mesh_shape, layers: int, unrolled: bool = False, devices=None):
+    step, args = step_inputs(cfg, mesh_shape, layers, unrolled, devices)
     return step.lower(*[a for a, _ in args]).compile()
 
 
@@ -147,16 +147,16 @@ def _flops(compiled) -> float:
     return float(cost.get("flops", 0.0))
 
 
-def plan(cfg, mesh_shape: tuple[int, int, int], layers: int = 0) -> Plan:
+def plan(cfg, mesh_shape: tuple[int, int, int], layers: int = 0, devices=None) -> Plan:
     """Lower and compile the config's train step for `mesh_shape` on this host's (simulated) devices. Memory comes
     from that compilation; FLOPs from two small ones with the layer loop unrolled (1 and 2 layers: XLA's cost
     analysis counts a loop body once), extrapolated linearly to the model's layers."""
     t0 = time.perf_counter()
-    compiled = _compile(cfg, mesh_shape, layers)
+    compiled = _compile(cfg, mesh_shape, layers, devices=devices)
     dt = time.perf_counter() - t0
     mem = compiled.memory_analysis()
     n = layers or model_config(cfg).num_layers
-    one, two = (_flops(_compile(cfg, mesh_shape, k, unrolled=True)) for k in (1, 2))
+    one, two = (_flops(_compile(cfg, mesh_shape, k, unrolled=True, devices=devices)) for k in (1, 2))
     flops = one + (two - one) * (n - 1)
     return Plan(mesh_shape, int(mem.argument_size_in_bytes), int(mem.output_size_in_bytes),
                 int(mem.alias_size_in_bytes), int(mem.temp_size_in_bytes), flops, dt)  # fmt: skip
@@ -182,14 +182,31 @@ def report(p: Plan, chip: str, batch: int, layers_scale: float = 1.0) -> dict:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--config", required=True)
-    ap.add_argument("--devices", type=int, required=True, help="devices of the pod slice (simulated here)")
+    ap.add_argument("--devices", type=int, default=0, help="devices of the pod slice (simulated here)")
     ap.add_argument("--mesh", default="", help="DATA,FSDP,TENSOR (default: FSDP, tensor where needed)")
     ap.add_argument("--chip", default="v5p", choices=sorted(CHIPS))
+    ap.add_argument(
+        "--topology",
+        default="",
+        help="compile with the TPU compiler for this slice (v5p-64, v5e-256, "
+        "v5e:16x16; needs libtpu) instead of on simulated CPU devices; sets --devices and --chip",
+    )
     ap.add_argument("--layers", type=int, default=0, help="compile with this many layers and scale linearly")
     ap.add_argument("overrides", nargs="*", help="dotted key=value config overrides")
     args = ap.parse_args(argv)
+    devices = None
+    if args.topology:
+        from medusa_jax import topology
+
+        try:
+            devices = topology.devices(args.topology)
+        except topology.TopologyError as e:
+            print(f"plan: error: {e}", file=sys.stderr)
+            return 2
+        args.devices, args.chip = len(devices), topology.chip_of(devices[0]).name
+        CHIPS.setdefault(args.chip, (topology.CHIPS[args.chip].hbm_bytes / GIB, topology.CHIPS[args.chip].bf16_tflops))
     if args.devices < 1:
-        ap.error("--devices must be >= 1")
+        ap.error("--devices (>= 1) or --topology is required")
     from medusa_jax.train.config import ConfigError, load_config
 
     try:
@@ -205,16 +222,18 @@ def main(argv=None) -> int:
         return 2
     import jax
 
-    with contextlib.suppress(RuntimeError):  # the backend is already up (in-process callers): use what it has
-        jax.config.update("jax_num_cpu_devices", args.devices)
-    if jax.device_count() < args.devices:
+    if devices is None:
+        with contextlib.suppress(RuntimeError):  # the backend is already up (in-process callers): use what it has
+            jax.config.update("jax_num_cpu_devices", args.devices)
+    if devices is None and jax.device_count() < args.devices:
         print(f"plan: error: {jax.device_count()} devices here; start a fresh process", file=sys.stderr)
         return 2
     full = model_config(cfg).num_layers
-    p = plan(cfg, mesh, args.layers)
+    p = plan(cfg, mesh, args.layers, devices)
     row = report(p, args.chip, cfg.train.batch_size, full / args.layers if args.layers else 1.0)
     name = os.path.basename(args.config)
-    print(f"{name} on {args.devices} x {args.chip} (mesh data x fsdp x tensor = {row['mesh']}), batch "
+    where = f"the TPU compiler for {args.topology}" if devices is not None else "XLA:CPU on simulated devices"
+    print(f"{name} on {args.devices} x {args.chip}, compiled by {where} (mesh data x fsdp x tensor = {row['mesh']}), batch "
           f"{cfg.train.batch_size} x {cfg.data.max_len} tokens{f', {args.layers} layers scaled to {full}' if args.layers else ''}:")  # fmt: skip
     print(f"  per device: arguments {row['args_gib']} GiB, outputs {row['out_gib']} GiB (beyond donated), "
           f"temporaries {row['temp_gib']} GiB = {row['total_gib']} GiB of {row['hbm_gib']} GiB: "
