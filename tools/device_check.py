@@ -130,7 +130,7 @@ def load_model(args, dtype: str, activations: str | None = None):
 
 def encode_all(model, prompts: list[str]) -> list:
     if model.tokenizer is None:  # the tiny model: bytes as token ids
-        return [[b % model.cfg.vocab_size for b in p.encode()][:48] for p in prompts]
+        return [[b % model.cfg.vocab_size for b in p.encode()][:30] for p in prompts]  # one prompt-length bucket
     return [model.encode(p) for p in prompts]
 
 
