@@ -12,22 +12,26 @@ Sections (all by default; --skip a comma list of them):
              activations and KV cache) and in float32 (matmuls at full float32 precision, no TF32);
              `--parity-modes bf16,f32,bf16act` adds bfloat16 activations too (`activations="bfloat16"`), for
              information
-  speed      bfloat16 tokens/s at batch 1 and 8: AR, the default (calibrated) Medusa and mc_sim_7b_63 + lookup 10,
-             interleaved in one run; then AR and the default Medusa with bfloat16 activations (what float32
-             activations cost)
-  steps      the real decode loop's step cost: mc_sim_7b_63 + lookup 10 against AR, batch 1 and 8
+  speed      bfloat16 tokens/s at batch 1 and 8: AR, the default decoding (the calibrated choice) and
+             mc_sim_7b_63 + lookup 10, interleaved in one run (one config when the default is that tree and chain,
+             as without a device calibration); every prompt-length bucket compiled before the timing; then AR and the
+             default with bfloat16 activations (what float32 activations cost)
+  steps      the real decode loop's step cost: mc_sim_7b_63 + lookup 10 against AR, batch 1 and 8, over KV caches
+             of the same size
   big        a Llama-2-7B-shaped random model with bfloat16 weights: AR step against the measured copy bandwidth
              (float32 and, for information, bfloat16 activations), and the compiled step's proxies (nested while loops, bytes accessed against params + cache)
   calibrate  a calibration for this device (tree per batch size), saved as DIR/calibration-<device>-<dtype>.json
-             (copy it beside the heads to ship it), within --calibrate-budget seconds
+             (copy it beside the heads to ship it), sized to --calibrate-budget seconds (the step costs that would
+             not fit are left out, coarse tree sizes first)
 
 Each section's seconds go into the JSON (`section_s`); the sizes are chosen for about 6 minutes in all on an H200
 but are not yet timed there: if it runs long, run the calibration apart (`--skip parity,speed,steps,big`) or lower
 --parity-prompts / --parity-tokens.
 
-Writes DIR/device_check.json and DIR/device_check.md (the table) and prints the table last. `--quick` runs every
-section small (it is tested on the CPU); `--ckpt tiny` uses a tiny random model with random heads (no tokenizer:
-prompts become byte ids), for testing this script.
+Writes DIR/device_check.json and DIR/device_check.md (the table) after each section and prints the table last. Exit
+status 1 when a section raised (its traceback printed and kept in the JSON's `errors`; the other sections still
+run), 0 otherwise. `--quick` runs every section small (it is tested on the CPU); `--ckpt tiny` uses a tiny random
+model with random heads (no tokenizer: prompts become byte ids), for testing this script.
 """
 
 from __future__ import annotations
