@@ -39,15 +39,30 @@ def _stats(res, dt, batch_size):
     return toks / dt, toks / max(steps, 1), dt / max(wall_steps, 1)
 
 
+def warmup_batches(model, prompts, max_new, batch_size, mode=None, kw=None) -> list[list]:
+    """One batch of `prompts` per compiled program that `generate(prompts, ...)` runs: per (rows, prompt-length
+    bucket) of the batches it plans. Running them compiles everything the timed runs need."""
+    from medusa_jax.generation import bucket
+
+    kw = kw or {}
+    encoded = [model.encode(p) for p in prompts]
+    run_mode = mode or ("medusa" if model.heads is not None else "ar")  # as generate() plans its batches
+    seen: dict = {}
+    for idx in model.plan_batches(encoded, max_new, run_mode, batch_size, None, kw):
+        seen.setdefault((len(idx), bucket(max(len(encoded[j]) for j in idx))), [prompts[j] for j in idx])
+    return list(seen.values())
+
+
 def run_ours_interleaved(model, prompts, configs: dict, max_new, batch_size, repeats):
-    """configs: name -> (mode, kwargs). Each is compiled first, then the repeats alternate between them (so a noisy
+    """configs: name -> (mode, kwargs). Each is compiled first (every prompt-length bucket: `warmup_batches`), then the repeats alternate between them (so a noisy
     neighbour slows every config alike); returns ({name: medians}, {name: per-repeat tokens/s}, {name: last results})."""
     out, per_rep = {}, {n: [] for n in configs}
     runs = {n: [] for n in configs}
     last = {}
     for name, (mode, kw) in configs.items():
         t0 = time.perf_counter()
-        model.generate(prompts[:batch_size], max_new_tokens=max_new, mode=mode, batch_size=batch_size, **kw)
+        for batch in warmup_batches(model, prompts, max_new, batch_size, mode, kw):
+            model.generate(batch, max_new_tokens=max_new, mode=mode, batch_size=batch_size, **kw)
         out[name] = {"compile_s": time.perf_counter() - t0}
     for _ in range(repeats):
         for name, (mode, kw) in configs.items():
@@ -136,21 +151,38 @@ def tree_of_size(n: int) -> list[list[int]]:
     return [list(p) for p in chosen]
 
 
-def step_costs(model, batch_sizes, tree_sizes, prefix: int = 128, iters: int = 20, repeats: int = 3):
+def step_costs(model, batch_sizes, tree_sizes, prefix: int = 128, iters: int = 20, repeats: int = 3,
+               slots: int | None = None):  # fmt: skip
     """Median seconds per step of the real decode loop (`calibrate.step_cost`: candidates, tree forward, acceptance,
     cache compaction, heads at the accepted node) after a `prefix`-token prefill: "ar" is the loop without tree or
-    heads, n the first n-1 paths of mc_sim_7b_63."""
+    heads, n the first n-1 paths of mc_sim_7b_63. Every step is timed over a KV cache of `slots` slots (default:
+    `step_slots_for(tree_sizes, ...)`), the same for AR and every tree."""
     from medusa_jax.calibrate import step_cost
     from medusa_jax.tree import build_buffers
 
     prompt = [1] * prefix
+    root = build_buffers([], topk=1)
+    trees = {n: build_buffers(tree_of_size(n)) for n in tree_sizes if n > 1}
+    slots = slots or step_slots_for(tree_sizes, prefix, iters)
     out = {}
     for b in batch_sizes:
-        out[b] = {"ar": step_cost(model, prompt, b, build_buffers([], topk=1), None, iters, repeats)}
+        out[b] = {"ar": step_cost(model, prompt, b, root, None, iters, repeats, slots=slots)}
         for n in tree_sizes:
-            tree = build_buffers(tree_of_size(n))
-            out[b][n] = step_cost(model, prompt, b, tree, model.heads, iters, repeats) if n > 1 else out[b]["ar"]
+            out[b][n] = (
+                step_cost(model, prompt, b, trees[n], model.heads, iters, repeats, slots=slots)
+                if n > 1
+                else out[b]["ar"]
+            )
     return out
+
+
+def step_slots_for(tree_sizes, prefix: int = 128, iters: int = 20) -> int:
+    """The one KV-cache size `step_costs` times AR and the trees of `tree_sizes` nodes over."""
+    from medusa_jax.calibrate import step_slots
+    from medusa_jax.tree import build_buffers
+
+    trees = [build_buffers([], topk=1)] + [build_buffers(tree_of_size(n)) for n in tree_sizes if n > 1]
+    return step_slots(prefix, trees, iters)
 
 
 # ---------------------------------------------------------------------------------------------- calibration

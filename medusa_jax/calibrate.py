@@ -7,7 +7,8 @@
    The tokens per step of each grown tree, alone and with a lookup chain, are then computed exactly on the same
    answers (`medusa_jax.simulate`: the decode loop's own step count, not an estimate).
 3. `step_cost`: seconds per step of the real decode loop for trees of 1..64 nodes (each without and with the lookup
-   chain) at a batch size, and of the same loop without tree or heads (autoregressive).
+   chain) at a batch size, and of the same loop without tree or heads (autoregressive), all over a KV cache of the
+   same size (`step_slots`).
 4. `choose`: per batch size, the tree and chain maximizing tokens/step / cost, or no tree at all (AR) when none is
    expected to beat AR by `MIN_GAIN` (1.15: a margin over the step costs' run-to-run noise).
 
@@ -93,17 +94,32 @@ def grow_tree(acc, max_nodes: int = 64) -> tuple[list[list[int]], list[float]]:
 
 
 # ---------------------------------------------------------------------------------------------- cost
-def step_cost(model, prompt_ids: list[int], batch: int, tree, heads, iters: int = 8, repeats: int = 3) -> float:
+def step_slots(prompt_len: int, trees, iters: int = 8) -> int:
+    """KV-cache slots that hold `prompt_len` prompt tokens and the steps `step_cost` runs with any of `trees`. Step
+    costs to be compared must be measured at one slot count: attention runs over all slots, so a tree step timed over
+    a bigger cache than the plain step it is compared with would look dearer than it is."""
+    from medusa_jax.generation import bucket
+
+    p = bucket(prompt_len, 16)
+    return max(bucket(p + (iters + 1) * (t.depth + 1) + t.num_nodes + 1, 64) for t in trees)
+
+
+def step_cost(model, prompt_ids: list[int], batch: int, tree, heads, iters: int = 8, repeats: int = 3, *,
+              slots: int) -> float:  # fmt: skip
     """Median seconds per step of the real decode loop (candidates, tree forward, acceptance, cache compaction) at
-    `batch` rows, after a prefill of `prompt_ids`. `heads=None` with a root-only tree is the autoregressive step."""
+    `batch` rows, after a prefill of `prompt_ids`, over a KV cache of `slots` slots (`step_slots` of all the trees
+    compared, so that they are timed over equal caches). Each repeat runs the same `iters` steps from the same state
+    (a copy of it), so the cache need not grow with the repeats. `heads=None` with a root-only tree is the
+    autoregressive step."""
     from medusa_jax.generation import bucket
     from medusa_jax.medusa_decode import MedusaLoop, Thresholds, continue_medusa, start_medusa
     from medusa_jax.model import KVCache
     from medusa_jax.sampling import SamplingParams
 
+    need = step_slots(len(prompt_ids), [tree], iters)
+    if slots < need:
+        raise ValueError(f"step_cost: {slots} slots do not hold the prompt and the steps timed ({need} needed)")
     p = bucket(len(prompt_ids), 16)
-    grow = (repeats + 1) * iters * (tree.depth + 1)
-    slots = bucket(p + grow + tree.num_nodes + 1, 64)
     loop = MedusaLoop(tree, 16, slots, "greedy", ())  # no EOS: rows never finish
     tokens = np.zeros((batch, p), np.int32)
     tokens[:, : len(prompt_ids)] = prompt_ids
@@ -116,8 +132,9 @@ def step_cost(model, prompt_ids: list[int], batch: int, tree, heads, iters: int 
     state = jax.block_until_ready(continue_medusa(*args, state, big, sp, th, jnp.int32(1)))  # compile
     times = []
     for _ in range(repeats):
+        run = jax.block_until_ready(jax.tree.map(jnp.copy, state))  # the loop donates its state: time a copy
         t0 = time.perf_counter()
-        state = jax.block_until_ready(continue_medusa(*args, state, big, sp, th, jnp.int32(iters)))
+        jax.block_until_ready(continue_medusa(*args, run, big, sp, th, jnp.int32(iters)))
         times.append((time.perf_counter() - t0) / iters)
     return statistics.median(times)
 
@@ -136,9 +153,14 @@ def choose(expected: dict, cost: dict, min_gain: float = MIN_GAIN) -> tuple:
 
 
 def calibrate(model, prompts: list, batch_sizes=(1, 8, 32), sizes=TREE_SIZES, max_new_tokens: int = 64,
-              lookup: int = DEFAULT_LOOKUP, min_gain: float = MIN_GAIN, log=print) -> dict:  # fmt: skip
+              lookup: int = DEFAULT_LOOKUP, min_gain: float = MIN_GAIN, log=print,
+              budget_s: float | None = None) -> dict:  # fmt: skip
     """The whole calibration (see the module docstring); returns the JSON-able result. lookup: the chain length
-    tried beside each tree (0: trees alone); min_gain: the expected speedup over AR a tree needs (`choose`)."""
+    tried beside each tree (0: trees alone); min_gain: the expected speedup over AR a tree needs (`choose`).
+    budget_s: seconds for the whole calibration. The step costs are measured in two passes over the batch sizes: AR
+    and every other tree size (1, 4, 16, 64), then the other sizes (2, 8, 32); a measurement that the slowest one so
+    far at its batch size says would end past the budget is left out (listed under "skipped"), and each batch size's
+    choice is made among the measured options."""
     from medusa_jax.simulate import tokens_per_step
     from medusa_jax.tree import build_buffers
 
@@ -162,10 +184,23 @@ def calibrate(model, prompts: list, batch_sizes=(1, 8, 32), sizes=TREE_SIZES, ma
     if lookup:
         out["expected_tokens_per_step_lookup"] = per_chain(expected, lookup, lambda x: round(float(x), 4))
     log("tokens per step (exact, on these answers): " + ", ".join(f"{n}+{c}:{e:.2f}" for (n, c), e in expected.items()))
+    slots = step_slots(len(prompt_ids), [root_only, *trees.values()])  # every option timed over the same cache
+    out["step_slots"] = slots
+    ns = sorted({n for n, _ in trees})
+    passes = [[(0, 0)] + [(n, c) for n in ns[::2] for c in chains], [(n, c) for n in ns[1::2] for c in chains]]
+    costs: dict = {b: {} for b in batch_sizes}
+    slowest: dict = {b: 0.0 for b in batch_sizes}
+    skipped: dict = {}
+    for o, b in [(o, b) for options in passes for b in batch_sizes for o in options]:
+        if budget_s is not None and o != (0, 0) and time.perf_counter() - t0 + slowest[b] > budget_s:
+            skipped.setdefault(str(b), []).append(list(o))
+            continue
+        t1 = time.perf_counter()
+        tree, heads = (root_only, None) if o == (0, 0) else (trees[o], model.heads)
+        costs[b][o] = step_cost(model, prompt_ids, b, tree, heads, slots=slots)
+        slowest[b] = max(slowest[b], time.perf_counter() - t1)
     for b in batch_sizes:
-        cost = {(0, 0): step_cost(model, prompt_ids, b, root_only, None)}
-        for o, tb in trees.items():
-            cost[o] = step_cost(model, prompt_ids, b, tb, model.heads)
+        cost = dict(sorted(costs[b].items()))
         (best, chain), rate = choose(expected, cost, min_gain)
         v = {
             "step_ms": per_chain(cost, 0, lambda x: round(x * 1e3, 3)),
@@ -181,6 +216,9 @@ def calibrate(model, prompts: list, batch_sizes=(1, 8, 32), sizes=TREE_SIZES, ma
         log(f"batch {b}: step ms " + ", ".join(f"{n}+{c}:{x * 1e3:.1f}" for (n, c), x in cost.items())
             + f" -> best {best} nodes + chain {chain} "
             + f"({'AR' if best == 0 else f'{rate[(best, chain)] / rate[(0, 0)]:.2f}x AR expected'})")  # fmt: skip
+    if budget_s is not None:
+        out["budget_s"] = budget_s
+        out["skipped"] = skipped
     out["seconds"] = round(time.perf_counter() - t0, 1)
     return out
 

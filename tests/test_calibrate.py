@@ -82,6 +82,29 @@ def test_calibrate_end_to_end_and_load_uses_it(tmp_path):
         assert f.read(8) == b"\x89PNG\r\n\x1a\n"
 
 
+def test_step_costs_compared_over_one_cache_size(monkeypatch):
+    """AR, trees and trees with a lookup chain are timed over KV caches of the same number of slots (a deeper tree
+    step must not be timed over a bigger cache than the plain step it is compared with): in `calibrate` and in
+    `bench.step_costs`."""
+    from medusa_jax import bench, medusa_decode
+
+    seen = []
+    real = medusa_decode.MedusaLoop
+
+    def spy(tree, max_new, slots, *rest):
+        seen.append((tree.depth, slots))
+        return real(tree, max_new, slots, *rest)
+
+    monkeypatch.setattr(medusa_decode, "MedusaLoop", spy)  # step_cost's loops (generate's come from api's import)
+    m = tiny_model(vocab=16, heads=2, seed=1)
+    calibrate.calibrate(m, random_prompts(2, 16, seed=5), batch_sizes=(1,), sizes=(1, 3), max_new_tokens=8,
+                        lookup=6, log=lambda s: None)  # fmt: skip
+    assert len({d for d, _ in seen}) >= 3 and len({s for _, s in seen}) == 1, seen
+    seen.clear()
+    bench.step_costs(m, [1], [2, 3], prefix=8, iters=20, repeats=1)
+    assert len({d for d, _ in seen}) >= 2 and len({s for _, s in seen}) == 1, seen
+
+
 def test_bad_calibration_file(tmp_path):
     path = calibrate.calibration_path(str(tmp_path), "float32")
     with open(path, "w") as f:

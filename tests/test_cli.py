@@ -92,6 +92,28 @@ def tiny_model(tiny_ckpt):
     return medusa_jax.load(tiny_ckpt)
 
 
+@pytest.fixture(scope="module")
+def hf_tiny(tiny_ckpt):
+    """The tiny checkpoint in HF transformers' PyTorch Llama: the reference the CLI's output is checked against."""
+    import torch
+    from transformers import LlamaForCausalLM
+
+    return LlamaForCausalLM.from_pretrained(tiny_ckpt, dtype=torch.float32).eval()
+
+
+def torch_greedy(hf, ids: list[int], max_new: int, eos) -> list[int]:
+    """Plain greedy decoding with a PyTorch model, a full forward per token (no cache, no `generate`): the new
+    tokens, up to and including the first EOS."""
+    import torch
+
+    seq, out = list(ids), []
+    with torch.no_grad():
+        while len(out) < max_new and not (out and out[-1] in eos):
+            out.append(int(hf(torch.tensor([seq])).logits[0, -1].argmax()))
+            seq.append(out[-1])
+    return out
+
+
 def write_lines(path: Path, lines: list) -> str:
     path.write_text("".join((x if isinstance(x, str) else json.dumps(x)) + "\n" for x in lines), encoding="utf-8")
     return str(path)
@@ -102,7 +124,7 @@ def read_jsonl(path) -> list[dict]:
 
 
 # ---------------------------------------------------------------------------------------------- good runs
-def test_prompts_file_output_order(tiny_ckpt, tiny_model, tmp_path):
+def test_prompts_file_output_order(tiny_ckpt, tiny_model, hf_tiny, tmp_path):
     prompts = ["Hello there, who are you?", "Name a color.", "Count to three, slowly and carefully please."]
     pfile = write_lines(
         tmp_path / "p.jsonl",
@@ -118,8 +140,9 @@ def test_prompts_file_output_order(tiny_ckpt, tiny_model, tmp_path):
     rows = read_jsonl(out)
     assert [row["prompt"] for row in rows] == prompts
     expected = tiny_model.generate(prompts, max_new_tokens=6, mode="ar")
-    for row, exp in zip(rows, expected):
+    for row, exp, p in zip(rows, expected, prompts):
         assert set(row) == {"prompt", "output_ids", "text", "new_tokens", "steps", "batch_seconds"}
+        assert row["output_ids"] == torch_greedy(hf_tiny, tiny_model.encode(p), 6, tiny_model.eos_ids)  # reference
         assert row["output_ids"] == exp.output_ids and row["text"] == exp.text
         assert row["new_tokens"] == len(row["output_ids"]) and 1 <= row["new_tokens"] <= 6
         assert row["steps"] == row["new_tokens"] and row["batch_seconds"] > 0
@@ -158,7 +181,7 @@ def tiny_heads(tiny_model, tmp_path_factory) -> str:
     return path
 
 
-def test_medusa_mode_with_tree(tiny_ckpt, tiny_heads, tmp_path):
+def test_medusa_mode_with_tree(tiny_ckpt, tiny_heads, hf_tiny, tmp_path):
     import medusa_jax
 
     out = tmp_path / "medusa.jsonl"
@@ -172,12 +195,14 @@ def test_medusa_mode_with_tree(tiny_ckpt, tiny_heads, tmp_path):
     expected = model.generate(prompts, max_new_tokens=12, mode="ar")  # greedy Medusa gives the AR text
     rows = read_jsonl(out)
     assert [row["output_ids"] for row in rows] == [e.output_ids for e in expected]
+    assert [row["output_ids"] for row in rows] == [torch_greedy(hf_tiny, model.encode(p), 12, model.eos_ids)
+                                                   for p in prompts]  # fmt: skip
     for row in rows:  # chain_2 takes 1 to 3 tokens a step
         n = len(row["output_ids"])
         assert -(-n // 3) <= row["steps"] <= n, row
 
 
-def test_default_model_no_flags_without_torch(tmp_path):
+def test_default_model_no_flags_without_torch(tmp_path, hf_smollm2):
     """No flags, and torch not importable (the README's first command on a machine without torch): the embedded
     model with its shipped Medusa heads, in the mode their calibration for this device picks at batch 1 (Medusa, or
     AR where no tree pays off), streaming the greedy answer; the startup line says which mode and why."""
@@ -199,7 +224,11 @@ def test_default_model_no_flags_without_torch(tmp_path):
     assert r.returncode == 0, r.stderr
     m = SUMMARY.search(r.stdout)
     assert m and m.group(1) == "1" and int(m.group(2)) == 8 and m.group(3) == expected, r.stdout
-    assert r.stdout.startswith(f"### [1] {DEFAULT_PROMPT}\nThe sky is blue because"), r.stdout
+    from medusa_jax.tokenizer import encode_prompt
+
+    hf_model, hf_tok = hf_smollm2  # the reference: HF transformers' model of the same GGUF, plain greedy decoding
+    ref = torch_greedy(hf_model, encode_prompt(hf_tok, DEFAULT_PROMPT, raw=False), 8, model.eos_ids)
+    assert len(ref) == 8 and r.stdout.startswith(f"### [1] {DEFAULT_PROMPT}\n{hf_tok.decode(ref)}"), (r.stdout, ref)
     assert "Traceback" not in r.stderr and "torch" not in r.stderr.lower(), r.stderr
     startup = [line for line in r.stderr.splitlines() if line.startswith("decode.py: loaded ")]
     assert len(startup) == 1 and "4 Medusa heads loaded" in startup[0], r.stderr

@@ -12,32 +12,61 @@ PACKAGE = Path(__file__).resolve().parents[1] / "medusa_jax"
 TOOLS = {"medusa_jax.bench", "medusa_jax.calibrate", "medusa_jax.draft_vocab"}  # top layer: may use anything
 
 
-def module_files() -> dict[str, Path]:
+def module_files(package: Path = PACKAGE) -> dict[str, Path]:
     mods = {}
-    for f in PACKAGE.rglob("*.py"):
-        parts = f.relative_to(PACKAGE.parent).with_suffix("").parts
+    for f in package.rglob("*.py"):
+        parts = f.relative_to(package.parent).with_suffix("").parts
         name = ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
         mods[name] = f
     return mods
 
 
-def import_graph() -> dict[str, set[str]]:
-    """module -> the package modules it imports (anywhere in its body)."""
-    mods = module_files()
+def dotted(node) -> str | None:
+    """`a.b.c` for a Name/Attribute chain, else None."""
+    parts = []
+    while isinstance(node, ast.Attribute):
+        parts.append(node.attr)
+        node = node.value
+    return ".".join([node.id, *reversed(parts)]) if isinstance(node, ast.Name) else None
+
+
+def import_graph(package: Path = PACKAGE) -> dict[str, set[str]]:
+    """module -> the package modules it uses anywhere in its body: imported (`import`, `from ... import`,
+    `importlib.import_module("...")` with a constant name) or reached as an attribute of an imported package
+    (`medusa_jax.train...` after `import medusa_jax`: the package's lazy `__getattr__` imports submodules on use)."""
+    mods = module_files(package)
     graph = {}
     for name, f in mods.items():
         pkg = name if f.name == "__init__.py" else name.rpartition(".")[0]
         deps = set()
+        aliases = {}  # local name -> the package module it stands for
         for node in ast.walk(ast.parse(f.read_text(), str(f))):
             if isinstance(node, ast.Import):
                 deps.update(a.name for a in node.names)
+                for a in node.names:
+                    aliases[a.asname or a.name.split(".")[0]] = a.name if a.asname else a.name.split(".")[0]
             elif isinstance(node, ast.ImportFrom):
                 base = node.module or ""
                 if node.level:
                     up = pkg.split(".")[: len(pkg.split(".")) - node.level + 1]
                     base = ".".join(up + ([base] if base else []))
                 for a in node.names:
-                    deps.add(f"{base}.{a.name}" if f"{base}.{a.name}" in mods else base)
+                    full = f"{base}.{a.name}"
+                    deps.add(full if full in mods else base)
+                    if full in mods:
+                        aliases[a.asname or a.name] = full
+            elif (isinstance(node, ast.Call) and (dotted(node.func) or "").endswith("import_module") and node.args
+                  and isinstance(node.args[0], ast.Constant) and isinstance(node.args[0].value, str)):  # fmt: skip
+                deps.add(node.args[0].value)
+        for node in ast.walk(ast.parse(f.read_text(), str(f))):
+            chain = dotted(node) if isinstance(node, ast.Attribute) else None
+            head = chain.split(".")[0] if chain else None
+            if head in aliases:
+                parts = [aliases[head], *chain.split(".")[1:]]
+                for i in range(len(parts), 1, -1):  # the longest prefix that is a package module
+                    if ".".join(parts[:i]) in mods:
+                        deps.add(".".join(parts[:i]))
+                        break
         graph[name] = {d for d in deps if d in mods and d != name}
     return graph
 
@@ -69,6 +98,22 @@ def test_graph_sees_function_level_imports():
     assert "medusa_jax.model" in graph["medusa_jax.medusa_decode"]
     assert find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
     assert find_cycle({"a": {"b"}, "b": set()}) is None
+
+
+def test_graph_sees_modules_reached_through_the_package(tmp_path):
+    """`medusa_jax.train` reached as an attribute of the package (its lazy `__getattr__` imports it on use), under
+    an alias, or through `importlib.import_module`, is an edge like an import."""
+    pkg = tmp_path / "medusa_jax"
+    (pkg / "train").mkdir(parents=True)
+    for f in ("__init__.py", "train/__init__.py", "train/trainer.py", "config.py"):
+        (pkg / f).write_text("")
+    (pkg / "api.py").write_text("import medusa_jax\n\ndef f():\n    return medusa_jax.train.trainer.train\n")
+    (pkg / "session.py").write_text("import medusa_jax as mj\n\ndef f():\n    return mj.train, mj.config.X\n")
+    (pkg / "plan.py").write_text("import importlib\n\nT = importlib.import_module('medusa_jax.train')\n")
+    graph = import_graph(pkg)
+    assert "medusa_jax.train.trainer" in graph["medusa_jax.api"]
+    assert {"medusa_jax.train", "medusa_jax.config"} <= graph["medusa_jax.session"]
+    assert "medusa_jax.train" in graph["medusa_jax.plan"]
 
 
 def test_no_import_cycle():

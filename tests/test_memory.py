@@ -46,15 +46,28 @@ def _nbytes(tree) -> int:
     return sum(int(np.prod(a.shape)) * a.dtype.itemsize for a in jax.tree.leaves(tree))
 
 
+BF16_ON_CPU = pytest.mark.xfail(
+    jax.default_backend() == "cpu",
+    strict=True,
+    reason="XLA:CPU runs the bfloat16 matmuls in float32 and hoists the weights' conversion out of the layer loop: a "
+    "float32 copy of every weight among the temporaries (the bound fails by about the float32 weights' size)",
+)
+
+
+@pytest.mark.parametrize("dtype", ["float32", pytest.param("bfloat16", marks=BF16_ON_CPU)])
 @pytest.mark.parametrize("mode", ["medusa", "ar"])
-def test_generate_temporaries_within_bound(mode):
+def test_generate_temporaries_within_bound(mode, dtype):
     """A batch of 8 prompts of 1,024 tokens, 2,048 cache slots, the 63-node tree + a 10-node lookup chain: params +
     XLA's temporaries (KV cache included) <= 2x (params + KV cache + one step's logits), and `batch_bytes` (what
-    batches are sized by) is an upper bound of the temporaries."""
+    batches are sized by) is an upper bound of the temporaries. In float32 and in the numerics `load(dtype=
+    "bfloat16")` decodes with (bfloat16 weights, float32 activations and KV cache, two-part matmuls): bfloat16
+    weights must not come with float32 copies of them among the temporaries."""
+    cfg = MID.for_inference(dtype)
     b, p, slots, k = 8, 1024, 2048, 4
     S = jax.ShapeDtypeStruct
-    params = jax.eval_shape(lambda: init_params(MID))
-    e, v = MID.hidden_size, MID.vocab_size
+    params = jax.eval_shape(lambda: init_params(cfg))
+    assert {a.dtype for a in jax.tree.leaves(params)} == {jnp.dtype(dtype)}
+    e, v = cfg.hidden_size, cfg.vocab_size
     heads = {"blocks": {"kernel": S((k, 1, e, e), jnp.float32), "bias": S((k, 1, e), jnp.float32)}}
     heads["proj"] = {"kernel": S((k, e, v), jnp.float32)}
     args = (S((b, p), jnp.int32), S((b,), jnp.int32), S((), jnp.int32), _abstract(SamplingParams.make(1.0, 0, 1.0)))
@@ -62,13 +75,13 @@ def test_generate_temporaries_within_bound(mode):
     loop = MedusaLoop(tree, 128, slots, "greedy", (2,))
     th = Thresholds(S((), jnp.float32), S((), jnp.float32))
     heads = heads if mode == "medusa" else None  # plain decoding: the root-only loop without heads
-    compiled = generate_medusa.lower(MID, loop, params, heads, *args, th, S((2,), jnp.uint32)).compile()
+    compiled = generate_medusa.lower(cfg, loop, params, heads, *args, th, S((2,), jnp.uint32)).compile()
     nodes, internal = (tree.num_nodes, len(tree_parents(tree)[1])) if mode == "medusa" else (1, 1)
     temp = compiled.memory_analysis().temp_size_in_bytes
     weights = _nbytes(params)
-    bound = 2 * (weights + memory.kv_bytes(MID, b, slots) + memory.logits_bytes(MID, b, internal))
+    bound = 2 * (weights + memory.kv_bytes(cfg, b, slots) + memory.logits_bytes(cfg, b, internal))
     assert weights + temp <= bound, (temp, bound)
-    assert temp <= memory.batch_bytes(MID, b, p, slots, nodes)
+    assert temp <= memory.batch_bytes(cfg, b, p, slots, nodes)
 
 
 def _tiny_cfg():

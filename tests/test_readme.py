@@ -66,3 +66,11 @@ def test_readme_python_blocks_run(tiny_model, monkeypatch, capsys):
     assert chat.last_reused + chat.last_prefill == len(both)
     assert len(first) // 2 < chat.last_reused < len(both)
     assert f"{chat.last_prefill} {chat.last_reused}" in capsys.readouterr().out
+
+
+def test_ci_runs_the_readme_test_command():
+    """`.ci/run` installs and tests with the README's quick-start test command (its pip calls quiet)."""
+    readme = re.search(r"```bash\n(.*?)```", README.read_text(encoding="utf-8"), re.S).group(1).splitlines()[1]
+    ci = (README.parent / ".ci" / "run").read_text(encoding="utf-8").strip().splitlines()[-1]
+    assert ci.replace("pip install -q ", "pip install ") == readme, (ci, readme)
+    assert " -n 2 " in readme  # the suite runs on both cores

