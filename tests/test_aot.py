@@ -78,7 +78,7 @@ def test_cli_writes_the_report_and_reports_what_does_not_fit(v5e_2x2, tmp_path, 
         assert key in row, key
     assert row["fits"] and row["max_batch"] >= 2 * 2 and row["max_batch"] % 1 == 0
     # a KV cache far beyond one chip: the report says so (with the compiler's figure) instead of failing
-    big = argv[:-2] + ["--batch", "512", "--context", "65536", "--no-traffic", "--json", str(out)]
+    big = argv[:-2] + ["--batch", "512", "--context", "65536", "--no-traffic", "--no-max-batch", "--json", str(out)]
     assert aot.main(big) == 0
     row = json.loads(out.read_text())
     assert row["fits"] is False and row["per_chip_bytes"] > row["hbm_bytes"]

@@ -38,7 +38,7 @@ TINY = textwrap.dedent(
     def run(m, full):
         out = {}
         for name, kw in runs.items():
-            if name in ("typical", "ar-sample") and not full:
+            if name in ("typical", "ar-sample", "rejection") and not full:
                 continue
             b8 = m.generate(prompts, max_new_tokens=24, batch_size=8, **kw)
             out[name] = [r.output_ids for r in b8] + [r.steps for r in b8]
@@ -77,7 +77,7 @@ SMOLLM2 = textwrap.dedent(
                     ["q_proj"]["kernel"]), "embed": spec(m.params["embed"]["embedding"]),
                     "proj": spec(m.heads["proj"]["kernel"]) if "proj" in m.heads else spec(m.heads["draft"]["kernel"])}
     bf = medusa_jax.load(dtype="bfloat16", mesh="1x8")
-    res["bf16"] = {k: [r.output_ids for r in bf.generate(prompts[:4], max_new_tokens=new, **kw)]
+    res["bf16"] = {k: [r.output_ids for r in bf.generate(prompts[:2], max_new_tokens=new, **kw)]
                    for k, kw in (("ar", dict(mode="ar")), ("medusa", medusa))}
     print("RESULT " + json.dumps(res))
     """
@@ -103,10 +103,10 @@ def tiny_runs(tmp_path_factory):
 
 @pytest.mark.parametrize("mesh", ["1x8", "2x4", "8x1"])
 def test_tokens_on_a_mesh_equal_one_device(tiny_runs, mesh):
-    """Greedy plain and Medusa decoding and rejection sampling on every mesh; typical acceptance, top-k/top-p
-    sampling and a two-turn conversation on 2x4 (rows over data and heads over tensor at once)."""
+    """Greedy plain and Medusa decoding on every mesh; rejection and typical acceptance, top-k/top-p sampling and
+    a two-turn conversation on 2x4 (rows over data and heads over tensor at once)."""
     one, got = tiny_runs["one"], tiny_runs[mesh]
-    assert len(got) >= 4
+    assert len(got) >= 3
     for name in got:
         assert got[name] == one[name], (mesh, name)
     assert one["medusa"][:8] == one["ar"][:8]  # greedy Medusa is lossless (the premise)
@@ -121,7 +121,7 @@ def test_heads_that_divide_the_model_axis_are_split(tiny_runs):
 
 
 def test_smollm2_on_a_mesh_equals_one_device(tmp_path, dev_prompts):
-    res = run_worker(tmp_path, SMOLLM2, json.dumps(dev_prompts[:8]), "32")
+    res = run_worker(tmp_path, SMOLLM2, json.dumps(dev_prompts[:8]), "24")
     assert res["mesh"] == res["ar"]  # 2x4 Medusa (float32) == one-device plain decoding, at batch 8
     assert sum(res["steps"]) < 0.75 * sum(len(a) for a in res["ar"])
     # SmolLM2's 9 query heads stay whole on 4 devices; MLP, vocabulary and the heads' projection are split
