@@ -503,7 +503,7 @@ def main(argv: list[str] | None = None) -> int:
             raise InputError("--mode medusa needs Medusa heads: pass --heads PATH")
         check_options(model, mode, args)
         where = f", sharded over a {args.mesh} mesh" if args.mesh else ""
-        say(f"loaded {model.name} in {time.perf_counter() - t0:.1f} s ({numerics}{where}); {why}; running {MODES[mode]} "
+        say(f"loaded {model.name} in {time.perf_counter() - t0:.1f} s: {numerics}{where}; {why}; running {MODES[mode]} "
             "(the first run of a prompt/output size compiles; later runs read the compilation cache)")  # fmt: skip
         if args.chat:
             chat(model, args.mode, args)

@@ -49,10 +49,10 @@ def default_dtype(backend: str | None = None) -> tuple[str, str]:
 
         backend = jax.default_backend()
     if backend == "cpu":
-        return "float32", "float32 weights on the CPU (the default there; --dtype bfloat16 halves their memory)"
+        return "float32", "float32 weights, the default on CPUs; --dtype bfloat16 halves their memory"
     return "bfloat16", (
-        f"bfloat16 weights with float32 activations and KV cache on {backend} (the default on accelerators; "
-        "--dtype float32 for full-precision weights)"
+        f"bfloat16 weights with float32 activations and KV cache, the default on {backend}; --dtype float32 for "
+        "full-precision weights"
     )
 
 

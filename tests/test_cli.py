@@ -510,3 +510,10 @@ def test_decode_imports_no_jax_before_the_first_line():
     probe = "import sys, decode; print('jax' in sys.modules)"
     r = subprocess.run([sys.executable, "-c", probe], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert r.stdout.strip() == "False", r.stderr
+
+
+def test_bad_mesh_is_one_line_and_exit_2():
+    r = run("--mesh", "8")
+    assert r.returncode == 2 and "--mesh" in r.stderr and "DATAxMODEL" in r.stderr and "Traceback" not in r.stderr
+    r = run("--mesh", "1x64", "--max-new-tokens", "4")
+    assert r.returncode == 2 and "needs 64 devices" in r.stderr and "Traceback" not in r.stderr

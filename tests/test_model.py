@@ -165,3 +165,12 @@ def test_attention_mask_prefix_and_block():
     # row 0: slots 0-1 are prefix, the block sits at 2-4, slots 5.. are unseen
     np.testing.assert_array_equal(mask[0, 2], [1, 1, 1, 0, 1, 0, 0, 0])
     np.testing.assert_array_equal(mask[1, 1], [1, 1, 1, 1, 1, 1, 0, 0])
+
+
+def test_weights_default_to_bfloat16_on_accelerators_and_float32_on_cpus():
+    from medusa_jax.config import default_dtype
+
+    assert default_dtype("cpu")[0] == "float32"
+    for backend in ("gpu", "tpu"):
+        dtype, why = default_dtype(backend)
+        assert dtype == "bfloat16" and "float32 activations and KV cache" in why and backend in why
