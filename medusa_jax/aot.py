@@ -10,9 +10,8 @@ slice's devices (`medusa_jax.topology`) from abstract inputs, so no weights are 
     HBM, and the largest batch that fits (the total grows linearly with the batch: two compiles, then the predicted
     largest batch is compiled to check it). A configuration that does not fit still gets its report (`fits: false`,
     the compiler's figure).
-  - traffic: bytes accessed by one decode step (`medusa_step`, layers unrolled) against params + heads + the cache
-    shard. XLA's cost analysis counts a loop body once, so the step is compiled with 2 and 4 unrolled layers and
-    extrapolated linearly to the model's layers (every layer is the same program).
+  - traffic: bytes accessed by one decode step (`medusa_step`, every layer unrolled: XLA's cost analysis counts a
+    loop body once) against params + heads + the cache shard.
   - collectives: the all-reduces, all-gathers, ... of one step, with their bytes, and whether any gathers a weight.
 """
 
@@ -322,41 +321,33 @@ def _fits(s: Setup) -> bool:
 
 
 def traffic(s: Setup) -> dict:
-    """Bytes accessed and collectives of one decode step per chip, from 2- and 4-layer unrolled compiles
-    extrapolated to the model's layers; against params + heads + KV cache shard."""
+    """Bytes accessed and collectives of one decode step per chip, compiled with every layer unrolled (XLA's cost
+    analysis counts a loop body once), against params + heads + the KV cache shard."""
     n = s.cfg.num_layers
-    facts = {}
-    for layers in (2, 4):
-        part = s.replace(cfg=s.cfg.replace(num_layers=layers, scan_unroll=layers))
-        compiled = lower_steps(part).compile()
-        cost = _cost(compiled)
-        colls = collectives(compiled.as_text())
-        facts[layers] = (float(cost.get("bytes accessed", 0.0)), float(cost.get("flops", 0.0)), colls)
-    per_layer = [(facts[4][i] - facts[2][i]) / 2 for i in (0, 1)]
-    bytes_step = facts[2][0] + (n - 2) * per_layer[0]
-    flops_step = facts[2][1] + (n - 2) * per_layer[1]
-    s2, s4 = summarize(facts[2][2]), summarize(facts[4][2])
-    per_step = {}
-    for op in sorted(set(s2) | set(s4)):
-        a, b = s2.get(op, {"count": 0, "bytes": 0}), s4.get(op, {"count": 0, "bytes": 0})
-        per_step[op] = {k: a[k] + (n - 2) * (b[k] - a[k]) / 2 for k in ("count", "bytes")}
+    unrolled = s.replace(cfg=s.cfg.replace(scan_unroll=n))
+    compiled = lower_steps(unrolled).compile()
+    cost = _cost(compiled)
+    colls = collectives(compiled.as_text())
+    bytes_step, flops_step = float(cost.get("bytes accessed", 0.0)), float(cost.get("flops", 0.0))
     params, heads = abstract_model(s)
     kv_shape = (n, s.batch, s.context, s.cfg.num_kv_heads, s.cfg.head_dim)
     kv = jax.ShapeDtypeStruct(kv_shape, s.cfg.jnp_dtype, sharding=sh.kv_cache_sharding(s.mesh, kv_shape))
     reference = tree_shard_bytes(params) + (tree_shard_bytes(heads) if heads else 0) + 2 * shard_bytes(kv)
-    small = abstract_model(s.replace(cfg=s.cfg.replace(num_layers=4, scan_unroll=4)))
-    gathered = [shape for op, shape, _ in facts[4][2] if op == "all-gather" and shape in weight_shapes(*small)]
+    gathered = [shape for op, shape, _ in colls if op == "all-gather" and shape in weight_shapes(params, heads)]
     return {"bytes_accessed_per_step": bytes_step, "flops_per_step": flops_step, "reference_bytes": reference,
             "bytes_accessed_ratio": bytes_step / reference if reference else math.nan,
-            "collectives_per_step": per_step, "weight_gathers": [list(g) for g in gathered]}  # fmt: skip
+            "collectives_per_step": summarize(colls), "weight_gathers": [list(g) for g in gathered]}  # fmt: skip
 
 
 # ---------------------------------------------------------------------------------------------- the report
 def smallest_model_axis(s: Setup, chips_available: tuple[int, ...] = (1, 2, 4, 8, 16, 32, 64)) -> int | None:
-    """The smallest MODEL (a 1xMODEL mesh) whose params, heads and KV cache shards fit one chip with 25% to spare for
-    temporaries, estimated from the shardings alone (no compile)."""
+    """The smallest MODEL above this mesh's (a 1xMODEL mesh) whose params, heads and four KV-cache shards (the compiled
+    Medusa loop holds about three copies of the cache besides the cache itself) fit one chip, estimated from the
+    shardings alone (no compile)."""
     hbm = topology.chip_of(s.mesh.devices.flat[0]).hbm_bytes
     for m in chips_available:
+        if m <= s.mesh.shape["tensor"]:
+            continue
         fake = _ShapeOnlyMesh({"data": 1, "fsdp": 1, "tensor": m})
         params = abstract_params(s.cfg)
         heads = abstract_heads(s.cfg, s.heads) if s.heads else {}
@@ -373,7 +364,7 @@ def smallest_model_axis(s: Setup, chips_available: tuple[int, ...] = (1, 2, 4, 8
         kv_spec = sh.spec_for(sh.KV_CACHE_AXES, kv_shape, fake)
         kv_div = m if kv_spec[3] else 1
         kv = 2 * int(np.prod(kv_shape, dtype=np.int64)) * s.cfg.jnp_dtype.itemsize // kv_div
-        if (per_chip(params) + per_chip(heads) + kv) * 1.25 <= hbm:
+        if per_chip(params) + per_chip(heads) + 4 * kv <= hbm:
             return m
     return None
 
