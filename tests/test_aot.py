@@ -71,7 +71,7 @@ def test_cli_writes_the_report_and_reports_what_does_not_fit(v5e_2x2, tmp_path, 
     (model / "config.json").write_text(json.dumps(TINY_HF))
     out = tmp_path / "r.json"
     argv = ["--model", str(model), "--heads", "2", "--tree", "chain_2", "--lookup", "4", "--batch", "2", "--context",
-            "256", "--mesh", "1x4", "--topology", "v5e:2x2", "--json", str(out)]  # fmt: skip
+            "128", "--mesh", "1x4", "--topology", "v5e:2x2", "--json", str(out)]  # fmt: skip
     assert aot.main(argv) == 0
     row = json.loads(out.read_text())
     for key in ("per_chip_bytes", "hbm_bytes", "fits", "bytes_accessed_ratio", "max_batch", "collectives_per_step"):
