@@ -460,7 +460,7 @@ def with_heads(model: MedusaModel, heads: str, dtype: str, draft_vocab: bool | i
     tree = calibration = None
     if folder:
         from medusa_jax.calibrate import read_calibration
-        from medusa_jax.heads_io import read_draft_vocab
+        from medusa_jax.draft_vocab import read_draft_vocab
         from medusa_jax.tree import get_tree
 
         if draft_vocab is not False:

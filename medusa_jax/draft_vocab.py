@@ -1,69 +1,58 @@
-"""A reduced draft vocabulary for the Medusa heads (FR-Spec style): the tokens the model itself emits most.
+"""Reading the reduced draft vocabulary saved beside Medusa heads (`draft_vocab.json`, FR-Spec style).
 
-On a CPU the heads' vocabulary projections (K heads x hidden x 49k for SmolLM2) cost about as much as the backbone's
-step; projecting onto the Vd most frequent tokens of the model's own answers cuts that by V / Vd while losing only
-the rare tokens as candidates. Greedy output is unchanged (the base model verifies every candidate).
-
-    python -m medusa_jax.draft_vocab --data runs/data_smollm2 --size 8192 --out medusa_jax/heads/smollm2_medusa1
-
-writes `draft_vocab.json` (`{"ids": [...most frequent first], "size": Vd, "coverage": ...}`) next to the heads;
-`medusa_jax.load(..., heads=DIR)` then uses it (`draft_vocab=False` turns it off).
+The file holds `{"ids": [...most frequent first], "size": Vd, "coverage": ...}`: the tokens the model itself emits
+most. `medusa_jax.load(..., heads=DIR)` projects the heads onto them (`draft_vocab=False` turns it off). It is
+built from training data by `python -m medusa_jax.train.draft_vocab`.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
+import numbers
 import os
-import sys
-from collections import Counter
 
-from medusa_jax.heads_io import DRAFT_VOCAB_FILE as FILE
-from medusa_jax.heads_io import check_draft_ids as check_ids
-from medusa_jax.heads_io import read_draft_vocab as read
+import numpy as np
 
-__all__ = ["FILE", "build", "check_ids", "read", "token_counts"]
+DRAFT_VOCAB_FILE = "draft_vocab.json"  # beside the heads: a reduced vocabulary for their projections
+FIX = "rebuild it with python -m medusa_jax.train.draft_vocab, or delete it (or load with draft_vocab=False)"
 
-
-def token_counts(rows: list[dict]) -> Counter:
-    """Answer-token frequencies (loss_mask == 1) of distilled rows."""
-    c: Counter = Counter()
-    for r in rows:
-        c.update(t for t, m in zip(r["input_ids"], r["loss_mask"]) if m)
-    return c
+__all__ = ["DRAFT_VOCAB_FILE", "FILE", "check_draft_ids", "check_ids", "read", "read_draft_vocab"]
 
 
-def build(counts: Counter, size: int) -> dict:
-    total = sum(counts.values())
-    ids = [t for t, _ in counts.most_common(size)]
-    covered = sum(counts[t] for t in ids)
-    return {"size": len(ids), "ids": ids, "coverage": round(covered / max(total, 1), 5), "answer_tokens": total}
-
-
-def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--data", required=True, help="distilled data dir(s), comma-separated (training data only)")
-    ap.add_argument("--size", type=int, default=8192)
-    ap.add_argument("--out", required=True, help="the heads directory")
-    args = ap.parse_args(argv)
-    from medusa_jax.train.distill import load_rows, write_atomic
-
-    if args.size < 1:
-        print(f"--size must be >= 1, got {args.size}", file=sys.stderr)
-        return 2
+def read_draft_vocab(heads_dir: str, size: int | None = None, vocab_size: int | None = None) -> np.ndarray | None:
+    """The draft vocabulary saved beside heads (its first `size` ids), or None when there is none. Its ids must be
+    distinct integers in [0, vocab_size) (the model's vocabulary): anything else is a ValueError naming the file."""
+    path = os.path.join(heads_dir, DRAFT_VOCAB_FILE)
+    if not os.path.isfile(path):
+        return None
     try:
-        rows = [r for d in args.data.split(",") if d.strip() for r in load_rows(d.strip())]
-    except (OSError, ValueError) as e:
-        print(f"draft_vocab: error: {e}", file=sys.stderr)
-        return 2
-    info = build(token_counts(rows), args.size)
-    info["source"] = args.data
-    write_atomic(os.path.join(args.out, FILE), json.dumps(info) + "\n")
-    print(
-        f"{args.out}/{FILE}: {info['size']} tokens cover {info['coverage']:.1%} of {info['answer_tokens']} answer tokens"
-    )
-    return 0
+        with open(path) as f:
+            ids = json.load(f)["ids"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise ValueError(f"{path}: unreadable draft vocabulary ({e}); {FIX}") from None
+    if size is not None and (isinstance(size, bool) or not isinstance(size, numbers.Integral) or size < 1):
+        raise ValueError(f"draft_vocab must be True, False or a size >= 1, got {size!r}")
+    check_draft_ids(ids, vocab_size, path, FIX)
+    return np.asarray(ids[: int(size)] if size else ids, np.int32)
 
 
-if __name__ == "__main__":
-    sys.exit(main())
+def check_draft_ids(ids, vocab_size: int | None, path: str, fix: str) -> None:
+    """Raises ValueError unless `ids` is a non-empty list of distinct integers in [0, vocab_size)."""
+    if not isinstance(ids, list) or not ids:
+        raise ValueError(f'{path}: "ids" must be a non-empty list of token ids; {fix}')
+    for i, t in enumerate(ids):
+        if isinstance(t, bool) or not isinstance(t, int):
+            raise ValueError(f'{path}: "ids"[{i}] is {t!r}, not an integer token id; {fix}')
+        if not 0 <= t < (vocab_size or 2**31):
+            bound = f"the model's vocabulary (0..{vocab_size - 1})" if vocab_size else "[0, 2**31)"
+            raise ValueError(f'{path}: "ids"[{i}] = {t} is outside {bound} (made for another model?); {fix}')
+    if len(set(ids)) != len(ids):
+        seen: set[int] = set()
+        dup = next(t for t in ids if t in seen or seen.add(t))
+        raise ValueError(f'{path}: token id {dup} appears more than once in "ids"; {fix}')
+
+
+# short names, as `draft_vocab.read(...)`
+FILE = DRAFT_VOCAB_FILE
+read = read_draft_vocab
+check_ids = check_draft_ids

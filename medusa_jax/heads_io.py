@@ -18,7 +18,6 @@ torch's Linear weight), `blocks/bias` `[K, NL, E]`, `proj/kernel` `[K, E, V]` (a
 from __future__ import annotations
 
 import json
-import numbers
 import os
 import re
 import shutil
@@ -29,6 +28,7 @@ import numpy as np
 
 from medusa_jax import checkpoint
 from medusa_jax.checkpoint import CheckpointError
+from medusa_jax.draft_vocab import DRAFT_VOCAB_FILE, check_draft_ids, read_draft_vocab  # noqa: F401 (their old home)
 
 HEADS_FILES = ("medusa_lm_head.safetensors", "medusa_lm_head.pt")
 MEDUSA2_PREFIX = "medusa_head."
@@ -479,41 +479,3 @@ def _fsync_dir(path: str) -> None:
         pass
     finally:
         os.close(fd)
-
-
-# ---------------------------------------------------------------------------------------------- draft vocabulary
-DRAFT_VOCAB_FILE = "draft_vocab.json"  # beside the heads: a reduced vocabulary for their projections
-
-
-def read_draft_vocab(heads_dir: str, size: int | None = None, vocab_size: int | None = None) -> np.ndarray | None:
-    """The draft vocabulary saved beside heads (its first `size` ids), or None when there is none. Its ids must be
-    distinct integers in [0, vocab_size) (the model's vocabulary): anything else is a ValueError naming the file."""
-    path = os.path.join(heads_dir, DRAFT_VOCAB_FILE)
-    if not os.path.isfile(path):
-        return None
-    fix = "rebuild it with python -m medusa_jax.draft_vocab, or delete it (or load with draft_vocab=False)"
-    try:
-        with open(path) as f:
-            ids = json.load(f)["ids"]
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        raise ValueError(f"{path}: unreadable draft vocabulary ({e}); {fix}") from None
-    if size is not None and (isinstance(size, bool) or not isinstance(size, numbers.Integral) or size < 1):
-        raise ValueError(f"draft_vocab must be True, False or a size >= 1, got {size!r}")
-    check_draft_ids(ids, vocab_size, path, fix)
-    return np.asarray(ids[: int(size)] if size else ids, np.int32)
-
-
-def check_draft_ids(ids, vocab_size: int | None, path: str, fix: str) -> None:
-    """Raises ValueError unless `ids` is a non-empty list of distinct integers in [0, vocab_size)."""
-    if not isinstance(ids, list) or not ids:
-        raise ValueError(f'{path}: "ids" must be a non-empty list of token ids; {fix}')
-    for i, t in enumerate(ids):
-        if isinstance(t, bool) or not isinstance(t, int):
-            raise ValueError(f'{path}: "ids"[{i}] is {t!r}, not an integer token id; {fix}')
-        if not 0 <= t < (vocab_size or 2**31):
-            bound = f"the model's vocabulary (0..{vocab_size - 1})" if vocab_size else "[0, 2**31)"
-            raise ValueError(f'{path}: "ids"[{i}] = {t} is outside {bound} (made for another model?); {fix}')
-    if len(set(ids)) != len(ids):
-        seen: set[int] = set()
-        dup = next(t for t in ids if t in seen or seen.add(t))
-        raise ValueError(f'{path}: token id {dup} appears more than once in "ids"; {fix}')

@@ -9,7 +9,7 @@ import ast
 from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[1] / "medusa_jax"
-TOOLS = {"medusa_jax.bench", "medusa_jax.calibrate", "medusa_jax.draft_vocab"}  # top layer: may use anything
+TOOLS = {"medusa_jax.bench", "medusa_jax.calibrate"}  # top layer: may use anything
 
 
 def module_files(package: Path = PACKAGE) -> dict[str, Path]:

@@ -150,9 +150,9 @@ def test_smollm2_greedy_equals_ar(smollm2, dev_prompts, batch):
 def test_draft_vocabulary_keeps_greedy_output_and_only_proposes_its_tokens():
     import jax.numpy as jnp
 
-    from medusa_jax.draft_vocab import build, token_counts
     from medusa_jax.heads import attach_draft_vocab, base_lm_head, draft_logits
     from medusa_jax.medusa_decode import tree_candidates
+    from medusa_jax.train.draft_vocab import build, token_counts
 
     m = tiny_model(vocab=16, heads=2, seed=1)
     prompts = random_prompts(4, 16, seed=3)
