@@ -183,7 +183,7 @@ def shipped_heads(name: str) -> bool:
 
     spec = importlib.util.find_spec("medusa_jax")
     homes = list(spec.submodule_search_locations or []) if spec else []
-    return any(os.path.exists(os.path.join(h, "heads", name, "config.json")) for h in homes)
+    return any(os.path.exists(os.path.join(h, "head_sets", name, "config.json")) for h in homes)
 
 
 def check_tree(name: str | None) -> None:

@@ -349,12 +349,12 @@ def _load_tokenizer(path: str):
         ) from e
 
 
-SHIPPED_HEADS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "heads")
+SHIPPED_HEADS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "head_sets")
 DEFAULT_HEADS = "smollm2_medusa1"  # trained for the embedded default model; used when no heads are named
 
 
 def shipped_heads(name: str) -> str | None:
-    """The directory of a head set shipped in the package (`medusa_jax/heads/NAME`), or None."""
+    """The directory of a head set shipped in the package (`medusa_jax/head_sets/NAME`), or None."""
     path = os.path.join(SHIPPED_HEADS_DIR, name)
     return path if os.path.exists(os.path.join(path, "config.json")) else None
 

@@ -211,7 +211,7 @@ def test_default_model_no_flags_without_torch(tmp_path, hf_smollm2):
 
     model = medusa_jax.load(tokenizer=False)
     assert model.heads is not None
-    shipped = REPO / "medusa_jax" / "heads" / "smollm2_medusa1"
+    shipped = REPO / "medusa_jax" / "head_sets" / "smollm2_medusa1"
     cal = Path(calibration_path(str(shipped), "float32"))
     # the shipped calibration's batch-1 entry, read from the file (no calibration: Medusa with the default tree)
     expected = "medusa" if not cal.exists() or json.loads(cal.read_text())["by_batch"]["1"]["tree"] else "ar"

@@ -120,7 +120,7 @@ def main(argv=None) -> int:
 
     # 2. Medusa-2: LoRA + root-token heads, KL to the original model
     tiny = args.ckpt == "tiny"
-    shipped_m1 = os.path.join(ROOT, "medusa_jax", "heads", "smollm2_medusa1")
+    shipped_m1 = os.path.join(ROOT, "medusa_jax", "head_sets", "smollm2_medusa1")
     over = [f"run_dir={os.path.join(args.out, 'run')}", "data.kind=distill", f"data.path={data}", f"data.dev_path={dev}",
             f"data.max_len={sizes['max_len']}", f"train.steps={sizes['steps']}", f"train.batch_size={sizes['batch']}",
             f"train.save_every={max(sizes['steps'] // 4, 1)}", f"train.log_every={max(sizes['steps'] // 20, 1)}",

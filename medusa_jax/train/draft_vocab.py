@@ -4,7 +4,7 @@ On a CPU the heads' vocabulary projections (K heads x hidden x 49k for SmolLM2) 
 step; projecting onto the Vd most frequent tokens of the model's own answers cuts that by V / Vd while losing only
 the rare tokens as candidates. Greedy output is unchanged (the base model verifies every candidate).
 
-    python -m medusa_jax.train.draft_vocab --data runs/data_smollm2 --size 8192 --out medusa_jax/heads/smollm2_medusa1
+    python -m medusa_jax.train.draft_vocab --data runs/data_smollm2 --size 8192 --out medusa_jax/head_sets/smollm2_medusa1
 
 writes `draft_vocab.json` (`{"ids": [...most frequent first], "size": Vd, "coverage": ...}`) next to the heads;
 `medusa_jax.load(..., heads=DIR)` then uses it (`draft_vocab=False` turns it off; reading: `medusa_jax.draft_vocab`).
