@@ -181,6 +181,8 @@ def abstract_state(s: Setup) -> MedusaState:
         done=rows((b,), "bool"),
         rng=sds((2,), "uint32", m),
         seq=rows((b, s.context if s.tree.lookup else 0), "int32"),
+        moved_at=rows((b,), "int32"),
+        moved_nodes=rows((b, s.tree.depth + 1), "int32"),
     )
 
 
@@ -341,8 +343,8 @@ def traffic(s: Setup) -> dict:
 
 # ---------------------------------------------------------------------------------------------- the report
 def smallest_model_axis(s: Setup, chips_available: tuple[int, ...] = (1, 2, 4, 8, 16, 32, 64)) -> int | None:
-    """The smallest MODEL above this mesh's (a 1xMODEL mesh) whose params, heads and four KV-cache shards (the compiled
-    Medusa loop holds about three copies of the cache besides the cache itself) fit one chip, estimated from the
+    """The smallest MODEL above this mesh's (a 1xMODEL mesh) whose params, heads and two KV-cache shards (the compiled
+    Medusa loop's temporaries: the cache and about as much again of activations) fit one chip, estimated from the
     shardings alone (no compile)."""
     hbm = topology.chip_of(s.mesh.devices.flat[0]).hbm_bytes
     for m in chips_available:
@@ -364,7 +366,7 @@ def smallest_model_axis(s: Setup, chips_available: tuple[int, ...] = (1, 2, 4, 8
         kv_spec = sh.spec_for(sh.KV_CACHE_AXES, kv_shape, fake)
         kv_div = m if kv_spec[3] else 1
         kv = 2 * int(np.prod(kv_shape, dtype=np.int64)) * s.cfg.jnp_dtype.itemsize // kv_div
-        if per_chip(params) + per_chip(heads) + 4 * kv <= hbm:
+        if per_chip(params) + per_chip(heads) + 2 * kv <= hbm:
             return m
     return None
 

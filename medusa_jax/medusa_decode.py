@@ -10,8 +10,9 @@ Each step, for every row b of the batch (rows accept different lengths):
   accept:     the longest path whose tokens the base model agrees with (greedy), finds typical enough (typical),
               or keeps under recursive rejection sampling (rejection: the output is distributed as the base model's
               own samples at the temperature);
-  update:     the accepted path's K/V move to contiguous slots, its tokens go to the output, and the next step's
-              base logits and hidden state are taken at the last accepted node.
+  update:     the accepted path's tokens go to the output, and the next step's base logits and hidden state are
+              taken at the last accepted node; its K/V move to contiguous slots at the start of the next step's
+              verification, layer by layer (`MedusaState.moved_at`, `settled_cache` for a cache kept after the loop).
 """
 
 from __future__ import annotations
@@ -63,6 +64,10 @@ class MedusaState:
     done: jax.Array  # [B]
     rng: jax.Array
     seq: jax.Array  # [B, S] every token by cache slot, -1 unknown (the lookup chain's source; [B, 0] without one)
+    # The last step's accepted path, still at its tree slots: its K/V move from slots `moved_at + moved_nodes` to
+    # `moved_at + 0..D` in the next verification forward (`model.move_entries`), or by `settled_cache`.
+    moved_at: jax.Array  # [B]
+    moved_nodes: jax.Array  # [B, D+1]
 
 
 def constrain_state(s: MedusaState, mesh: Mesh | None) -> MedusaState:
@@ -88,6 +93,8 @@ def constrain_state(s: MedusaState, mesh: Mesh | None) -> MedusaState:
         steps=rows(s.steps),
         done=rows(s.done),
         seq=rows(s.seq),
+        moved_at=rows(s.moved_at),
+        moved_nodes=rows(s.moved_nodes),
     )
 
 
@@ -334,8 +341,19 @@ def start_state(cfg, loop: MedusaLoop, params, heads, cache: KVCache, start, tok
         done=jnp.broadcast_to(max_new <= 0, (b,)),
         rng=rng,
         seq=seq,
+        moved_at=row_start + lengths,
+        moved_nodes=jnp.broadcast_to(jnp.arange(loop.tree.depth + 1, dtype=jnp.int32), (b, loop.tree.depth + 1)),
     )
     return constrain_state(state, loop.mesh)
+
+
+_settle_copy, _settle_in_place = jax.jit(compact_cache), jax.jit(compact_cache, donate_argnums=0)
+
+
+def settled_cache(state: MedusaState, donate: bool = False) -> KVCache:
+    """The cache with the last accepted path's K/V in place: a cache kept after the loop (the next turn's prefix).
+    donate: the state's cache buffers are reused (its cache is invalid afterwards)."""
+    return (_settle_in_place if donate else _settle_copy)(state.cache, state.moved_at, state.moved_nodes)
 
 
 LOGIT_BYTES = 8  # a float32 logit of a node written by the projection and read once
@@ -366,7 +384,8 @@ def medusa_step(cfg, loop: MedusaLoop, params, heads, s: MedusaState, max_new, s
     model = Transformer(cfg)
     positions = s.lengths[:, None] + jnp.asarray(tree.position_ids)[None, :]
     mask = jnp.asarray(tree.attn_mask > 0)
-    hidden, cache = model.apply({"params": params}, cand, positions, mask, s.cache, s.lengths)
+    moves = (s.moved_at, s.moved_nodes)  # the last step's path moves to contiguous slots first, layer by layer
+    hidden, cache = model.apply({"params": params}, cand, positions, mask, s.cache, s.lengths, moves)
     internal = tree_parents(tree)[1]  # base logits to judge with: where a node has children
     every_node = project_every_node(cfg, cand.shape[0], tree)
     if every_node:  # one read of the [E, V] projection gives the judging rows and the next step's logits
@@ -387,8 +406,7 @@ def medusa_step(cfg, loop: MedusaLoop, params, heads, s: MedusaState, max_new, s
     count = jnp.where(eos.any(1), first_eos + 1, count)
     count = jnp.minimum(count, max_new - s.num_out)
     live = ~s.done
-    # 4. cache update and outputs
-    cache = compact_cache(cache, s.lengths, path_nodes, cfg.scatter_rows)
+    # 4. outputs (the path's K/V move in the next step's forward: `moved_at`)
     out = append_tokens(s.out, s.num_out, path_tokens, count, live)
     num_out = s.num_out + jnp.where(live, count, 0)
     seq = write_tokens(s.seq, s.lengths, path_tokens, jnp.where(live, count, 0)) if tree.lookup else s.seq
@@ -414,6 +432,8 @@ def medusa_step(cfg, loop: MedusaLoop, params, heads, s: MedusaState, max_new, s
         done=done,
         rng=rng,
         seq=seq,
+        moved_at=s.lengths,
+        moved_nodes=path_nodes.astype(jnp.int32),
     )
     return constrain_state(state, loop.mesh)
 
@@ -499,5 +519,6 @@ __all__ = [
     "continue_medusa",
     "generate_medusa",
     "resolve_tree",
+    "settled_cache",
     "start_medusa",
 ]

@@ -186,9 +186,10 @@ class Attention(nn.Module):
     cfg: ModelConfig
 
     @nn.compact
-    def __call__(self, x, cos, sin, mask, cache_kv, cache_start, layer=None):
+    def __call__(self, x, cos, sin, mask, cache_kv, cache_start, layer=None, moves=None):
         """x `[B, T, E]`, mask `[B, T, S]`; cache_kv None or the full (k, v) `[N, B, S, K, D]`, of which this is
-        layer `layer`: only the T new entries are written (no copy of the layer's cache). -> (out, cache_kv)."""
+        layer `layer`: only the T new entries are written (no copy of the layer's cache). moves: pending entry moves
+        applied to this layer first (`move_entries`). -> (out, cache_kv)."""
         cfg = self.cfg
         b, t, _ = x.shape
         h, kh, d = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
@@ -198,6 +199,8 @@ class Attention(nn.Module):
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache_kv is not None:
             sc = cfg.scatter_rows
+            if moves is not None:
+                cache_kv = tuple(move_entries(c, layer, *moves, t, sc) for c in cache_kv)
             ck = write_cache(cache_kv[0], k, layer, cache_start, sc)
             cv = write_cache(cache_kv[1], v, layer, cache_start, sc)
             k, v, cache_kv = ck[layer], cv[layer], (ck, cv)
@@ -214,6 +217,14 @@ class Attention(nn.Module):
 
 
 WRITE_UNROLL_ROWS = 16  # rows written one by one, unrolled, up to this batch; more in a loop
+TPU_UNROLL_ROWS = 64  # on a TPU (`ModelConfig.scatter_rows`) up to this batch; more in one scatter
+
+
+def unrolled_rows(scatter: bool) -> int:
+    """Up to how many rows cache writes are unrolled (one dynamic_update_slice per row). On a TPU a scatter into the
+    cache costs copies of it (a batch of 32 SmolLM2 rows: 3.8x the cache in temporaries against 2.2x unrolled), so
+    more rows are unrolled there; elsewhere a loop keeps the program from growing with the batch."""
+    return TPU_UNROLL_ROWS if scatter else WRITE_UNROLL_ROWS
 
 
 def write_cache(cache: jax.Array, new: jax.Array, layer, start: jax.Array, scatter: bool = False) -> jax.Array:
@@ -235,13 +246,48 @@ def write_cache(cache: jax.Array, new: jax.Array, layer, start: jax.Array, scatt
         return jax.lax.dynamic_update_slice(c, row, (layer, r, start[r].astype(jnp.int32), zero, zero))
 
     b, t = new.shape[:2]
-    if b <= WRITE_UNROLL_ROWS:
+    if b <= unrolled_rows(scatter):
         for r in range(b):
             cache = put(jnp.int32(r), cache)
         return cache
     if scatter:  # many rows on a TPU: one scatter of the B * T entries (`ModelConfig.scatter_rows`)
         slots = start.astype(jnp.int32)[:, None] + jnp.arange(t, dtype=jnp.int32)[None, :]
         return cache.at[layer, jnp.arange(b)[:, None], slots].set(new, unique_indices=True, mode="drop")
+    return jax.lax.fori_loop(0, b, put, cache)
+
+
+def move_entries(
+    cache: jax.Array, layer, at: jax.Array, nodes: jax.Array, window: int, scatter: bool = False
+) -> jax.Array:
+    """Move layer `layer`'s entries at slots `at[b] + nodes[b, j]` to slots `at[b] + j`, in place: cache
+    `[N, B, S, K, D]`, at `[B]`, nodes `[B, M]` (j <= nodes[b, j] < window).
+
+    Medusa's accepted path (its tree nodes) becomes contiguous this way inside the next forward's layer body, where
+    the cache is being updated anyway: compacting every layer between steps made the compiled loop hold three more
+    copies of the cache (TPU compiler). Each row's `window` entries from `at[b]` are sliced and the path picked from
+    them: a gather of single entries out of the cache made the TPU compiler copy the whole cache too."""
+    if nodes.shape[1] == 1:  # one node (plain decoding): already in place
+        return cache
+    b = nodes.shape[0]
+    layer, zero = jnp.asarray(layer, jnp.int32), jnp.zeros((), jnp.int32)
+    at = at.astype(jnp.int32)
+
+    def path_of(r, c):  # row r's path entries [1, 1, M, K, D]
+        win = jax.lax.dynamic_slice(c, (layer, r, at[r], zero, zero), (1, 1, window, *c.shape[3:]))
+        return jnp.take(win, jax.lax.dynamic_index_in_dim(nodes, r, 0, keepdims=False), axis=2)
+
+    if b <= unrolled_rows(scatter):  # every row's path read first, then written (rows never overlap)
+        paths = [path_of(jnp.int32(r), cache) for r in range(b)]
+        for r in range(b):
+            cache = jax.lax.dynamic_update_slice(cache, paths[r], (layer, jnp.int32(r), at[r], zero, zero))
+        return cache
+    if scatter:  # very many rows on a TPU: the paths of all rows at once, one scatter
+        paths = jax.vmap(lambda r: path_of(r, cache)[0, 0])(jnp.arange(b, dtype=jnp.int32))  # [B, M, K, D]
+        return write_cache(cache, paths, layer, at, scatter)
+
+    def put(r, c):  # row r's read sees only earlier rows' writes, to other rows
+        return jax.lax.dynamic_update_slice(c, path_of(r, c), (layer, r, at[r], zero, zero))
+
     return jax.lax.fori_loop(0, b, put, cache)
 
 
@@ -263,12 +309,12 @@ class DecoderLayer(nn.Module):
     cfg: ModelConfig
 
     @nn.compact
-    def __call__(self, carry, layer, cos, sin, mask, cache_start):
+    def __call__(self, carry, layer, cos, sin, mask, cache_start, moves=None):
         cfg = self.cfg
         x, ck, cv = carry
         norm = lambda name: RMSNorm(cfg.rms_norm_eps, cfg.jnp_dtype, cfg.jnp_param_dtype, name=name)
         kv = None if ck is None else (ck, cv)
-        attn, kv = Attention(cfg, name="attn")(norm("input_norm")(x), cos, sin, mask, kv, cache_start, layer)
+        attn, kv = Attention(cfg, name="attn")(norm("input_norm")(x), cos, sin, mask, kv, cache_start, layer, moves)
         x = x + attn
         x = x + MLP(cfg, name="mlp")(norm("post_attn_norm")(x))
         if ck is not None:
@@ -295,7 +341,7 @@ class Transformer(nn.Module):
             layer,
             variable_axes={"params": 0},
             split_rngs={"params": True},
-            in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast),
+            in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast),
             length=cfg.num_layers,
             unroll=cfg.scan_unroll,
         )(cfg)
@@ -310,16 +356,18 @@ class Transformer(nn.Module):
         block_mask: jax.Array,
         cache: KVCache | None = None,
         cache_start: jax.Array | None = None,
+        moves: tuple[jax.Array, jax.Array] | None = None,
     ) -> tuple[jax.Array, KVCache | None]:
         """tokens, positions `[B, T]`; block_mask `[T, T]` or `[B, T, T]`; cache_start `[B]` (slot of the first new
-        token; a scalar when all rows start at the same slot). Returns hidden `[B, T, E]` and the cache with the new
-        K/V written at `cache_start[b] + t`."""
+        token; a scalar when all rows start at the same slot); moves (at `[B]`, nodes `[B, M]`): cache entries to move
+        first, in every layer (`move_entries`). Returns hidden `[B, T, E]` and the cache with the new K/V written at
+        `cache_start[b] + t`."""
         x = jnp.take(self.embed.embedding, tokens, axis=0).astype(self.cfg.jnp_dtype)  # rows, then their dtype
         cos, sin = rope_tables(self.cfg, positions)
         row_start = None if cache_start is None else jnp.broadcast_to(cache_start, tokens.shape[:1])
         mask = attention_mask(block_mask, row_start, None if cache is None else cache.slots)
         carry = (x, None, None) if cache is None else (x, cache.k, cache.v)
-        (x, ck, cv), _ = self.layers(carry, jnp.arange(self.cfg.num_layers), cos, sin, mask, cache_start)
+        (x, ck, cv), _ = self.layers(carry, jnp.arange(self.cfg.num_layers), cos, sin, mask, cache_start, moves)
         return self.norm(x), (None if cache is None else KVCache(ck, cv))
 
     def logits(self, hidden: jax.Array) -> jax.Array:

@@ -20,8 +20,10 @@ import numpy as np
 from medusa_jax.generation import bucket
 from medusa_jax.medusa_decode import (
     MedusaLoop,
+    MedusaState,
     Thresholds,
     continue_medusa,
+    settled_cache,
     start_medusa,
 )
 from medusa_jax.model import KVCache
@@ -133,12 +135,18 @@ class Session:
         self.cache = fresh
 
     def _recover(self, err: BaseException, candidates) -> None:
-        """After a failure: keep the first (ids, cache) of `candidates` whose buffers survived, else reset."""
-        for ids, cache in candidates:
-            if cache is not None and alive(cache):
-                self.ids, self.cache, self.recovery = ids, cache, "intact"
-                err.add_note(f"the session is intact: its cache holds {len(ids)} tokens")
-                return
+        """After a failure: keep the first (ids, cache or loop state) of `candidates` whose buffers survived, else
+        reset."""
+        for ids, held in candidates:
+            if held is None or not alive(held):
+                continue
+            try:
+                cache = settled_cache(held) if isinstance(held, MedusaState) else held
+            except Exception:  # a buffer lost on the device: try the next candidate
+                continue
+            self.ids, self.cache, self.recovery = ids, cache, "intact"
+            err.add_note(f"the session is intact: its cache holds {len(ids)} tokens")
+            return
         self.ids, self.cache, self.recovery = [], None, "reset"
         err.add_note("the session's KV cache was lost and reset: the next call prefills its whole input")
 
@@ -194,13 +202,13 @@ class Session:
                 if done:
                     break
         except GeneratorExit:  # closed early by the consumer: what it was given is in `ids`
-            self.cache = state.cache
+            self.cache = settled_cache(state, donate=True)
             raise
         except BaseException as e:
             # a later state holds K/V for `got` (and maybe more, past the tokens in `ids`: harmless, never attended)
-            self._recover(e, [(list(ids) + got, None if nxt is None else nxt.cache), (list(ids) + got, state.cache)])
+            self._recover(e, [(list(ids) + got, nxt), (list(ids) + got, state)])
             raise
-        self.cache = state.cache
+        self.cache = settled_cache(state, donate=True)
 
     # ----------------------------------------------------------------------------------------------- chat
     def chat(self, user_text: str, max_new_tokens: int = 256, system: str | None = None) -> Iterator[str]:

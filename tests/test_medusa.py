@@ -247,11 +247,15 @@ def test_forward_simulator_and_trailing_batches_reuse_compiled_shapes():
     assert [(r.prompt_ids, r.output_ids, r.steps) for r in by2] == [(r.prompt_ids, r.output_ids, r.steps) for r in one]
 
 
-def test_many_rows_write_by_scatter_as_by_loop():
-    """Above 16 rows the KV writes and the path compaction are a loop of row writes (CPU, GPU) or one scatter (TPU,
-    whose compiler fails on that loop): both give the same tokens, here forced on the CPU at batch 20."""
+def test_many_rows_write_by_scatter_as_by_loop(monkeypatch):
+    """Above 16 rows the KV writes and the path moves are a loop of row writes (CPU, GPU); on a TPU they are unrolled
+    up to 64 rows and one scatter above (its compiler fails on that loop): the loop and the scatter give the same
+    tokens, here forced on the CPU at batch 20."""
     import dataclasses
 
+    from medusa_jax import model as model_lib
+
+    monkeypatch.setattr(model_lib, "TPU_UNROLL_ROWS", 16)  # the scatter above 16 rows, as above 64 on a TPU
     m = tiny_model(vocab=16, heads=3, seed=2)
     prompts = random_prompts(20, 16, seed=7)
     kw = dict(max_new_tokens=12, mode="medusa", tree=[[0], [1], [0, 0], [0, 1], [0, 0, 0]], batch_size=20)

@@ -143,6 +143,24 @@ def test_compact_cache_moves_each_rows_path(b):
     assert hlo.count("dynamic_update_slice") <= 2 * min(b, UNROLL_ROWS) + 2
 
 
+@pytest.mark.parametrize("b,scatter", [(3, False), (20, False), (3, True), (70, True)])
+def test_move_entries_moves_each_rows_path_in_one_layer(b, scatter):
+    """The in-layer path move (unrolled rows, the loop over many rows, the TPU's scatter over very many) gives what
+    `compact_cache` gives for that layer and leaves the other layers alone."""
+    from medusa_jax.model import move_entries
+
+    rng = np.random.default_rng(1)
+    n, s, k, d, window = 3, 24, 2, 4, 6
+    cache = jnp.asarray(rng.normal(size=(n, b, s, k, d)), jnp.float32)
+    lengths = jnp.asarray(rng.integers(0, s - window, size=b))
+    path = np.concatenate([np.zeros((b, 1), int), np.sort(rng.choice(np.arange(1, window), (b, 2)), axis=1)], axis=1)
+    path = jnp.asarray(path)
+    moved = jax.jit(move_entries, static_argnums=(4, 5))(cache, 1, lengths, path, window, scatter)
+    want = compact_cache(KVCache(cache, cache), lengths, path).k
+    np.testing.assert_array_equal(moved[1], want[1])
+    np.testing.assert_array_equal(moved[jnp.asarray([0, 2])], cache[jnp.asarray([0, 2])])
+
+
 def test_plan_batches_by_budget():
     lengths = [100, 2000, 50, 1900, 80, 60]
     fits_all = lambda n, longest: True
