@@ -21,7 +21,9 @@ from medusa_jax.heads import (
     attach_draft_vocab,
     base_lm_head,
     heads_logits,
+    is_sequential,
     root_embedding,
+    sequence_path,
     sequence_roots,
     uses_root,
 )
@@ -327,7 +329,10 @@ def _forward(cfg, params, heads, tokens, length):
             last = jax.lax.dynamic_slice_in_dim(logits, length - 1, 1, axis=1)  # [B, 1, V]
             roots = jnp.where(jnp.arange(t) < length - 1, sequence_roots(tokens, logits), jnp.argmax(last, axis=-1))
             root_emb = root_embedding(params, roots.astype(tokens.dtype))
-        medusa = heads_logits(heads, hidden, base_lm_head(params), root_emb=root_emb)
+        path_emb = None  # sequential heads: teacher-forced on the input's own tokens t+2 ..
+        if is_sequential(heads):
+            path_emb = root_embedding(params, sequence_path(tokens, heads["blocks"]["kernel"].shape[0]))
+        medusa = heads_logits(heads, hidden, base_lm_head(params), root_emb=root_emb, path_emb=path_emb)
     return logits, medusa, hidden
 
 

@@ -94,3 +94,28 @@ def atomic_write_text(path: str, text: str) -> None:
     except BaseException:
         os.unlink(tmp)
         raise
+
+
+def chmod_default(path: str) -> None:
+    """Give `path` the mode a plain `open()` would (0666 minus the umask); safetensors writes 0600."""
+    mask = os.umask(0)
+    os.umask(mask)
+    os.chmod(path, 0o666 & ~mask)
+
+
+def fsync(path: str) -> None:
+    with open(path, "rb") as f:
+        os.fsync(f.fileno())
+
+
+def fsync_dir(path: str) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:  # pragma: no cover - platforms without directory fds
+        return
+    try:
+        os.fsync(fd)
+    except OSError:  # pragma: no cover
+        pass
+    finally:
+        os.close(fd)

@@ -10,8 +10,14 @@ model's next token x_{t+1}, which the decode loop knows before the heads run. It
 ResBlock, `h + SiLU(W h + U e(x_{t+1}) + b)` (U zero at init, so a new head starts as a plain Medusa head). Head k
 then predicts x_{t+k+2} knowing x_{t+1}; on SmolLM2 this lifts head 1's top-1 accuracy by about a third.
 
+`sequential` heads (Hydra-style, sequentially dependent) go on: head k also sees the tokens drafted at depths
+1..k on its own tree path, `h + SiLU(W h + U e(x_{t+1}) + sum_j P_kj e(x_{t+j+1}) + b)` (P zero at init). Each tree
+node's children then come from that node's own distribution (`medusa_jax.drafters`); training feeds the base
+model's own answer tokens (teacher forcing: the path tokens of head k are the targets of heads 0..k-1).
+
 Params (stacked over heads): `blocks/kernel` `[K, NL, E, E]`, `blocks/bias` `[K, NL, E]`, `proj/kernel` `[K, E, V]`
-(absent when shared), `root/kernel` `[K, E, E]` (root_token heads only).
+(absent when shared), `root/kernel` `[K, E, E]` (root_token heads only), `path/kernel` `[K, K-1, E, E]`
+(sequential heads only; head k uses `[k, :k]`).
 """
 
 from __future__ import annotations
@@ -29,6 +35,7 @@ class HeadsConfig:
     num_layers: int = 1
     shared_lm_head: bool = False
     root_token: bool = False
+    sequential: bool = False  # head k also sees the path's drafted tokens at depths 1..k (implies root_token)
 
     def to_dict(self):
         return dataclasses.asdict(self)
@@ -36,7 +43,7 @@ class HeadsConfig:
 
 def heads_config_of(params: dict) -> HeadsConfig:
     k, nl = params["blocks"]["kernel"].shape[:2]
-    return HeadsConfig(int(k), int(nl), "proj" not in params, "root" in params)
+    return HeadsConfig(int(k), int(nl), "proj" not in params, "root" in params, "path" in params)
 
 
 def base_lm_head(backbone_params: dict) -> jax.Array:
@@ -51,14 +58,36 @@ def uses_root(params: dict | None) -> bool:
     return params is not None and "root" in params
 
 
+def is_sequential(params: dict | None) -> bool:
+    """Whether these heads take their path's drafted tokens (`sequential` heads)."""
+    return params is not None and "path" in params
+
+
+def path_term(params: dict, path_emb: jax.Array, dtype) -> jax.Array:
+    """Teacher-forced path input of every head: path_emb `[..., K-1, E]` (embeddings of the tokens t+2 .. t+K) ->
+    `[K, ..., E]`, head k's sum over j < k of `path_emb[j] @ P[k, j]`."""
+    p = params["path"]["kernel"].astype(dtype)  # [K, K-1, E, E]
+    k = p.shape[0]
+    lower = jnp.asarray(np.tril(np.ones((k, max(k - 1, 0)), np.float32), -1), dtype)  # [k, j]: j < k
+    return jnp.einsum("...je,kjef->k...f", path_emb.astype(dtype), p * lower[:, :, None, None])
+
+
 def heads_hidden(
-    params: dict, hidden: jax.Array, dtype=None, root_emb: jax.Array | None = None, layout=None
+    params: dict,
+    hidden: jax.Array,
+    dtype=None,
+    root_emb: jax.Array | None = None,
+    layout=None,
+    path_emb: jax.Array | None = None,
 ) -> jax.Array:
-    """hidden `[..., E]` (and for root_token heads the root token's input embedding `root_emb` `[..., E]`) ->
-    per-head features after the ResBlocks `[K, ..., E]`. layout: applied to each ResBlock's output (on a device
-    mesh, a constraint that gathers the few `[K, ..., E]` activations, so that the next contraction over E, and the
-    vocabulary projection split by vocabulary, run without moving weights)."""
+    """hidden `[..., E]` (and for root_token heads the root token's input embedding `root_emb` `[..., E]`; for
+    sequential heads `path_emb` `[..., K-1, E]`, the embeddings of tokens t+2 .. t+K) -> per-head features after the
+    ResBlocks `[K, ..., E]`. layout: applied to each ResBlock's output (on a device mesh, a constraint that gathers
+    the few `[K, ..., E]` activations, so that the next contraction over E, and the vocabulary projection split by
+    vocabulary, run without moving weights)."""
     dtype = dtype or hidden.dtype
+    if is_sequential(params) and path_emb is None:
+        raise ValueError("these are sequential heads: pass the path tokens' embeddings as path_emb")
     w = params["blocks"]["kernel"].astype(dtype)
     bias = params["blocks"]["bias"].astype(dtype)
     if uses_root(params) and root_emb is None:
@@ -68,6 +97,8 @@ def heads_hidden(
         y = jnp.einsum("k...e,kef->k...f", x, w[:, j]) + bias[:, j].reshape((w.shape[0],) + (1,) * (x.ndim - 2) + (-1,))
         if j == 0 and uses_root(params):
             y = y + jnp.einsum("...e,kef->k...f", root_emb.astype(dtype), params["root"]["kernel"].astype(dtype))
+            if is_sequential(params):
+                y = y + path_term(params, path_emb, dtype)
         x = x + jax.nn.silu(y)
         if layout is not None:
             x = layout(x)
@@ -86,14 +117,24 @@ def sequence_roots(tokens: jax.Array, logits: jax.Array) -> jax.Array:
     return jnp.concatenate([tokens[..., 1:], last], axis=-1)
 
 
+def sequence_path(tokens: jax.Array, num_heads: int) -> jax.Array:
+    """Teacher-forced path tokens of sequential heads: tokens `[..., T]` -> `[..., T, K-1]`, at t the tokens t+2 ..
+    t+K (0 past the end)."""
+    t = tokens.shape[-1]
+    padded = jnp.concatenate([tokens, jnp.zeros((*tokens.shape[:-1], num_heads + 1), tokens.dtype)], axis=-1)
+    return jnp.stack([padded[..., j + 2 : j + 2 + t] for j in range(num_heads - 1)], axis=-1).reshape(
+        *tokens.shape, num_heads - 1
+    )
+
+
 def heads_logits(
-    params: dict, hidden: jax.Array, lm_head: jax.Array, dtype=None, root_emb=None, layout=None
+    params: dict, hidden: jax.Array, lm_head: jax.Array, dtype=None, root_emb=None, layout=None, path_emb=None
 ) -> jax.Array:
     """hidden `[..., E]` -> float32 head logits `[K, ..., V]`. `lm_head` `[E, V]` is used when the heads share it;
-    `root_emb` `[..., E]`: the root token's embedding, for root_token heads (ignored by plain heads); layout: as in
-    `heads_hidden`."""
+    `root_emb` `[..., E]`: the root token's embedding, for root_token heads (ignored by plain heads); path_emb
+    `[..., K-1, E]` for sequential heads (teacher forcing); layout: as in `heads_hidden`."""
     dtype = dtype or hidden.dtype
-    x = heads_hidden(params, hidden, dtype, root_emb, layout)
+    x = heads_hidden(params, hidden, dtype, root_emb, layout, path_emb)
     if "proj" in params:
         out = jnp.einsum("k...e,kev->k...v", x, params["proj"]["kernel"].astype(dtype))
     else:
@@ -122,9 +163,12 @@ def init_heads(hc: HeadsConfig, backbone_params: dict, seed: int = 0, scale: flo
     }
     if not hc.shared_lm_head:
         params["proj"] = {"kernel": jnp.asarray(np.broadcast_to(lm, (hc.num_heads, *lm.shape)), dtype)}
-    if hc.root_token:
+    if hc.root_token or hc.sequential:
         root = rng.normal(0.0, scale, (hc.num_heads, e, e)) if scale else np.zeros((hc.num_heads, e, e))
         params["root"] = {"kernel": jnp.asarray(root, dtype)}
+    if hc.sequential:
+        shape = (hc.num_heads, max(hc.num_heads - 1, 0), e, e)
+        params["path"] = {"kernel": jnp.asarray(rng.normal(0.0, scale, shape) if scale else np.zeros(shape), dtype)}
     return params
 
 
@@ -139,14 +183,42 @@ def attach_draft_vocab(params: dict, lm_head: jax.Array, ids) -> dict:
 
 
 def draft_logits(
-    params: dict, hidden: jax.Array, lm_head: jax.Array, dtype=None, root_emb=None, layout=None
+    params: dict, hidden: jax.Array, lm_head: jax.Array, dtype=None, root_emb=None, layout=None, path_emb=None
 ) -> tuple[jax.Array, jax.Array | None]:
-    """hidden `[..., E]` (+ `root_emb` `[..., E]` for root_token heads) -> (float32 logits `[K, ..., Vd]`, token ids
-    of the Vd columns `[Vd]` or None for the full vocabulary). layout: as in `heads_hidden`."""
+    """hidden `[..., E]` (+ `root_emb` `[..., E]` for root_token heads, `path_emb` for sequential heads) -> (float32
+    logits `[K, ..., Vd]`, token ids of the Vd columns `[Vd]` or None for the full vocabulary). layout: as in
+    `heads_hidden`."""
     if "draft" not in params:
-        return heads_logits(params, hidden, lm_head, dtype, root_emb, layout), None
+        return heads_logits(params, hidden, lm_head, dtype, root_emb, layout, path_emb), None
     dtype = dtype or hidden.dtype
-    x = heads_hidden(params, hidden, dtype, root_emb, layout)
+    x = heads_hidden(params, hidden, dtype, root_emb, layout, path_emb)
     kernel = params["draft"]["kernel"].astype(dtype)
     spec = "k...e,kev->k...v" if kernel.ndim == 3 else "k...e,ev->k...v"
     return jnp.einsum(spec, x, kernel).astype(jnp.float32), params["draft"]["ids"]
+
+
+def head_at_depth(
+    params: dict, k: int, hidden: jax.Array, lm_head: jax.Array, dtype, root_emb, path_emb, layout=None
+) -> tuple[jax.Array, jax.Array | None]:
+    """Sequential head k over n tree nodes of one depth (k+1): hidden and root_emb `[B, E]` (the step's, shared by
+    every node), path_emb `[B, n, k, E]` (each node's path tokens at depths 1..k) -> (float32 logits `[B, n, Vd]`,
+    the Vd columns' token ids or None for the full vocabulary). Equals head k of `heads_logits` on the same path."""
+    w = params["blocks"]["kernel"][k].astype(dtype)  # [NL, E, E]
+    bias = params["blocks"]["bias"][k].astype(dtype)
+    shared = hidden.astype(dtype) @ w[0] + bias[0] + root_emb.astype(dtype) @ params["root"]["kernel"][k].astype(dtype)
+    y = shared[:, None, :]
+    if k:
+        y = y + jnp.einsum("bnje,jef->bnf", path_emb.astype(dtype), params["path"]["kernel"][k, :k].astype(dtype))
+    x = hidden.astype(dtype)[:, None, :] + jax.nn.silu(y)  # [B, n, E]
+    if layout is not None:
+        x = layout(x)
+    for j in range(1, w.shape[0]):
+        x = x + jax.nn.silu(x @ w[j] + bias[j])
+        if layout is not None:
+            x = layout(x)
+    if "draft" in params:
+        kernel, ids = params["draft"]["kernel"], params["draft"]["ids"]
+        kernel = kernel[k] if kernel.ndim == 3 else kernel
+    else:
+        kernel, ids = (params["proj"]["kernel"][k] if "proj" in params else lm_head), None
+    return jnp.einsum("bne,ev->bnv", x, kernel.astype(dtype)).astype(jnp.float32), ids

@@ -7,12 +7,13 @@ state dict of an `nn.ModuleList` of `nn.Sequential(ResBlock * NL, nn.Linear(E, V
 for head i's projection. The "version 2" layout has no projection: the heads share the base lm_head. Medusa-2 full
 checkpoints are a Hugging Face model directory whose weights also hold the same tensors prefixed `medusa_head.`.
 
-Our extension, root_token heads (`medusa_jax.heads`), adds `{i}.root.weight` `[E, E]` per head (torch layout)
-and `"medusa_root_token": true` in config.json; the reference implementation cannot run them.
+Our extensions (`medusa_jax.heads`), which the reference implementation cannot run: root_token heads add
+`{i}.root.weight` `[E, E]` per head (torch layout) and `"medusa_root_token": true` in config.json; sequential heads
+also `{i}.path.{j}.weight` `[E, E]` for j < i and `"medusa_sequential": true`.
 
 Our params (see `medusa_jax.heads`) stack the heads: `blocks/kernel` `[K, NL, E, E]` ([in, out], the transpose of
 torch's Linear weight), `blocks/bias` `[K, NL, E]`, `proj/kernel` `[K, E, V]` (absent when shared), `root/kernel`
-`[K, E, E]` (root_token heads only).
+`[K, E, E]` (root_token heads only), `path/kernel` `[K, K-1, E, E]` (sequential heads only).
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ import warnings
 
 import numpy as np
 
+from medusa_jax import cache as fsio
 from medusa_jax import checkpoint
 from medusa_jax.checkpoint import CheckpointError
 from medusa_jax.draft_vocab import DRAFT_VOCAB_FILE, check_draft_ids, read_draft_vocab  # noqa: F401 (their old home)
@@ -37,6 +39,7 @@ HUB_PATTERNS = ["*.json", "medusa_lm_head.*"]
 # `{prefix}{head}.{layer}.linear.weight|bias` (ResBlock) or `{prefix}{head}.{layer}.weight` (projection)
 _KEY = re.compile(r"^(.*?)(\d+)\.(\d+)\.(linear\.)?(weight|bias)$")
 _ROOT_KEY = re.compile(r"^(\d+)\.root\.weight$")  # root_token heads: `{prefix}{head}.root.weight`
+_PATH_KEY = re.compile(r"^(\d+)\.path\.(\d+)\.weight$")  # sequential heads: `{prefix}{head}.path.{j}.weight`, j < head
 
 
 # ---------------------------------------------------------------------------------------------- tensors -> params
@@ -49,6 +52,7 @@ def heads_from_tensors(named_tensors: dict[str, np.ndarray], prefix: str = "") -
     blocks: dict[tuple[int, int], dict[str, np.ndarray]] = {}
     projs: dict[tuple[int, int], np.ndarray] = {}
     roots: dict[int, np.ndarray] = {}
+    paths: dict[tuple[int, int], np.ndarray] = {}
     ignored = []
     for name, arr in named_tensors.items():
         if not name.startswith(prefix):
@@ -56,6 +60,10 @@ def heads_from_tensors(named_tensors: dict[str, np.ndarray], prefix: str = "") -
         r = _ROOT_KEY.match(name[len(prefix) :])
         if r:
             roots[int(r.group(1))] = np.asarray(arr)
+            continue
+        pm = _PATH_KEY.match(name[len(prefix) :])
+        if pm:
+            paths[int(pm.group(1)), int(pm.group(2))] = np.asarray(arr)
             continue
         m = _KEY.match(name[len(prefix) :])
         if not m or m.group(1):
@@ -144,6 +152,18 @@ def heads_from_tensors(named_tensors: dict[str, np.ndarray], prefix: str = "") -
             check(f"{i}.root.weight", w, (hidden, hidden))
             root[i] = w.T
         params["root"] = {"kernel": root}
+    if paths:
+        bad = [f"{i}.path.{j}" for i, j in paths if not (0 <= j < i < num_heads)]
+        if bad or not roots:
+            raise CheckpointError(
+                f"sequential heads need {prefix}{{i}}.path.{{j}}.weight only for j < i < {num_heads} and root "
+                f"weights for every head; found {bad or 'no root weights'}"
+            )
+        path = np.zeros((num_heads, num_heads - 1, hidden, hidden), kernel.dtype)
+        for (i, j), w in paths.items():
+            check(f"{i}.path.{j}.weight", w, (hidden, hidden))
+            path[i, j] = w.T
+        params["path"] = {"kernel": path}
     return params
 
 
@@ -307,6 +327,7 @@ def read_heads(path: str) -> tuple[dict, dict]:
         "num_layers": nl,
         "shared_lm_head": shared,
         "root_token": "root" in params,
+        "sequential": "path" in params,
         "source": source,
     }
     return params, meta
@@ -390,6 +411,8 @@ def heads_to_tensors(params: dict) -> dict[str, np.ndarray]:
             out[f"{i}.{nl}.weight"] = np.ascontiguousarray(np.asarray(params["proj"]["kernel"][i]).T)
         if "root" in params:
             out[f"{i}.root.weight"] = np.ascontiguousarray(np.asarray(params["root"]["kernel"][i]).T)
+        for j in range(i if "path" in params else 0):
+            out[f"{i}.path.{j}.weight"] = np.ascontiguousarray(np.asarray(params["path"]["kernel"][i, j]).T)
     return out
 
 
@@ -411,10 +434,11 @@ def save_heads(
         config["version"] = "2"
     else:
         config.pop("version", None)
-    if "root" in params:
-        config["medusa_root_token"] = True
-    else:
-        config.pop("medusa_root_token", None)
+    for key, name in (("root", "medusa_root_token"), ("path", "medusa_sequential")):
+        if key in params:
+            config[name] = True
+        else:
+            config.pop(name, None)
     tensors = heads_to_tensors(params)
     if dtype is not None:
         tensors = {name: np.ascontiguousarray(t.astype(dtype)) for name, t in tensors.items()}
@@ -429,20 +453,20 @@ def save_heads(
     try:
         st_tmp = os.path.join(work, HEADS_FILES[0])
         save_file(tensors, st_tmp, metadata={"format": "pt"})
-        chmod_default(st_tmp)  # safetensors writes 0600; give it the mode a plain open() would
+        fsio.chmod_default(st_tmp)  # safetensors writes 0600; give it the mode a plain open() would
         cfg_tmp = os.path.join(work, "config.json")
         with open(cfg_tmp, "w") as f:
             json.dump(config, f, indent=2, sort_keys=True)
             f.write("\n")
         for p in (st_tmp, cfg_tmp):
-            _fsync(p)
+            fsio.fsync(p)
         if fresh:
             os.replace(work, out_dir)
             work = None
         else:
             os.replace(st_tmp, os.path.join(out_dir, HEADS_FILES[0]))
             os.replace(cfg_tmp, os.path.join(out_dir, "config.json"))
-        _fsync_dir(out_dir)
+        fsio.fsync_dir(out_dir)
     finally:
         if work is not None:
             shutil.rmtree(work, ignore_errors=True)
@@ -454,28 +478,3 @@ def save_heads(
             stacklevel=2,
         )
     return out_dir
-
-
-def chmod_default(path: str) -> None:
-    """Give `path` the mode a plain `open()` would (0666 minus the umask); safetensors writes 0600."""
-    mask = os.umask(0)
-    os.umask(mask)
-    os.chmod(path, 0o666 & ~mask)
-
-
-def _fsync(path: str) -> None:
-    with open(path, "rb") as f:
-        os.fsync(f.fileno())
-
-
-def _fsync_dir(path: str) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:  # pragma: no cover - platforms without directory fds
-        return
-    try:
-        os.fsync(fd)
-    except OSError:  # pragma: no cover
-        pass
-    finally:
-        os.close(fd)

@@ -25,14 +25,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding
-from jax.sharding import PartitionSpec as P
 
 from medusa_jax.config import ModelConfig
+from medusa_jax.drafters import DraftContext, draft_tree
 from medusa_jax.generation import append_tokens, is_eos, lm_logits, prefill_into
-from medusa_jax.heads import base_lm_head, draft_logits, root_embedding, uses_root
-from medusa_jax.lookup import lookup_draft, write_tokens
+from medusa_jax.lookup import write_tokens
 from medusa_jax.model import KVCache, Transformer
-from medusa_jax.ranking import top_candidates
 from medusa_jax.sampling import SamplingParams, process_logits
 from medusa_jax.tree import TreeBuffers, build_buffers, get_tree
 
@@ -130,24 +128,6 @@ def choose_root(logits, banned, rng, loop: MedusaLoop, sp: SamplingParams, th: T
     keep = probs >= typical_threshold(probs, th)[..., None]
     keep = keep | (probs == probs.max(axis=-1, keepdims=True))  # never an empty set
     return jax.random.categorical(rng, jnp.where(keep, scaled, -jnp.inf), axis=-1).astype(jnp.int32)
-
-
-def tree_candidates(root: jax.Array, head_logits, tree: TreeBuffers, draft_ids=None, lookup=None) -> jax.Array:
-    """root `[B]`, head_logits `[K, B, V]` (or `[K, B, Vd]` over the draft vocabulary `draft_ids` `[Vd]`; None for a
-    tree without head nodes), lookup `[B, tree.lookup]` the lookup chain's draft -> tree tokens `[B, L]` (node 0 =
-    root)."""
-    if tree.num_nodes == 1:
-        return root[:, None]
-    parts = [root[:, None]]
-    if tree.head_depth:
-        b = head_logits.shape[1]
-        top = top_candidates(head_logits[: tree.head_depth], tree.topk)  # [D, B, topk]
-        if draft_ids is not None:
-            top = draft_ids[top]
-        parts.append(jnp.transpose(top, (1, 0, 2)).reshape(b, -1))
-    if tree.lookup:
-        parts.append(lookup)
-    return jnp.concatenate(parts, axis=1)[:, jnp.asarray(tree.tree_indices)]
 
 
 @functools.lru_cache(maxsize=64)
@@ -302,21 +282,6 @@ def compact_cache(cache: KVCache, lengths, path_nodes, scatter: bool = False) ->
     return KVCache(move(cache.k), move(cache.v))
 
 
-def head_logits_at(cfg: ModelConfig, params, heads, hidden: jax.Array, root: jax.Array, mesh=None) -> jax.Array:
-    """hidden `[B, E]`, root `[B]` -> `[K, B, V]`, or `[K, B, Vd]` with a draft vocabulary (K = 0 without heads: the
-    loop is then plain autoregressive decoding). On a mesh each ResBlock's `[K, B, E]` output is replicated (a small
-    gather), so the vocabulary projection, split by vocabulary, never moves its weights."""
-    if heads is None:
-        return jnp.zeros((0, hidden.shape[0], 1), jnp.float32)
-    root_emb = root_embedding(params, root) if uses_root(heads) else None
-    layout = None if mesh is None else (lambda x: jax.lax.with_sharding_constraint(x, NamedSharding(mesh, P())))
-    return draft_logits(heads, hidden, base_lm_head(params), cfg.jnp_matmul_dtype, root_emb, layout)[0]
-
-
-def draft_ids_of(heads):
-    return heads["draft"]["ids"] if heads is not None and "draft" in heads else None
-
-
 def start_state(cfg, loop: MedusaLoop, params, heads, cache: KVCache, start, tokens, lengths, max_new, rng,
                 history=None):  # fmt: skip
     """Prefill `tokens` `[B, T]` (right-padded, `lengths` `[B]` real tokens) into `cache` at slots `start` `[B]` on
@@ -375,11 +340,8 @@ def medusa_step(cfg, loop: MedusaLoop, params, heads, s: MedusaState, max_new, s
     rng, k_root, k_accept = jax.random.split(s.rng, 3)
     # 1. candidates
     root = choose_root(s.logits, s.banned, k_root, loop, sp, th)
-    head_logits = head_logits_at(cfg, params, heads, s.hidden, root, loop.mesh) if tree.head_depth else None
-    draft, valid = lookup_draft(s.seq, s.lengths, root, tree.lookup) if tree.lookup else (None, None)
-    if valid is not None:
-        valid = jnp.concatenate([jnp.ones((valid.shape[0], tree.num_nodes - tree.lookup), bool), valid], axis=1)
-    cand = tree_candidates(root, head_logits, tree, draft_ids_of(heads), draft)  # [B, L]
+    ctx = DraftContext(params, heads, root, s.hidden, s.seq, s.lengths, cfg.jnp_matmul_dtype, loop.mesh)
+    cand, valid = draft_tree(ctx, tree)  # [B, L] node 0 = root; valid None or [B, L]
     # 2. verify the whole tree in one forward, at positions length + depth under the tree mask
     model = Transformer(cfg)
     positions = s.lengths[:, None] + jnp.asarray(tree.position_ids)[None, :]

@@ -36,6 +36,7 @@ LOGICAL_RULES: dict[str, str | tuple[str, ...] | None] = {
     "layers": None,
     "medusa": None,  # the stacked Medusa heads
     "medusa_layers": None,
+    "medusa_path": None,  # sequential heads: the path depth
     "embed_out": "tensor",  # second hidden dimension of a Medusa ResBlock
     "lora_rank": None,
     "norm": None,
@@ -65,6 +66,7 @@ PARAM_RULES: list[tuple[str, tuple[str | None, ...]]] = [
     (r"blocks/bias$", ("medusa", "medusa_layers", "embed_out")),
     (r"proj/kernel$", ("medusa", "embed", "vocab")),
     (r"root/kernel$", ("medusa", "embed", "embed_out")),
+    (r"path/kernel$", ("medusa", "medusa_path", "embed", "embed_out")),
     (r"draft/kernel$", ("medusa", "embed", "vocab")),  # the heads' own projections onto a draft vocabulary
     (r"draft/kernel$", ("embed", "vocab")),  # shared lm_head heads: one projection
     (r"draft/ids$", ("norm",)),

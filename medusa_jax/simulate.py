@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from medusa_jax.generation import bucket
-from medusa_jax.heads import base_lm_head, draft_logits, root_embedding, uses_root
+from medusa_jax.heads import base_lm_head, draft_logits, is_sequential, root_embedding, uses_root
 from medusa_jax.lookup import NGRAM
 from medusa_jax.ranking import candidate_rank
 from medusa_jax.tree import TreeBuffers
@@ -31,7 +31,10 @@ def _ranks(dtype, heads, lm, embed, hidden, targets, roots, col):
     """hidden `[T, E]`, targets `[K, T]`, roots `[T]` -> rank `[K, T]` of each target among the head's candidates
     (`ranking.candidate_rank`: the decode loop's order, ties included)."""
     root_emb = root_embedding({"embed": embed}, roots) if uses_root(heads) else None
-    logits, _ = draft_logits(heads, hidden, lm, dtype, root_emb)  # [K, T, Vd]
+    path_emb = None  # sequential heads: on the answer's path, the drafted tokens are the answer's (teacher forcing)
+    if is_sequential(heads):
+        path_emb = root_embedding({"embed": embed}, jnp.maximum(targets[:-1].T, 0))  # [T, K-1, E]
+    logits, _ = draft_logits(heads, hidden, lm, dtype, root_emb, None, path_emb)  # [K, T, Vd]
     t = targets if col is None else col[targets]
     return jnp.where(t >= 0, candidate_rank(logits, jnp.maximum(t, 0)), UNPROPOSABLE)
 

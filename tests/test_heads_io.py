@@ -231,6 +231,23 @@ def test_root_token_heads_round_trip(tmp_path, model):
         heads_from_tensors(torn)
 
 
+def test_sequential_heads_round_trip(tmp_path, model):
+    """Sequential heads write `{i}.path.{j}.weight` (j < i) and a config flag, and read back the same; a path weight
+    for j >= i is refused."""
+    params = init_heads(HeadsConfig(3, 1, True, sequential=True), model.params, seed=5, scale=0.2)
+    save_heads(params, str(tmp_path / "s"))
+    assert json.loads((tmp_path / "s" / "config.json").read_text())["medusa_sequential"] is True
+    back, meta = read_heads(str(tmp_path / "s"))
+    assert meta["sequential"] and heads_config_of(back) == HeadsConfig(3, 1, True, True, True)
+    kept = np.tril(np.ones((3, 2)), -1)[:, :, None, None]  # what a head uses: j < i
+    np.testing.assert_array_equal(back["path"]["kernel"], np.asarray(params["path"]["kernel"]) * kept)
+    tensors = heads_to_tensors(back)
+    assert sorted(k for k in tensors if ".path." in k) == ["1.path.0.weight", "2.path.0.weight", "2.path.1.weight"]
+    tensors["1.path.1.weight"] = tensors["2.path.1.weight"]
+    with pytest.raises(CheckpointError, match="j < i"):
+        heads_from_tensors(tensors)
+
+
 def test_save_is_atomic(tmp_path, model, monkeypatch):
     out = tmp_path / "saved"
     old = init_heads(HeadsConfig(2, 1), model.params, seed=0, scale=0.1)

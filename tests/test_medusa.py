@@ -17,7 +17,7 @@ from medusa_jax.sampling import SamplingParams
 from medusa_jax.tree import build_buffers
 
 
-def tiny_model(vocab=8, heads=2, seed=0, root_token=False):
+def tiny_model(vocab=8, heads=2, seed=0, root_token=False, sequential=False):
     cfg = ModelConfig(
         vocab_size=vocab,
         hidden_size=32,
@@ -31,7 +31,9 @@ def tiny_model(vocab=8, heads=2, seed=0, root_token=False):
     )
     params = init_params(cfg, seed)
     params = jax.tree.map(lambda a: a * 8 if a.ndim >= 2 else a, params)  # sharper, less repetitive logits
-    hp = init_heads(HeadsConfig(heads, 1, False, root_token), params, seed=seed, scale=0.3)
+    hp = init_heads(HeadsConfig(heads, 1, False, root_token, sequential), params, seed=seed, scale=0.3)
+    if sequential:  # paths that matter: the (small) embeddings of the drafted tokens move the heads' choices
+        hp["path"]["kernel"] = hp["path"]["kernel"] * 30
     return MedusaModel(cfg, params, heads=hp)
 
 
@@ -150,8 +152,8 @@ def test_smollm2_greedy_equals_ar(smollm2, dev_prompts, batch):
 def test_draft_vocabulary_keeps_greedy_output_and_only_proposes_its_tokens():
     import jax.numpy as jnp
 
+    from medusa_jax.drafters import tree_candidates
     from medusa_jax.heads import attach_draft_vocab, base_lm_head, draft_logits
-    from medusa_jax.medusa_decode import tree_candidates
     from medusa_jax.train.draft_vocab import build, token_counts
 
     m = tiny_model(vocab=16, heads=2, seed=1)

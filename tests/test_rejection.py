@@ -95,6 +95,33 @@ def test_rejection_sampling_with_a_lookup_chain_keeps_the_distribution(model, ex
     assert 3 / steps.mean() > 1.0
 
 
+@pytest.fixture(scope="module")
+def sequential_model():
+    """The same backbone (the same exact distributions) with sequential heads: children drafted per parent."""
+    return tiny_model(vocab=8, heads=3, seed=3, sequential=True)
+
+
+def test_sequential_heads_rejection_sampling_keeps_the_distribution(sequential_model, exact):
+    out, steps = sample(sequential_model, acceptance="rejection")
+    assert min(pvalues(out, exact)) > 1e-3
+    assert 3 / steps.mean() > 1.0
+
+
+def test_judging_children_by_the_wrong_parent_fails_the_same_test(sequential_model, exact, monkeypatch):
+    """Negative control: every node's children judged against the root's distribution instead of their own
+    parent's (a wrong per-parent distribution) is caught."""
+    from medusa_jax import medusa_decode
+
+    wrong = mutant("logits[rows, slot[cur]]", "logits[rows, slot[cur * 0]]")
+    monkeypatch.setattr(medusa_decode, "rejection_paths", wrong)
+    medusa_decode.generate_medusa.clear_cache()  # trace again with the mutant
+    try:
+        out, _ = sample(sequential_model, acceptance="rejection")
+    finally:
+        medusa_decode.generate_medusa.clear_cache()
+    assert min(pvalues(out, exact)) < 1e-6
+
+
 def test_accepting_every_candidate_fails_the_same_test(model, exact):
     out, steps = sample(model, acceptance="typical", posterior_threshold=0.0, posterior_alpha=0.0)
     assert (steps == 1).all()  # every step takes a full path
@@ -161,7 +188,8 @@ def bigram_tables(seed=0):
 def _bigram_steps(reject, sp, key):
     """3 decode steps of BN rows started from tokens row % V -> (the first 3 tokens [BN, 3], counts of the chain's
     first node: tried, accepted, a duplicate tried and a duplicate accepted, over the steps after the first)."""
-    from medusa_jax.medusa_decode import MedusaLoop, Thresholds, choose_root, tree_candidates, tree_parents
+    from medusa_jax.drafters import tree_candidates
+    from medusa_jax.medusa_decode import MedusaLoop, Thresholds, choose_root, tree_parents
 
     tree, n = BIGRAM_TREE, BN
     loop = MedusaLoop(tree, 16, 64, "rejection", ())

@@ -10,9 +10,16 @@ from medusa_jax.tree import build_buffers
 TREE = [[0], [1], [2], [0, 0], [0, 1], [1, 0], [0, 0, 0]]
 
 
-@pytest.mark.parametrize("root_token,draft", [(False, False), (True, True)], ids=["plain", "root-token+draft"])
-def test_walk_gives_the_decode_loops_steps(root_token, draft):
-    m = tiny_model(vocab=16, heads=3, seed=1, root_token=root_token)
+@pytest.mark.parametrize(
+    "root_token,draft,sequential",
+    [(False, False, False), (True, True, False), (True, True, True)],
+    ids=["plain", "root-token+draft", "sequential+draft"],
+)
+def test_walk_gives_the_decode_loops_steps(root_token, draft, sequential):
+    """Also for sequential heads, whose tree nodes draft their children from their own paths: the simulator
+    teacher-forces the answer's tokens as the path, which is the loop's only on the accepted path, so the step
+    counts agree only if each node's children come from that node's path."""
+    m = tiny_model(vocab=16, heads=3, seed=1, root_token=root_token, sequential=sequential)
     if draft:  # heads that propose from 10 of the 16 tokens: the others are never in the tree
         m.heads = attach_draft_vocab(m.heads, base_lm_head(m.params), list(range(0, 16, 2)) + [1, 3])
     prompts = random_prompts(6, 16, seed=3)

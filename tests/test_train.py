@@ -215,11 +215,13 @@ def test_medusa1_export_and_run_dir(tmp_path):
     assert not np.allclose(np.asarray(early.heads["blocks"]["kernel"]), np.asarray(model.heads["blocks"]["kernel"]))
 
 
+@pytest.mark.parametrize("kind", ["root_token", "sequential"])
 @pytest.mark.parametrize("mode", ["medusa1", "medusa2"])
-def test_root_token_heads_train_from_plain_heads(tmp_path, mode):
-    """heads.root_token=true starting from plain exported heads (U = 0: the same outputs at step 0) trains U on
-    both paths (precomputed hidden states, and the backbone forward of Medusa-2) and exports root_token heads;
-    with soft labels (train.distill_weight), whose batches carry the teacher positions' hidden states."""
+def test_root_token_heads_train_from_plain_heads(tmp_path, mode, kind):
+    """heads.root_token=true (or heads.sequential=true) starting from plain exported heads (U, P = 0: the same
+    outputs at step 0) trains U (and P, fed the answer's own tokens) on both paths (precomputed hidden states, and
+    the backbone forward of Medusa-2) and exports root_token (sequential) heads; with soft labels
+    (train.distill_weight), whose batches carry the teacher positions' hidden states."""
     from medusa_jax.heads import HeadsConfig, init_heads
     from medusa_jax.heads_io import read_heads, save_heads
     from medusa_jax.model import init_params
@@ -228,13 +230,16 @@ def test_root_token_heads_train_from_plain_heads(tmp_path, mode):
     plain = tmp_path / "plain"
     save_heads(init_heads(HeadsConfig(3, 1, False), init_params(TINY), seed=1, scale=0.1), str(plain))
     run = tmp_path / "root"
-    r = train(_cfg(run, f"train.mode={mode}", "train.steps=3", "heads.root_token=true", f"heads.init={plain}",
+    r = train(_cfg(run, f"train.mode={mode}", "train.steps=3", f"heads.{kind}=true", f"heads.init={plain}",
                    "train.distill_weight=0.5"), progress=False)  # fmt: skip
     assert np.isfinite(r.losses).all()
     heads, meta = read_heads(str(run / "export"))
     assert meta["root_token"] and np.abs(heads["root"]["kernel"]).max() > 0
+    assert meta["sequential"] == (kind == "sequential")
+    if kind == "sequential":  # head 0 has no path; heads 1, 2 learned theirs
+        assert np.abs(heads["path"]["kernel"][1:]).max() > 0
     model = load_run(str(run))
-    assert model.heads_config.root_token
+    assert model.heads_config.root_token and model.heads_config.sequential == (kind == "sequential")
     out = model.generate([[1, 2, 3, 4]], max_new_tokens=6, mode="medusa", tree=[[0], [1], [0, 0]])
     assert out[0].output_ids == model.generate([[1, 2, 3, 4]], max_new_tokens=6, mode="ar")[0].output_ids
 

@@ -27,7 +27,7 @@ def build_backbone(cfg: Config, tokenizer: bool = False):
 
 def heads_config(cfg: Config) -> HeadsConfig:
     h = cfg.heads
-    return HeadsConfig(h.num_heads, h.num_layers, h.shared_lm_head, h.root_token)
+    return HeadsConfig(h.num_heads, h.num_layers, h.shared_lm_head, h.root_token or h.sequential, h.sequential)
 
 
 def init_trainable(cfg: Config, backbone: dict) -> dict:
@@ -37,9 +37,11 @@ def init_trainable(cfg: Config, backbone: dict) -> dict:
 
         heads, _ = read_heads(cfg.heads.init)
         heads = jax.tree.map(lambda a: jnp.asarray(a, jnp.float32), heads)
+        k, e = heads["blocks"]["kernel"].shape[0], heads["blocks"]["kernel"].shape[-1]
         if hc.root_token and "root" not in heads:  # plain heads -> root_token heads (zero U: the same outputs)
-            e = heads["blocks"]["kernel"].shape[-1]
-            heads["root"] = {"kernel": jnp.zeros((heads["blocks"]["kernel"].shape[0], e, e), jnp.float32)}
+            heads["root"] = {"kernel": jnp.zeros((k, e, e), jnp.float32)}
+        if hc.sequential and "path" not in heads:  # -> sequential heads (zero P: the same outputs)
+            heads["path"] = {"kernel": jnp.zeros((k, k - 1, e, e), jnp.float32)}
         elif "root" in heads and not hc.root_token:
             raise ValueError(f"heads.init {cfg.heads.init} holds root_token heads: set heads.root_token=true")
     else:

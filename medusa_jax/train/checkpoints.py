@@ -109,7 +109,8 @@ def trim_metrics(path: str, last_step: int) -> None:
 def export(cfg: Config, run_dir: str, trainable: dict, base_name: str, extra: dict) -> str:
     from safetensors.numpy import save_file
 
-    from medusa_jax.heads_io import chmod_default, save_heads
+    from medusa_jax.cache import chmod_default
+    from medusa_jax.heads_io import save_heads
 
     out = os.path.join(run_dir, "export")
     heads = jax.tree.map(lambda a: np.asarray(a, np.float32), trainable["heads"])

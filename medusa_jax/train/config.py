@@ -32,6 +32,7 @@ class HeadsSection:
     num_layers: int = 1
     shared_lm_head: bool = True  # the reference "version 2" layout: the heads use the base lm_head
     root_token: bool = False  # heads also see the root token x_{t+1} (medusa_jax.heads; not the reference layout)
+    sequential: bool = False  # head k also sees its path's drafted tokens x_{t+2..t+k+1} (Hydra-style; root_token too)
     init: str = ""  # start from exported heads (reference layout), e.g. a Medusa-1 run's export/
 
 

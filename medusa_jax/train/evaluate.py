@@ -14,14 +14,15 @@ from medusa_jax.config import ModelConfig
 from medusa_jax.heads import base_lm_head, root_embedding, uses_root
 from medusa_jax.train.backbone import current_backbone
 from medusa_jax.train.config import Config
-from medusa_jax.train.losses import base_logits, eval_counts, forward_hidden, jnp_roots, jnp_targets
+from medusa_jax.train.losses import base_logits, eval_counts, forward_hidden, jnp_roots, jnp_targets, path_embedding
 
 
 @functools.partial(jax.jit, static_argnums=0)
 def _flat_counts(dtype, hd, lm, emb, x, t, w, r):
     """Per-head (top-1 hits, top-5 hits, count) `[3, K]` on precomputed hidden states `x` `[M, E]`."""
     root_emb = root_embedding({"embed": emb}, r) if uses_root(hd) else None
-    return jnp.stack(eval_counts(hd, x, lm, t, w, dtype, root_emb=root_emb))
+    path_emb = path_embedding({"embed": emb}, hd, t)
+    return jnp.stack(eval_counts(hd, x, lm, t, w, dtype, root_emb=root_emb, path_emb=path_emb))
 
 
 @functools.partial(jax.jit, static_argnums=(0, 1))
@@ -30,7 +31,10 @@ def _seq_counts(mc: ModelConfig, k: int, bb, hd, x, m):
     hidden = forward_hidden(mc, bb, x)
     t, w = jnp_targets(x, m, k)
     root_emb = root_embedding(bb, jnp_roots(x)) if uses_root(hd) else None
-    return jnp.stack(eval_counts(hd, hidden, base_lm_head(bb), t, w, mc.jnp_dtype, root_emb=root_emb))
+    path_emb = path_embedding(bb, hd, t)
+    return jnp.stack(
+        eval_counts(hd, hidden, base_lm_head(bb), t, w, mc.jnp_dtype, root_emb=root_emb, path_emb=path_emb)
+    )
 
 
 @functools.partial(jax.jit, static_argnums=0)

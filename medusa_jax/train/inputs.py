@@ -72,13 +72,14 @@ def prepare_inputs(cfg: Config, mc, backbone: dict, mesh, run_dir: str, log=prin
     if dev_rows is not None:
         dev = hidden_of("dev", [dev_rows])[:4]  # hidden, targets, weights, roots
     lm = base_lm_head(backbone)
+    path = tgt[:, : k_heads - 1]  # sequential heads' path tokens t+2 .. t+K: the answer's own (teacher forcing)
     if cfg.train.vocab_subset:  # softmax over the tokens that occur as training targets only (cheaper)
         subset = np.unique(tgt[w > 0])
         tgt = np.searchsorted(subset, tgt).clip(0, len(subset) - 1).astype(np.int32)
         lm = lm[:, subset]
         log(f"vocab subset: {len(subset)} of {mc.vocab_size} tokens")
     frozen = {"lm_head": {"kernel": lm}}
-    if cfg.heads.root_token:
+    if cfg.heads.root_token or cfg.heads.sequential:
         frozen["embed"] = backbone["embed"]
     eval_frozen = {"backbone": {k: v for k, v in backbone.items() if k in ("embed", "lm_head")}}
     n = len(hid)
@@ -86,11 +87,13 @@ def prepare_inputs(cfg: Config, mc, backbone: dict, mesh, run_dir: str, log=prin
 
     def local_rows(idx):
         out = {"hidden": hid[idx], "targets": tgt[idx], "weights": w[idx], "roots": roots[idx]}
+        if cfg.heads.sequential:
+            out["path"] = path[idx]
         if soft:  # hidden states at t+k+1 (the same row's, see flat_tokens)
             out.update(teacher_hidden=hid[teacher_index(idx, k_heads, n)], teach=teach[idx])
         return out
 
-    dims = {"hidden": 2, "targets": 2, "weights": 2, "roots": 1}
+    dims = {"hidden": 2, "targets": 2, "weights": 2, "roots": 1} | ({"path": 2} if cfg.heads.sequential else {})
     if soft:
         dims.update(teacher_hidden=3, teach=2)
     per = cfg.train.batch_tokens

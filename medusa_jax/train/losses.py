@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 
 from medusa_jax.config import ModelConfig
-from medusa_jax.heads import base_lm_head, heads_logits, root_embedding, uses_root
+from medusa_jax.heads import base_lm_head, heads_logits, is_sequential, root_embedding, uses_root
 from medusa_jax.model import Transformer, causal_mask
 from medusa_jax.train.backbone import current_backbone
 from medusa_jax.train.config import Config
@@ -46,13 +46,14 @@ def jnp_targets(ids, mask, k_heads):
     return jnp.stack(tg, -1), jnp.stack(ws, -1).astype(jnp.float32)
 
 
-def heads_loss(heads, hidden, lm_head, tgt, w, decay, dtype, root_emb=None, teacher=None, soft=None):
+def heads_loss(heads, hidden, lm_head, tgt, w, decay, dtype, root_emb=None, teacher=None, soft=None, path_emb=None):
     """Σ_k decay^k CE(head_k(h_t), y_{t+k+2}) averaged over weighted positions; also per-head loss and top-1.
     root_emb `[..., E]`: embeddings of the tokens t+1, for root_token heads. With `teacher` (the base model's logits
     `[K, ..., V]` at position t+k+1, i.e. its distribution over y_{t+k+2}) and `soft` `[..., K]` (the weight of the
     teacher's distribution per target, 0 where it is not available), each target's loss is
-    (1 - soft) · CE(one-hot y) + soft · CE(softmax(teacher)): self-distillation with soft labels."""
-    logits = heads_logits(heads, hidden, lm_head, dtype, root_emb)  # [K, ..., V]
+    (1 - soft) · CE(one-hot y) + soft · CE(softmax(teacher)): self-distillation with soft labels. path_emb
+    `[..., K-1, E]`: embeddings of the tokens t+2 .. t+K, for sequential heads (teacher forcing)."""
+    logits = heads_logits(heads, hidden, lm_head, dtype, root_emb, path_emb=path_emb)  # [K, ..., V]
     if logits.ndim == 4:
         logits = batch_sharded(logits, 1)
     k = logits.shape[0]
@@ -73,9 +74,15 @@ def heads_loss(heads, hidden, lm_head, tgt, w, decay, dtype, root_emb=None, teac
     return (lam * per_head).sum(), per_head, acc
 
 
-def eval_counts(heads, hidden, lm_head, tgt, w, dtype, topk=5, root_emb=None):
-    """Per-head (top-1 hits, top-5 hits, count) over weighted positions."""
-    logits = heads_logits(heads, hidden, lm_head, dtype, root_emb)
+def path_embedding(backbone, heads, tgt):
+    """Sequential heads' teacher-forced path inputs: targets `[..., K]` (token ids t+2 .. t+K+1) -> the embeddings of
+    tokens t+2 .. t+K `[..., K-1, E]`; None for other heads."""
+    return root_embedding(backbone, jnp.maximum(tgt[..., :-1], 0)) if is_sequential(heads) else None
+
+
+def eval_counts(heads, hidden, lm_head, tgt, w, dtype, topk=5, root_emb=None, path_emb=None):
+    """Per-head (top-1 hits, top-5 hits, count) over weighted positions (`tgt` token ids)."""
+    logits = heads_logits(heads, hidden, lm_head, dtype, root_emb, path_emb=path_emb)
     tgt_k, w_k = jnp.moveaxis(tgt, -1, 0), jnp.moveaxis(w, -1, 0)
     picked = jnp.take_along_axis(logits, tgt_k[..., None], axis=-1)
     rank = (logits > picked).sum(-1)  # how many tokens score above the target (cheaper than a top-k sort)
@@ -132,13 +139,14 @@ def make_loss(cfg: Config, mc: ModelConfig, flat: bool):
         heads = trainable["heads"]
         if flat:
             root_emb = root_embedding(frozen, batch["roots"]) if uses_root(heads) else None
+            path_emb = root_embedding(frozen, batch["path"]) if is_sequential(heads) else None
             lm = frozen["lm_head"]["kernel"]
             teacher, sw = None, None
             if soft:  # the base model's distribution at t+k+1, from that position's cached hidden state
                 teacher = jnp.einsum("bke,ev->kbv", batch["teacher_hidden"].astype(dtype), lm.astype(dtype))
                 sw = soft * batch["teach"].astype(jnp.float32)
             hl, per, acc = heads_loss(heads, batch["hidden"], lm, batch["targets"], batch["weights"], decay, dtype,
-                                      root_emb, teacher, sw)  # fmt: skip
+                                      root_emb, teacher, sw, path_emb)  # fmt: skip
             return hl, {"heads_loss": hl, "head_loss": per, "head_acc": acc}
         ids, mask = batch["input_ids"], batch["loss_mask"]
         if cfg.train.mode == "medusa1":
@@ -148,11 +156,12 @@ def make_loss(cfg: Config, mc: ModelConfig, flat: bool):
         hidden = forward_hidden(mc, backbone, ids)
         tgt, w = jnp_targets(ids, mask, k_heads)
         root_emb = root_embedding(backbone, jnp_roots(ids)) if uses_root(heads) else None
+        path_emb = path_embedding(backbone, heads, tgt)
         logits = base_logits(mc, backbone, hidden) if soft or cfg.train.mode == "medusa2" else None
         # soft labels: the (current) backbone's own distribution, which the decode loop verifies against
         teacher = shifted_teacher(logits, k_heads) if soft else None
         hl, per, acc = heads_loss(heads, hidden, base_lm_head(backbone), tgt, w, decay, dtype, root_emb, teacher,
-                                  soft * jnp_teach(w) if soft else None)  # fmt: skip
+                                  soft * jnp_teach(w) if soft else None, path_emb)  # fmt: skip
         aux = {"heads_loss": hl, "head_loss": per, "head_acc": acc}
         if cfg.train.mode == "medusa1":
             return hl, aux

@@ -63,8 +63,10 @@ def abstract_trainable(cfg, mc, backbone) -> dict:
     heads = {"blocks": {"kernel": sds((k, nl, e, e)), "bias": sds((k, nl, e))}}
     if not cfg.heads.shared_lm_head:
         heads["proj"] = {"kernel": sds((k, e, v))}
-    if cfg.heads.root_token:
+    if cfg.heads.root_token or cfg.heads.sequential:
         heads["root"] = {"kernel": sds((k, e, e))}
+    if cfg.heads.sequential:
+        heads["path"] = {"kernel": sds((k, k - 1, e, e))}
     out = {"heads": heads}
     if cfg.train.mode == "medusa2":
         if cfg.lora.rank:

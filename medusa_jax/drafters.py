@@ -1,0 +1,198 @@
+"""Drafters: what proposes the tree's tokens each decoding step.
+
+A drafter fills some of the tree's nodes (`Drafter.nodes`, static) with candidate tokens from the step's context
+(`DraftContext`: the root token, the last accepted node's hidden state, the tokens so far); `draft_tree` composes
+the drafters of a tree into its `[B, L]` candidates (node 0 = the root). The acceptance rules (greedy, typical,
+recursive rejection sampling in `medusa_jax.medusa_decode`) judge whatever is proposed against the base model and
+never look inside a drafter, so adding a drafter touches no acceptance code and vice versa.
+
+Every drafter here is deterministic given the context: a node's draft distribution is a point mass on its token,
+which is what recursive rejection sampling assumes (a child x is kept with probability p_res(x)); it stays exact
+whichever tokens are proposed, including children chosen per parent.
+
+- `MedusaHeads`: Medusa's heads (and root-token heads): head k's top-k, the same for every node at depth k+1.
+- `SequentialHeads`: sequentially dependent heads (`medusa_jax.heads`, `sequential`): depth by depth, head k runs
+  on every node of depth k that has children, with that node's own path; its top-k are that node's children.
+- `LookupChain`: the tokens that followed the context's last n-gram earlier on (`medusa_jax.lookup`).
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Protocol
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from medusa_jax.heads import base_lm_head, draft_logits, head_at_depth, is_sequential, root_embedding, uses_root
+from medusa_jax.lookup import lookup_draft
+from medusa_jax.ranking import top_candidates
+from medusa_jax.tree import TreeBuffers
+
+
+@flax.struct.dataclass
+class DraftContext:
+    """What a drafter may use. B rows, E hidden, S cache slots."""
+
+    params: dict  # the backbone's params
+    heads: dict | None  # the heads' params (None: no heads)
+    root: jax.Array  # [B] the step's root token (the base model's next token)
+    hidden: jax.Array  # [B, E] the last accepted node's hidden state
+    seq: jax.Array  # [B, S] every token by cache slot (-1 unknown; [B, 0] without a lookup chain)
+    lengths: jax.Array  # [B] tokens in the cache
+    matmul_dtype: str = flax.struct.field(pytree_node=False, default="float32")
+    mesh: object = flax.struct.field(pytree_node=False, default=None)
+
+
+class Drafter(Protocol):
+    def nodes(self, tree: TreeBuffers) -> np.ndarray:
+        """The tree nodes this drafter fills `[n]` (static)."""
+
+    def propose(self, ctx: DraftContext, tree: TreeBuffers, cand: jax.Array) -> tuple[jax.Array, jax.Array | None]:
+        """-> (tokens `[B, n]` for `nodes(tree)`, valid `[B, n]` or None when every one is a real draft). `cand`
+        `[B, L]`: the tree so far (the root, and the nodes of the drafters before this one)."""
+
+
+def head_nodes(tree: TreeBuffers) -> np.ndarray:
+    return np.arange(1, len(tree.choices) + 1, dtype=np.int32)
+
+
+def _layout(mesh):
+    return None if mesh is None else (lambda x: jax.lax.with_sharding_constraint(x, NamedSharding(mesh, P())))
+
+
+def medusa_tokens(head_logits: jax.Array, tree: TreeBuffers, draft_ids=None) -> jax.Array:
+    """head_logits `[K, B, V]` (or `[K, B, Vd]` over the draft vocabulary `draft_ids` `[Vd]`) -> the head nodes'
+    tokens `[B, n]`: node `path` holds rank `path[-1]` of head `len(path) - 1`."""
+    top = top_candidates(head_logits[: tree.head_depth], tree.topk)  # [D, B, topk]
+    if draft_ids is not None:
+        top = draft_ids[top]
+    flat = jnp.transpose(top, (1, 0, 2)).reshape(top.shape[1], -1)  # [B, D * topk], as tree_indices count
+    return flat[:, jnp.asarray(tree.tree_indices[head_nodes(tree)] - 1)]
+
+
+def tree_candidates(root: jax.Array, head_logits, tree: TreeBuffers, draft_ids=None, lookup=None) -> jax.Array:
+    """root `[B]`, head_logits `[K, B, V]` as `medusa_tokens` (None for a tree without head nodes), lookup
+    `[B, tree.lookup]` the lookup chain's draft -> tree tokens `[B, L]` (node 0 = root): Medusa's tree."""
+    parts = [root[:, None]]
+    if tree.head_depth:
+        parts.append(medusa_tokens(head_logits, tree, draft_ids))
+    if tree.lookup:
+        parts.append(lookup)
+    return jnp.concatenate(parts, axis=1).astype(jnp.int32)
+
+
+class MedusaHeads:
+    """Head k's top-k at depth k+1 for every node (Medusa; root-token heads also see the root)."""
+
+    def nodes(self, tree):
+        return head_nodes(tree)
+
+    def propose(self, ctx, tree, cand):
+        heads = ctx.heads
+        root_emb = root_embedding(ctx.params, ctx.root) if uses_root(heads) else None
+        logits, ids = draft_logits(heads, ctx.hidden, base_lm_head(ctx.params), ctx.matmul_dtype, root_emb,
+                                   _layout(ctx.mesh))  # fmt: skip
+        return medusa_tokens(logits, tree, ids), None
+
+
+@functools.lru_cache(maxsize=64)
+def depth_plan(tree: TreeBuffers) -> tuple:
+    """Per depth d = 1..D of the heads' nodes: (children `[n]`, parents `[p]` (the distinct parents, sorted),
+    each child's parent slot `[n]` and rank `[n]`, ancestors `[p, d-1]`: each parent's path nodes at depths
+    1..d-1)."""
+    node = {path: i + 1 for i, path in enumerate(tree.choices)}
+    plan = []
+    for d in range(1, tree.head_depth + 1):
+        kids = [path for path in tree.choices if len(path) == d]
+        parents = sorted({node.get(path[:-1], 0) for path in kids})
+        slot = {p: i for i, p in enumerate(parents)}
+        paths_of = {0: ()} | {node[path]: path for path in tree.choices}
+        anc = np.array([[node[paths_of[p][:c]] for c in range(1, d)] for p in parents], np.int32).reshape(
+            len(parents), d - 1
+        )
+        plan.append(
+            (
+                np.array([node[path] for path in kids], np.int32),
+                np.array(parents, np.int32),
+                np.array([slot[node.get(path[:-1], 0)] for path in kids], np.int32),
+                np.array([path[-1] for path in kids], np.int32),
+                anc,
+            )
+        )
+    return tuple(plan)
+
+
+class SequentialHeads:
+    """Sequentially dependent heads: each node's children are the top-k of head d on that node's own path."""
+
+    def nodes(self, tree):
+        return head_nodes(tree)
+
+    def propose(self, ctx, tree, cand):
+        heads, dtype = ctx.heads, ctx.matmul_dtype
+        embed = ctx.params["embed"]["embedding"]
+        lm, layout = base_lm_head(ctx.params), _layout(ctx.mesh)
+        root_emb = root_embedding(ctx.params, ctx.root)
+        for d, (kids, _, slot, rank, anc) in enumerate(depth_plan(tree), start=1):
+            path_emb = jnp.take(embed, cand[:, jnp.asarray(anc)], axis=0)  # [B, p, d-1, E]
+            logits, ids = head_at_depth(heads, d - 1, ctx.hidden, lm, dtype, root_emb, path_emb, layout)
+            top = top_candidates(logits, int(rank.max()) + 1)  # [B, p, r]
+            if ids is not None:
+                top = ids[top]
+            cand = cand.at[:, jnp.asarray(kids)].set(top[:, jnp.asarray(slot), jnp.asarray(rank)])
+        return cand[:, jnp.asarray(head_nodes(tree))], None
+
+
+class LookupChain:
+    """The lookup chain's nodes (after the heads' nodes): prompt-lookup drafts, `valid` where one was found."""
+
+    def nodes(self, tree):
+        return np.arange(tree.num_nodes - tree.lookup, tree.num_nodes, dtype=np.int32)
+
+    def propose(self, ctx, tree, cand):
+        return lookup_draft(ctx.seq, ctx.lengths, ctx.root, tree.lookup)
+
+
+def drafters_for(heads: dict | None, tree: TreeBuffers) -> tuple[Drafter, ...]:
+    """The drafters of a tree: the heads' kind for its head nodes, the lookup chain for its chain."""
+    out: list[Drafter] = []
+    if tree.head_depth:
+        if heads is None:
+            raise ValueError(f"the tree has {tree.head_depth} levels of head nodes but there are no heads")
+        out.append(SequentialHeads() if is_sequential(heads) else MedusaHeads())
+    if tree.lookup:
+        out.append(LookupChain())
+    return tuple(out)
+
+
+def draft_tree(ctx: DraftContext, tree: TreeBuffers) -> tuple[jax.Array, jax.Array | None]:
+    """The step's candidates `[B, L]` (node 0 = the root) and valid `[B, L]` (None: every node holds a draft)."""
+    b = ctx.root.shape[0]
+    cand = jnp.zeros((b, tree.num_nodes), jnp.int32).at[:, 0].set(ctx.root)
+    valid = None
+    for drafter in drafters_for(ctx.heads, tree):
+        nodes = jnp.asarray(drafter.nodes(tree))
+        tokens, ok = drafter.propose(ctx, tree, cand)
+        cand = cand.at[:, nodes].set(tokens.astype(jnp.int32))
+        if ok is not None:
+            valid = jnp.ones(cand.shape, bool) if valid is None else valid
+            valid = valid.at[:, nodes].set(ok)
+    return cand, valid
+
+
+__all__ = [
+    "DraftContext",
+    "Drafter",
+    "LookupChain",
+    "MedusaHeads",
+    "SequentialHeads",
+    "draft_tree",
+    "drafters_for",
+    "medusa_tokens",
+    "tree_candidates",
+]
