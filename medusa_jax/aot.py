@@ -89,11 +89,15 @@ def _known_names() -> list[str]:
 
 def abstract_heads(cfg: ModelConfig, hc: HeadsConfig) -> dict:
     """Medusa heads' params as ShapeDtypeStructs (the reference layout: each head its own vocabulary projection,
-    unless `shared_lm_head`)."""
+    unless `shared_lm_head`; root-token and sequential heads' extra kernels)."""
     k, nl, e, v, dt = hc.num_heads, hc.num_layers, cfg.hidden_size, cfg.vocab_size, cfg.jnp_param_dtype
     out = {"blocks": {"kernel": jax.ShapeDtypeStruct((k, nl, e, e), dt), "bias": jax.ShapeDtypeStruct((k, nl, e), dt)}}
     if not hc.shared_lm_head:
         out["proj"] = {"kernel": jax.ShapeDtypeStruct((k, e, v), dt)}
+    if hc.root_token or hc.sequential:
+        out["root"] = {"kernel": jax.ShapeDtypeStruct((k, e, e), dt)}
+    if hc.sequential:
+        out["path"] = {"kernel": jax.ShapeDtypeStruct((k, k - 1, e, e), dt)}
     return out
 
 
@@ -443,7 +447,8 @@ def build_setup(args) -> Setup:
         raise AotError(f"--mesh {args.mesh} has {data * model} devices but {args.topology} has {chips} chips")
     devices = topology.devices(args.topology)
     mesh = sh.make_mesh(data, 1, model, list(devices))
-    hc = HeadsConfig(args.heads, 1, args.shared_lm_head) if args.heads else None
+    hc = HeadsConfig(args.heads, 1, args.shared_lm_head, args.root_token or args.sequential, args.sequential)
+    hc = hc if args.heads else None
     tree = resolve_tree(args.tree if args.heads else [], args.heads or 1, 10, args.lookup if args.heads else 0)
     if args.batch < 1 or args.context < 64:
         raise AotError("--batch must be >= 1 and --context >= 64")
@@ -458,6 +463,8 @@ def main(argv=None) -> int:
     ap.add_argument("--model", required=True, help="hub id, alias (vicuna-7b, llama-3-8b, llama-3-70b) or directory")
     ap.add_argument("--heads", type=int, default=4, help="Medusa heads (0: plain decoding)")
     ap.add_argument("--shared-lm-head", action="store_true", help="heads share the base lm_head (no own projection)")
+    ap.add_argument("--root-token", action="store_true", help="root-token heads (each also sees the step's root)")
+    ap.add_argument("--sequential", action="store_true", help="sequential heads (each sees its path's drafted tokens)")
     ap.add_argument("--tree", default="mc_sim_7b_63")
     ap.add_argument("--lookup", type=int, default=10)
     ap.add_argument("--batch", type=int, default=1)

@@ -139,3 +139,14 @@ def test_decode_loop_holds_no_extra_copy_of_the_kv_cache(v5e_2x2):
     s = aot.Setup(cfg, HeadsConfig(4, 1), resolve_tree("mc_sim_7b_63", 4, 10, 10), 8, 4096, 64, "greedy", m)
     mem = aot.memory(s)
     assert mem["temp_bytes"] <= 1.5 * mem["kv_cache_bytes"], (mem["temp_bytes"], mem["kv_cache_bytes"])
+
+
+def test_abstract_heads_of_every_kind():
+    """`--root-token` and `--sequential` compile the heads' extra kernels (shapes only, nothing allocated)."""
+    cfg = ModelConfig.from_hf(TINY_HF)
+    e = cfg.hidden_size
+    plain = aot.abstract_heads(cfg, HeadsConfig(4, 1))
+    assert set(plain) == {"blocks", "proj"}
+    seq = aot.abstract_heads(cfg, HeadsConfig(4, 1, True, True, True))
+    assert set(seq) == {"blocks", "root", "path"} and seq["path"]["kernel"].shape == (4, 3, e, e)
+    assert aot.abstract_heads(cfg, HeadsConfig(4, 1, True, True))["root"]["kernel"].shape == (4, e, e)

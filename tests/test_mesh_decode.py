@@ -30,7 +30,7 @@ TINY = textwrap.dedent(
     model = MedusaModel(cfg, params, heads=init_heads(HeadsConfig(4, 1), params, seed=1, scale=0.3))
     rng = np.random.default_rng(3)
     prompts = [rng.integers(0, 64, size=int(rng.integers(3, 20))).tolist() for _ in range(8)]
-    medusa = dict(mode="medusa", tree="mc_sim_7b_63", lookup=4)
+    medusa = dict(mode="medusa", tree="cpu_16", lookup=4)
     runs = {"ar": dict(mode="ar"), "medusa": medusa, "rejection": dict(medusa, temperature=0.8, seed=5),
             "typical": dict(medusa, temperature=0.8, seed=5, acceptance="typical"),
             "ar-sample": dict(mode="ar", temperature=0.8, top_k=20, top_p=0.9, seed=5)}
@@ -44,7 +44,7 @@ TINY = textwrap.dedent(
             out[name] = [r.output_ids for r in b8] + [r.steps for r in b8]
         out["medusa-b1"] = m.generate(prompts[:1], max_new_tokens=24, batch_size=1, **medusa)[0].output_ids
         if full:
-            chat = Session(m, mode="medusa", tree="mc_sim_7b_63", lookup=4)
+            chat = Session(m, mode="medusa", tree="cpu_16", lookup=4)
             first = [t for c in chat.stream_ids(prompts[0], 16) for t in c]
             second = [t for c in chat.stream_ids(chat.ids + prompts[1], 16) for t in c]
             out["chat"] = [first, second, chat.last_reused]
