@@ -210,5 +210,5 @@ def test_smollm2_bf16_medusa_greedy_equals_ar(smollm2_bf16, dev_prompts, batch, 
     from medusa_jax.parity import greedy_parity, varied_prompts
 
     prompts = varied_prompts(dev_prompts, 8)[:n]
-    r = greedy_parity(smollm2_bf16, prompts, 32, batch, tree="cpu_16", lookup=10)
+    r = greedy_parity(smollm2_bf16, prompts, 24, batch, tree="cpu_16", lookup=10)
     assert r["equal"] == r["rows"], f"first differences: {r['first_diff']}"
