@@ -10,8 +10,9 @@ slice's devices (`medusa_jax.topology`) from abstract inputs, so no weights are 
     HBM, and the largest batch that fits (the total grows linearly with the batch: two compiles, then the predicted
     largest batch is compiled to check it). A configuration that does not fit still gets its report (`fits: false`,
     the compiler's figure).
-  - traffic: bytes accessed by one decode step (`medusa_step`, every layer unrolled: XLA's cost analysis counts a
-    loop body once) against params + heads + the cache shard.
+  - traffic: bytes accessed by one decode step at the prompt's live length (`medusa_step`, every layer and every
+    attention block unrolled: XLA's cost analysis counts a loop body once) against params + heads + the live part of
+    the cache shard.
   - collectives: the all-reduces, all-gathers, ... of one step, with their bytes, and whether any gathers a weight.
 """
 
@@ -327,10 +328,14 @@ def _fits(s: Setup) -> bool:
 
 
 def traffic(s: Setup) -> dict:
-    """Bytes accessed and collectives of one decode step per chip, compiled with every layer unrolled (XLA's cost
-    analysis counts a loop body once), against params + heads + the KV cache shard."""
+    """Bytes accessed and collectives of one decode step per chip at live length `s.prompt` (the tree's entries on
+    top), compiled with every layer and every attention block unrolled (XLA's cost analysis counts a loop body
+    once), against params + heads + the part of the KV-cache shard the step must read: its live slots when
+    attention is blockwise (`ModelConfig.attention_block_for`), every slot when it reads the cache in one pass."""
     n = s.cfg.num_layers
-    unrolled = s.replace(cfg=s.cfg.replace(scan_unroll=n))
+    block = s.cfg.attention_block_for(s.context)
+    live = min(s.context, s.prompt + s.tree.num_nodes)
+    unrolled = s.replace(cfg=s.cfg.replace(scan_unroll=n, attention_blocks_unrolled=-(-live // block) if block else 0))
     compiled = lower_steps(unrolled).compile()
     cost = _cost(compiled)
     colls = collectives(compiled.as_text())
@@ -338,9 +343,11 @@ def traffic(s: Setup) -> dict:
     params, heads = abstract_model(s)
     kv_shape = (n, s.batch, s.context, s.cfg.num_kv_heads, s.cfg.head_dim)
     kv = jax.ShapeDtypeStruct(kv_shape, s.cfg.jnp_dtype, sharding=sh.kv_cache_sharding(s.mesh, kv_shape))
-    reference = tree_shard_bytes(params) + (tree_shard_bytes(heads) if heads else 0) + 2 * shard_bytes(kv)
+    live_kv = 2 * shard_bytes(kv) * live // s.context
+    reference = tree_shard_bytes(params) + (tree_shard_bytes(heads) if heads else 0) + live_kv
     gathered = [shape for op, shape, _ in colls if op == "all-gather" and shape in weight_shapes(params, heads)]
     return {"bytes_accessed_per_step": bytes_step, "flops_per_step": flops_step, "reference_bytes": reference,
+            "live_slots": live, "attention_block": block, "live_kv_bytes": live_kv,
             "bytes_accessed_ratio": bytes_step / reference if reference else math.nan,
             "collectives_per_step": summarize(colls), "weight_gathers": [list(g) for g in gathered]}  # fmt: skip
 
@@ -428,8 +435,10 @@ def describe(row: dict) -> str:
         lines.append(f"  largest batch that fits: {row['max_batch']}")
     if "bytes_accessed_per_step" in row:
         lines.append(
-            f"  one decode step reads {g(row['bytes_accessed_per_step'])} = {row['bytes_accessed_ratio']:.2f} x "
-            f"(params + heads + KV cache shard = {g(row['reference_bytes'])})"
+            f"  one decode step at {row['live_slots']} live slots reads {g(row['bytes_accessed_per_step'])} = "
+            f"{row['bytes_accessed_ratio']:.2f} x (params + heads + the live KV-cache shard = "
+            f"{g(row['reference_bytes'])}; attention "
+            + (f"in blocks of {row['attention_block']} slots)" if row["attention_block"] else "over every slot)")
         )
         colls = ", ".join(f"{v['count']:.0f} {op} ({v['bytes'] / 2**20:.1f} MiB)"
                           for op, v in row["collectives_per_step"].items())  # fmt: skip
@@ -440,7 +449,8 @@ def describe(row: dict) -> str:
 
 def build_setup(args) -> Setup:
     check_numerics(args.dtype, args.activations)
-    cfg = model_config(args.model).for_inference(args.dtype, args.activations).replace(row_writes="scatter")
+    cfg = model_config(args.model).for_inference(args.dtype, args.activations)
+    cfg = cfg.replace(row_writes="scatter", attention_block=args.attention_block)
     topo_name, chips, _ = topology.resolve(args.topology)
     data, model = sh.parse_mesh(args.mesh)
     if data * model != chips:
@@ -469,7 +479,18 @@ def main(argv=None) -> int:
     ap.add_argument("--lookup", type=int, default=10)
     ap.add_argument("--batch", type=int, default=1)
     ap.add_argument("--context", type=int, default=4096, help="KV-cache slots")
-    ap.add_argument("--prompt", type=int, default=0, help="prefill length (default: half the context)")
+    ap.add_argument(
+        "--prompt",
+        type=int,
+        default=0,
+        help="prefill length, and the live length of the measured step (default: half the context)",
+    )
+    ap.add_argument(
+        "--attention-block",
+        type=int,
+        default=-1,
+        help="cache slots per attention block (0: every slot in one pass; default: 512, as on a TPU)",
+    )
     ap.add_argument("--mesh", default="1x1", help="DATAxMODEL")
     ap.add_argument("--topology", default="v5e-1", help="v5e-1, v5e-8, v5p-8, v6e-8, v5e-256, or v5e:2x4")
     ap.add_argument("--dtype", default="bfloat16")

@@ -9,6 +9,8 @@ import jax.numpy as jnp
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
 INFERENCE_DTYPES = ("float32", "bfloat16", "float16")
+AUTO_ATTENTION_BLOCK = 512  # cache slots per attention block (`ModelConfig.attention_block_for`)
+MIN_ATTENTION_BLOCK = 64
 
 
 def check_numerics(dtype: str, activations: str | None = None) -> None:
@@ -95,6 +97,9 @@ class ModelConfig:
     remat: bool = False  # rematerialize each layer in the backward pass
     scan_unroll: int = 1  # layers per while-loop iteration (num_layers: no loop; see Transformer)
     row_writes: str = "auto"  # KV writes of more rows than are unrolled: "loop", "scatter" (auto: scatter on TPUs)
+    attention_block: int = -1  # cache slots per block of attention over the cache, read up to the live length
+    #                            (0: every slot in one pass; -1: auto, see `attention_block_for`)
+    attention_blocks_unrolled: int = 0  # cost measurement only: this many blocks, unrolled, whatever the live length
 
     @property
     def scatter_rows(self) -> bool:
@@ -105,6 +110,21 @@ class ModelConfig:
         import jax
 
         return jax.default_backend() == "tpu"
+
+    def attention_block_for(self, slots: int) -> int:
+        """Slots per block of the attention over a cache of `slots` (0: all slots in one pass). Blockwise, attention
+        reads the cache only up to the longest row's live length (an online softmax over blocks in a loop whose trip
+        count is the live length's): a step at length L in a cache of S slots pays for L. Auto: blocks of up to 512
+        slots on TPUs and CPUs; one pass on GPUs, where each iteration of a device loop waits on the host. The block
+        is the largest divisor of `slots` up to the size asked for, and at least 64 slots (else one pass)."""
+        block = self.attention_block
+        if block < 0:
+            import jax
+
+            block = 0 if jax.default_backend() == "gpu" else AUTO_ATTENTION_BLOCK
+        if block <= 0 or slots <= block:
+            return 0
+        return next((d for d in range(block, MIN_ATTENTION_BLOCK - 1, -1) if slots % d == 0), 0)
 
     @property
     def jnp_dtype(self):

@@ -113,6 +113,65 @@ def attention_mask(block_mask: jax.Array, cache_start: jax.Array | None, slots: 
     return (rel < 0)[:, None, :] | (in_block[:, None, :] & gathered)
 
 
+@flax.struct.dataclass
+class LiveMask:
+    """The attention mask of a step over a cache, for blockwise attention (`attend_live`): block_mask `[B, T, T]`
+    (bool), row_start `[B]` (slot of row b's first new token), blocks: how many blocks of `block` slots hold live
+    entries (int32 scalar)."""
+
+    block_mask: jax.Array
+    row_start: jax.Array
+    blocks: jax.Array
+    block: int = flax.struct.field(pytree_node=False)
+
+
+def live_mask(block_mask: jax.Array, row_start: jax.Array, block: int) -> LiveMask:
+    t = block_mask.shape[-1]
+    bm = jnp.broadcast_to(block_mask.astype(bool), (row_start.shape[0], t, t))
+    blocks = (jnp.max(row_start).astype(jnp.int32) + t + block - 1) // block
+    return LiveMask(bm, row_start.astype(jnp.int32), blocks, block)
+
+
+def attend_live(cfg: ModelConfig, q: jax.Array, ck: jax.Array, cv: jax.Array, layer, mask: LiveMask) -> jax.Array:
+    """Attention of q `[B, T, K, G, D]` over layer `layer` of the cache (ck, cv `[N, B, S, K, D]`, the T new entries
+    already written), reading only the blocks up to the longest row's live length: an online softmax over blocks of
+    `mask.block` slots in a loop of `mask.blocks` iterations. -> `[B, T, K, G, D]` in `cfg.dtype`.
+
+    Row b's query t sees slot s when s < row_start[b] (the prefix) or when s is new token j = s - row_start[b] and
+    block_mask[b, t, j]. `cfg.attention_blocks_unrolled` (cost measurement) runs that many blocks unrolled instead."""
+    b, t, kh, g, d = q.shape
+    size, f32 = mask.block, jnp.float32
+    prec = f32_precision(cfg, q.dtype)
+    layer, zero = jnp.asarray(layer, jnp.int32), jnp.zeros((), jnp.int32)
+    scale = 1.0 / math.sqrt(d)
+
+    def block(i, carry):
+        m, total, acc = carry
+        at = (i * size).astype(jnp.int32)
+        kc = jax.lax.dynamic_slice(ck, (layer, zero, at, zero, zero), (1, b, size, kh, d))[0]
+        vc = jax.lax.dynamic_slice(cv, (layer, zero, at, zero, zero), (1, b, size, kh, d))[0]
+        s = jnp.einsum("btkgd,bskd->bkgts", q, kc.astype(q.dtype), precision=prec, preferred_element_type=f32) * scale
+        rel = at + jnp.arange(size, dtype=jnp.int32)[None, :] - mask.row_start[:, None]  # [B, C]
+        new = jnp.take_along_axis(mask.block_mask, jnp.clip(rel, 0, t - 1)[:, None, :].repeat(t, axis=1), axis=2)
+        see = ((rel < 0)[:, None, :] | (((rel >= 0) & (rel < t))[:, None, :] & new))[:, None, None]  # [B,1,1,T,C]
+        m_new = jnp.maximum(m, jnp.max(jnp.where(see, s, NEG_INF), axis=-1))
+        p = jnp.where(see, jnp.exp(s - m_new[..., None]), 0.0)
+        fix = jnp.exp(m - m_new)
+        pv = jnp.einsum("bkgts,bskd->bkgtd", p.astype(cfg.jnp_dtype), vc.astype(cfg.jnp_dtype), precision=prec,
+                        preferred_element_type=f32)  # fmt: skip
+        return m_new, total * fix + p.sum(-1), acc * fix[..., None] + pv
+
+    carry = (jnp.full((b, kh, g, t), NEG_INF, f32), jnp.zeros((b, kh, g, t), f32), jnp.zeros((b, kh, g, t, d), f32))
+    if cfg.attention_blocks_unrolled:
+        for i in range(cfg.attention_blocks_unrolled):
+            carry = block(jnp.int32(i), carry)
+    else:
+        carry = jax.lax.fori_loop(0, mask.blocks, block, carry)
+    _, total, acc = carry
+    out = acc / jnp.where(total > 0, total, 1.0)[..., None]
+    return out.transpose(0, 3, 1, 2, 4).astype(cfg.jnp_dtype)
+
+
 class RMSNorm(nn.Module):
     eps: float
     dtype: jnp.dtype
@@ -203,7 +262,12 @@ class Attention(nn.Module):
                 cache_kv = tuple(move_entries(c, layer, *moves, t, sc) for c in cache_kv)
             ck = write_cache(cache_kv[0], k, layer, cache_start, sc)
             cv = write_cache(cache_kv[1], v, layer, cache_start, sc)
-            k, v, cache_kv = ck[layer], cv[layer], (ck, cv)
+            cache_kv = (ck, cv)
+            if isinstance(mask, LiveMask):  # blockwise, up to the live length
+                q = q.reshape(b, t, kh, h // kh, d)
+                out = attend_live(cfg, q, ck, cv, layer, mask).reshape(b, t, h * d)
+                return Dense(cfg, cfg.hidden_size, cfg.o_bias, name="o_proj")(out), cache_kv
+            k, v = ck[layer], cv[layer]
         q = q.reshape(b, t, kh, h // kh, d)
         prec = f32_precision(cfg, q.dtype)
         scores = jnp.einsum(
@@ -365,7 +429,11 @@ class Transformer(nn.Module):
         x = jnp.take(self.embed.embedding, tokens, axis=0).astype(self.cfg.jnp_dtype)  # rows, then their dtype
         cos, sin = rope_tables(self.cfg, positions)
         row_start = None if cache_start is None else jnp.broadcast_to(cache_start, tokens.shape[:1])
-        mask = attention_mask(block_mask, row_start, None if cache is None else cache.slots)
+        block = 0 if cache is None else self.cfg.attention_block_for(cache.slots)
+        if block:  # attention reads the cache blockwise, up to the live length (`attend_live`)
+            mask = live_mask(block_mask, row_start, block)
+        else:
+            mask = attention_mask(block_mask, row_start, None if cache is None else cache.slots)
         carry = (x, None, None) if cache is None else (x, cache.k, cache.v)
         (x, ck, cv), _ = self.layers(carry, jnp.arange(self.cfg.num_layers), cos, sin, mask, cache_start, moves)
         return self.norm(x), (None if cache is None else KVCache(ck, cv))

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -53,6 +55,22 @@ def hf_smollm2():
     )
     model.eval()
     return model, load_tokenizer(path)
+
+
+# ---------------------------------------------------------------------------------------------- compiled programs
+def pytest_configure(config):
+    """One JAX compilation cache for the whole run, fresh each run: the test processes (pytest-xdist workers and the
+    tests' subprocesses, which inherit the environment) compile many of the same programs."""
+    if hasattr(config, "workerinput") or "JAX_COMPILATION_CACHE_DIR" in os.environ:
+        return
+    config._jit_cache = tempfile.mkdtemp(prefix="medusa_jax_test_jit_")
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = config._jit_cache
+    os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
+
+
+def pytest_unconfigure(config):
+    if getattr(config, "_jit_cache", None):
+        shutil.rmtree(config._jit_cache, ignore_errors=True)
 
 
 # ---------------------------------------------------------------------------------------------- no silent skips

@@ -52,6 +52,26 @@ def test_tiny_sharded_decode_loop_compiles_for_v5e_and_moves_no_weights(v5e_2x2)
     assert t["bytes_accessed_per_step"] > t["reference_bytes"] > 0
 
 
+def test_a_step_reads_the_cache_up_to_its_live_length(v5e_2x2):
+    """Bytes a plain decoding step reads, per the TPU compiler: with blockwise attention they grow with the live
+    length (each live byte counted a bounded number of times), and at S/8 they are a fraction of what reading every
+    slot costs."""
+    from medusa_jax import sharding as sh
+
+    m = sh.make_mesh(1, 1, 4, list(v5e_2x2))
+    got = {}
+    for block, prompt in ((256, 255), (256, 1023), (0, 255)):  # live 256 = S/8, 1024 = S/2; 0: one pass
+        cfg = (
+            ModelConfig.from_hf(TINY_HF).for_inference("bfloat16").replace(row_writes="scatter", attention_block=block)
+        )
+        t = aot.traffic(aot.Setup(cfg, None, resolve_tree([], 1, 10, 0), 4, 2048, prompt, "greedy", m))
+        got[block, prompt] = (t["bytes_accessed_per_step"], t["live_kv_bytes"], t["attention_block"])
+    (b1, kv1, blk), (b2, kv2, _), (b0, _, one) = got.values()
+    assert (blk, one) == (256, 0)
+    assert 0 < b2 - b1 < 4 * (kv2 - kv1)  # measured: 3.3x the extra live cache
+    assert b1 < 0.25 * b0  # measured: 11.2 against 69.4 MiB
+
+
 def test_weight_gathers_are_detected(v5e_2x2):
     """The detector is not blind: gathering a sharded weight inside a step is reported."""
     import jax

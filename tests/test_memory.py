@@ -50,12 +50,20 @@ BF16_ON_CPU = pytest.mark.xfail(
     jax.default_backend() == "cpu",
     strict=True,
     reason="XLA:CPU runs the bfloat16 matmuls in float32 and hoists the weights' conversion out of the layer loop: a "
-    "float32 copy of every weight among the temporaries (the bound fails by about the float32 weights' size)",
+    "float32 copy of every weight among the temporaries (the Medusa loop's bound fails by about the float32 weights' "
+    "size; plain decoding, whose attention reads the cache blockwise, stays within its bound: 360 of 375 MiB)",
 )
 
 
-@pytest.mark.parametrize("dtype", ["float32", pytest.param("bfloat16", marks=BF16_ON_CPU)])
-@pytest.mark.parametrize("mode", ["medusa", "ar"])
+@pytest.mark.parametrize(
+    "mode,dtype",
+    [
+        ("medusa", "float32"),
+        ("ar", "float32"),
+        ("ar", "bfloat16"),
+        pytest.param("medusa", "bfloat16", marks=BF16_ON_CPU),
+    ],
+)
 def test_generate_temporaries_within_bound(mode, dtype):
     """A batch of 8 prompts of 1,024 tokens, 2,048 cache slots, the 63-node tree + a 10-node lookup chain: params +
     XLA's temporaries (KV cache included) <= 2x (params + KV cache + one step's logits), and `batch_bytes` (what

@@ -158,6 +158,36 @@ def test_remat_gives_same_values_and_grads():
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5), g0, g1)
 
 
+def test_blockwise_attention_reads_only_the_live_blocks():
+    """Attention over the cache in blocks of 64 slots (`attend_live`) equals the one-pass attention for a tree step
+    at per-row offsets, and never reads past the longest row's live length: NaN in every later slot changes
+    nothing (the one-pass attention turns it into NaN)."""
+    tree = jnp.array([[1, 0, 0, 0], [1, 1, 0, 0], [1, 0, 1, 0], [1, 1, 0, 1]], bool)
+    starts = jnp.array([100, 37])  # row 0's step ends at slot 104: blocks 0-1 are live, 2-7 are not
+    rng = np.random.default_rng(0)
+    cache = KVCache(*(jnp.asarray(rng.normal(size=(3, 2, 512, 2, 8)), jnp.float32) for _ in range(2)))
+    poisoned = KVCache(cache.k.at[:, :, 128:].set(jnp.nan), cache.v.at[:, :, 128:].set(jnp.nan))
+    tokens = jnp.array([[3, 4, 5, 6], [7, 8, 9, 10]])
+    pos = starts[:, None] + jnp.array([0, 1, 1, 2])[None]
+    params = init_params(CFG, seed=2)
+
+    def run(block, c):
+        m = Transformer(CFG.replace(attention_block=block))
+        h, c = jax.jit(m.apply)({"params": params}, tokens, pos, tree, c, starts)
+        return np.asarray(h), c
+
+    want, _ = run(0, cache)
+    got, new = run(64, poisoned)
+    assert np.isfinite(got).all()
+    np.testing.assert_allclose(got, want, atol=2e-5, rtol=2e-5)
+    assert np.isnan(run(0, poisoned)[0]).all()  # the one-pass attention reads every slot
+    assert np.isnan(np.asarray(new.k[:, :, 128:])).all()  # (the cache itself is left as it was past the step)
+    blocks = CFG.replace(attention_block=512)
+    assert blocks.attention_block_for(576) == 288  # the largest divisor up to 512
+    assert blocks.attention_block_for(4096) == 512 and blocks.attention_block_for(256) == 0  # one block: one pass
+    assert CFG.replace(attention_block=0).attention_block_for(4096) == 0
+
+
 def test_attention_mask_prefix_and_block():
     tree = jnp.array([[1, 0, 0], [1, 1, 0], [1, 0, 1]], bool)  # two children of node 0
     mask = attention_mask(tree, jnp.array([2, 4]), 8)

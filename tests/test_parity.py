@@ -202,13 +202,13 @@ def smollm2_bf16(smollm2):
     return model
 
 
-@pytest.mark.parametrize("batch,n", [(1, 2), (8, 8)])
+@pytest.mark.parametrize("batch,n", [(1, 2), (4, 4)])
 def test_smollm2_bf16_medusa_greedy_equals_ar(smollm2_bf16, dev_prompts, batch, n):
     """Greedy Medusa (trained heads, a tree and a lookup chain) returns exactly the AR tokens in bfloat16, on varied
-    held-out prompts, one at a time or in one batch of 8. (With bfloat16 activations the verification forward of
+    held-out prompts, one at a time or in one batch of 4. (With bfloat16 activations the verification forward of
     many tokens and the one-token step round differently, and rows differ: `activations="bfloat16"`.)"""
     from medusa_jax.parity import greedy_parity, varied_prompts
 
     prompts = varied_prompts(dev_prompts, 8)[:n]
-    r = greedy_parity(smollm2_bf16, prompts, 24, batch, tree="cpu_16", lookup=10)
+    r = greedy_parity(smollm2_bf16, prompts, 20, batch, tree="cpu_16", lookup=10)
     assert r["equal"] == r["rows"], f"first differences: {r['first_diff']}"
