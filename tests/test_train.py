@@ -289,6 +289,36 @@ def test_soft_labels_same_on_both_training_paths():
     assert abs(losses[0.5] - losses[0.0]) > 1e-3
 
 
+def test_hidden_noise_perturbs_the_heads_input_by_its_scale():
+    """train.hidden_noise: noise of that fraction of each state's RMS, the same for the same seed and step (resumes),
+    new each step; 0 leaves the hidden states alone; the training loss sees it on the whole-sequence path too."""
+    import jax.numpy as jnp
+
+    from medusa_jax.heads import HeadsConfig, init_heads
+    from medusa_jax.model import init_params
+    from medusa_jax.train.losses import make_loss, noisy
+
+    h = jnp.asarray(np.random.default_rng(0).normal(size=(64, 32)) * 3.0, jnp.float32)
+    assert noisy(h, 0.0, 0, jnp.int32(5)) is h
+    a, b, c = noisy(h, 0.2, 0, jnp.int32(5)), noisy(h, 0.2, 0, jnp.int32(5)), noisy(h, 0.2, 0, jnp.int32(6))
+    np.testing.assert_array_equal(a, b)
+    assert not np.allclose(a, c)
+    rms = np.sqrt((np.asarray(h) ** 2).mean(-1))
+    ratio = np.sqrt(((np.asarray(a) - np.asarray(h)) ** 2).mean(-1)) / rms
+    assert 0.15 < np.median(ratio) < 0.25
+    params = init_params(TINY, seed=1)
+    ids = jnp.asarray(np.random.default_rng(1).integers(0, TINY.vocab_size, (2, 16)))
+    batch = {"input_ids": ids, "loss_mask": jnp.ones((2, 16), jnp.int32)}
+    heads = {"heads": init_heads(HeadsConfig(3, 1, True), params, seed=0, scale=0.3)}
+    loss = {
+        sigma: float(make_loss(_cfg("unused", "heads.num_heads=3", "heads.shared_lm_head=true",
+                                    f"train.hidden_noise={sigma}"), TINY, False)(heads, {"backbone": params}, batch,
+                                                                                  jnp.int32(0))[0])
+        for sigma in (0.0, 0.5)
+    }  # fmt: skip
+    assert abs(loss[0.5] - loss[0.0]) > 1e-4
+
+
 def test_lora_merge_and_peft_roundtrip():
     from medusa_jax.model import init_params
 

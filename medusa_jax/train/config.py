@@ -76,6 +76,7 @@ class TrainSection:
     grad_clip: float = 1.0
     decay: float = 0.8  # lambda_k = decay**k
     distill_weight: float = 0.0  # heads: weight of the base model's distribution over each target (soft labels)
+    hidden_noise: float = 0.0  # heads: Gaussian noise on their input hidden states, this times each state's RMS
     lambda0: float = 0.2  # medusa2: weight of the heads loss
     heads_warmup_steps: int = 0  # medusa2: sine ramp of lambda0 over these steps
     backbone_loss: str = "ce"  # medusa2: "ce" on the data or "kl" to the original model
@@ -178,6 +179,9 @@ def _validate(cfg: Config) -> None:
         raise ConfigError(f"train.decay: must be in (0, 1], got {cfg.train.decay}")
     if not 0 <= cfg.train.distill_weight <= 1:
         raise ConfigError(f"train.distill_weight: must be in [0, 1], got {cfg.train.distill_weight}")
+    if not 0 <= cfg.train.hidden_noise < 10:
+        raise ConfigError(f"train.hidden_noise: must be in [0, 10) (a fraction of each state's RMS), got "
+                          f"{cfg.train.hidden_noise}")  # fmt: skip
     if cfg.train.lr_heads <= 0 or cfg.train.lr_backbone < 0:
         raise ConfigError("train.lr_heads must be > 0 and train.lr_backbone >= 0")
     bad = [t for t in cfg.lora.targets if t not in LORA_TARGETS]

@@ -131,9 +131,21 @@ def shifted_teacher(logits, k_heads):
     return jnp.stack(out)
 
 
+def noisy(hidden, scale: float, seed: int, step):
+    """hidden `[..., E]` plus Gaussian noise of `scale` times each state's RMS (Hydra++'s input noise: heads that
+    tolerate a perturbed hidden state generalise past the states they were trained on); unchanged for scale 0. The
+    noise depends on the seed and the step only, so a resumed run draws the same noise."""
+    if not scale:
+        return hidden
+    key = jax.random.fold_in(jax.random.PRNGKey(seed), step)
+    h = hidden.astype(jnp.float32)
+    rms = jnp.sqrt(jnp.mean(jnp.square(h), axis=-1, keepdims=True))
+    return (h + scale * rms * jax.random.normal(key, h.shape, jnp.float32)).astype(hidden.dtype)
+
+
 def make_loss(cfg: Config, mc: ModelConfig, flat: bool):
     k_heads, decay, dtype = cfg.heads.num_heads, cfg.train.decay, mc.jnp_dtype
-    soft = cfg.train.distill_weight
+    soft, noise, seed = cfg.train.distill_weight, cfg.train.hidden_noise, cfg.train.seed
 
     def loss_fn(trainable, frozen, batch, step):
         heads = trainable["heads"]
@@ -145,8 +157,9 @@ def make_loss(cfg: Config, mc: ModelConfig, flat: bool):
             if soft:  # the base model's distribution at t+k+1, from that position's cached hidden state
                 teacher = jnp.einsum("bke,ev->kbv", batch["teacher_hidden"].astype(dtype), lm.astype(dtype))
                 sw = soft * batch["teach"].astype(jnp.float32)
-            hl, per, acc = heads_loss(heads, batch["hidden"], lm, batch["targets"], batch["weights"], decay, dtype,
-                                      root_emb, teacher, sw, path_emb)  # fmt: skip
+            hidden = noisy(batch["hidden"], noise, seed, step)
+            hl, per, acc = heads_loss(heads, hidden, lm, batch["targets"], batch["weights"], decay, dtype, root_emb,
+                                      teacher, sw, path_emb)  # fmt: skip
             return hl, {"heads_loss": hl, "head_loss": per, "head_acc": acc}
         ids, mask = batch["input_ids"], batch["loss_mask"]
         if cfg.train.mode == "medusa1":
@@ -160,8 +173,8 @@ def make_loss(cfg: Config, mc: ModelConfig, flat: bool):
         logits = base_logits(mc, backbone, hidden) if soft or cfg.train.mode == "medusa2" else None
         # soft labels: the (current) backbone's own distribution, which the decode loop verifies against
         teacher = shifted_teacher(logits, k_heads) if soft else None
-        hl, per, acc = heads_loss(heads, hidden, base_lm_head(backbone), tgt, w, decay, dtype, root_emb, teacher,
-                                  soft * jnp_teach(w) if soft else None, path_emb)  # fmt: skip
+        hl, per, acc = heads_loss(heads, noisy(hidden, noise, seed, step), base_lm_head(backbone), tgt, w, decay, dtype,
+                                  root_emb, teacher, soft * jnp_teach(w) if soft else None, path_emb)  # fmt: skip
         aux = {"heads_loss": hl, "head_loss": per, "head_acc": acc}
         if cfg.train.mode == "medusa1":
             return hl, aux
