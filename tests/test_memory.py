@@ -151,11 +151,17 @@ def test_compact_cache_moves_each_rows_path(b):
     assert hlo.count("dynamic_update_slice") <= 2 * min(b, UNROLL_ROWS) + 2
 
 
-@pytest.mark.parametrize("b,scatter", [(3, False), (20, False), (3, True), (70, True)])
-def test_move_entries_moves_each_rows_path_in_one_layer(b, scatter):
-    """The in-layer path move (unrolled rows, the loop over many rows, the TPU's scatter over very many) gives what
+@pytest.mark.parametrize(
+    "b,scatter,unroll", [(3, False, 16), (3, False, 1), (20, False, 16), (3, True, 1), (70, True, 1)]
+)
+def test_move_entries_moves_each_rows_path_in_one_layer(b, scatter, unroll, monkeypatch):
+    """The in-layer path move (unrolled rows, the loop over rows, the TPU's scatter over very many) gives what
     `compact_cache` gives for that layer and leaves the other layers alone."""
+    from medusa_jax import model as model_lib
     from medusa_jax.model import move_entries
+
+    monkeypatch.setattr(model_lib, "CPU_UNROLL_ROWS", unroll)
+    monkeypatch.setattr(model_lib, "WRITE_UNROLL_ROWS", unroll)
 
     rng = np.random.default_rng(1)
     n, s, k, d, window = 3, 24, 2, 4, 6
