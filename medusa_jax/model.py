@@ -106,11 +106,18 @@ def attention_mask(block_mask: jax.Array, cache_start: jax.Array | None, slots: 
     if cache_start is None:
         return block_mask if block_mask.ndim == 3 else block_mask[None]
     t = block_mask.shape[-1]
-    rel = jnp.arange(slots)[None, :] - cache_start[:, None]  # [B, S]
-    in_block = (rel >= 0) & (rel < t)
     bm = jnp.broadcast_to(block_mask, (cache_start.shape[0], t, t))
-    gathered = jnp.take_along_axis(bm, jnp.clip(rel, 0, t - 1)[:, None, :].repeat(t, axis=1), axis=2)
-    return (rel < 0)[:, None, :] | (in_block[:, None, :] & gathered)
+    return slots_seen(bm, cache_start, jnp.arange(slots))
+
+
+def slots_seen(block_mask: jax.Array, row_start: jax.Array, slot: jax.Array) -> jax.Array:
+    """Which of the cache slots `slot` `[C]` each new token sees: `[B, T, C]` from block_mask `[B, T, T]` (bool) and
+    row_start `[B]` (slot of row b's first new token): the prefix before it, and the new tokens the block mask lets
+    it see."""
+    t = block_mask.shape[-1]
+    rel = slot[None, :] - row_start[:, None]  # [B, C]
+    new = jnp.take_along_axis(block_mask, jnp.clip(rel, 0, t - 1)[:, None, :].repeat(t, axis=1), axis=2)
+    return (rel < 0)[:, None, :] | (((rel >= 0) & (rel < t))[:, None, :] & new)
 
 
 @flax.struct.dataclass
@@ -151,9 +158,7 @@ def attend_live(cfg: ModelConfig, q: jax.Array, ck: jax.Array, cv: jax.Array, la
         kc = jax.lax.dynamic_slice(ck, (layer, zero, at, zero, zero), (1, b, size, kh, d))[0]
         vc = jax.lax.dynamic_slice(cv, (layer, zero, at, zero, zero), (1, b, size, kh, d))[0]
         s = jnp.einsum("btkgd,bskd->bkgts", q, kc.astype(q.dtype), precision=prec, preferred_element_type=f32) * scale
-        rel = at + jnp.arange(size, dtype=jnp.int32)[None, :] - mask.row_start[:, None]  # [B, C]
-        new = jnp.take_along_axis(mask.block_mask, jnp.clip(rel, 0, t - 1)[:, None, :].repeat(t, axis=1), axis=2)
-        see = ((rel < 0)[:, None, :] | (((rel >= 0) & (rel < t))[:, None, :] & new))[:, None, None]  # [B,1,1,T,C]
+        see = slots_seen(mask.block_mask, mask.row_start, at + jnp.arange(size, dtype=jnp.int32))[:, None, None]
         m_new = jnp.maximum(m, jnp.max(jnp.where(see, s, NEG_INF), axis=-1))
         p = jnp.where(see, jnp.exp(s - m_new[..., None]), 0.0)
         fix = jnp.exp(m - m_new)
