@@ -153,26 +153,22 @@ def tree_of_size(n: int) -> list[list[int]]:
 
 def step_costs(model, batch_sizes, tree_sizes, prefix: int = 128, iters: int = 20, repeats: int = 3,
                slots: int | None = None):  # fmt: skip
-    """Median seconds per step of the real decode loop (`calibrate.step_cost`: candidates, tree forward, acceptance,
-    cache compaction, heads at the accepted node) after a `prefix`-token prefill: "ar" is the loop without tree or
-    heads, n the first n-1 paths of mc_sim_7b_63. Every step is timed over a KV cache of `slots` slots (default:
-    `step_slots_for(tree_sizes, ...)`), the same for AR and every tree."""
-    from medusa_jax.calibrate import step_cost
+    """Median seconds per step of the real decode loop (`calibrate.step_costs`: candidates, tree forward, acceptance,
+    cache compaction, heads at the accepted node; the repeats round-robin over AR and the trees) after a
+    `prefix`-token prefill: "ar" is the loop without tree or heads, n the first n-1 paths of mc_sim_7b_63. Every
+    step is timed over a KV cache of `slots` slots (default: `step_slots_for(tree_sizes, ...)`), the same for AR and
+    every tree."""
+    from medusa_jax.calibrate import step_costs as timed
     from medusa_jax.tree import build_buffers
 
     prompt = [1] * prefix
-    root = build_buffers([], topk=1)
-    trees = {n: build_buffers(tree_of_size(n)) for n in tree_sizes if n > 1}
+    options = {"ar": (build_buffers([], topk=1), None)}
+    options.update({n: (build_buffers(tree_of_size(n)), model.heads) for n in tree_sizes if n > 1})
     slots = slots or step_slots_for(tree_sizes, prefix, iters)
     out = {}
     for b in batch_sizes:
-        out[b] = {"ar": step_cost(model, prompt, b, root, None, iters, repeats, slots=slots)}
-        for n in tree_sizes:
-            out[b][n] = (
-                step_cost(model, prompt, b, trees[n], model.heads, iters, repeats, slots=slots)
-                if n > 1
-                else out[b]["ar"]
-            )
+        out[b] = timed(model, prompt, b, options, iters, repeats, slots=slots)
+        out[b].update({n: out[b]["ar"] for n in tree_sizes if n <= 1})
     return out
 
 
@@ -203,7 +199,9 @@ def calibrate_cli(args) -> int:
     prompts = read_prompts(args.prompts_file)[: args.num_prompts]
     bs = [int(x) for x in args.batch_sizes.split(",")]
     kw = {} if args.lookup is None else {"lookup": args.lookup}
-    cal = calibrate.calibrate(model, prompts, batch_sizes=bs, max_new_tokens=args.max_new_tokens, **kw)
+    cal = calibrate.calibrate(
+        model, prompts, batch_sizes=bs, max_new_tokens=args.max_new_tokens, repeats=args.repeats, **kw
+    )
     cal.update(machine=machine(), argv=sys.argv[1:])
     path = calibrate.calibration_path(args.heads, args.dtype)
     tmp = path + ".tmp"

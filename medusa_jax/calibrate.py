@@ -6,11 +6,14 @@
    path; nodes are added best first (a child never beats its parent, so every prefix of the order is a valid tree).
    The tokens per step of each grown tree, alone and with a lookup chain, are then computed exactly on the same
    answers (`medusa_jax.simulate`: the decode loop's own step count, not an estimate).
-3. `step_cost`: seconds per step of the real decode loop for trees of 1..64 nodes (each without and with the lookup
+3. `step_costs`: seconds per step of the real decode loop for trees of 1..64 nodes (each without and with the lookup
    chain) at a batch size, and of the same loop without tree or heads (autoregressive), all over a KV cache of the
-   same size (`step_slots`).
+   same size (`step_slots`), the repeats taken round-robin across them (a burst of load on a shared machine then
+   hits one repeat of each option, not all repeats of one).
 4. `choose`: per batch size, the tree and chain maximizing tokens/step / cost, or no tree at all (AR) when none is
    expected to beat AR by `MIN_GAIN` (1.15: a margin over the step costs' run-to-run noise).
+5. `confirm`: a picked tree must also decode the prompts end to end at least `CONFIRM_GAIN` (1.05) times as fast as
+   AR (interleaved runs of `generate`), or the batch size gets AR.
 
 `python -m medusa_jax.bench --calibrate --heads DIR --prompts-file F` writes `DIR/calibration-<device>-<dtype>.json`;
 `medusa_jax.load(..., heads=DIR)` then decodes each batch with the tree (and chain) chosen for its size on that kind
@@ -95,7 +98,7 @@ def grow_tree(acc, max_nodes: int = 64) -> tuple[list[list[int]], list[float]]:
 
 # ---------------------------------------------------------------------------------------------- cost
 def step_slots(prompt_len: int, trees, iters: int = 8) -> int:
-    """KV-cache slots that hold `prompt_len` prompt tokens and the steps `step_cost` runs with any of `trees`. Step
+    """KV-cache slots that hold `prompt_len` prompt tokens and the steps `step_timer` runs with any of `trees`. Step
     costs to be compared must be measured at one slot count: attention runs over all slots, so a tree step timed over
     a bigger cache than the plain step it is compared with would look dearer than it is."""
     from medusa_jax.generation import bucket
@@ -104,12 +107,11 @@ def step_slots(prompt_len: int, trees, iters: int = 8) -> int:
     return max(bucket(p + (iters + 1) * (t.depth + 1) + t.num_nodes + 1, 64) for t in trees)
 
 
-def step_cost(model, prompt_ids: list[int], batch: int, tree, heads, iters: int = 8, repeats: int = 3, *,
-              slots: int) -> float:  # fmt: skip
-    """Median seconds per step of the real decode loop (candidates, tree forward, acceptance, cache compaction) at
-    `batch` rows, after a prefill of `prompt_ids`, over a KV cache of `slots` slots (`step_slots` of all the trees
-    compared, so that they are timed over equal caches). Each repeat runs the same `iters` steps from the same state
-    (a copy of it), so the cache need not grow with the repeats. `heads=None` with a root-only tree is the
+def step_timer(model, prompt_ids: list[int], batch: int, tree, heads, iters: int = 8, *, slots: int):
+    """A function timing the real decode loop (candidates, tree forward, acceptance, cache compaction) at `batch`
+    rows: each call prefills `prompt_ids` into a fresh KV cache of `slots` slots (`step_slots` of all the trees
+    compared, so that they are timed over equal caches), runs `iters` steps and returns seconds per step (the
+    prefill untimed). Compiled here, so calls time no compilation. `heads=None` with a root-only tree is the
     autoregressive step."""
     from medusa_jax.generation import bucket
     from medusa_jax.medusa_decode import MedusaLoop, Thresholds, continue_medusa, start_medusa
@@ -118,7 +120,7 @@ def step_cost(model, prompt_ids: list[int], batch: int, tree, heads, iters: int 
 
     need = step_slots(len(prompt_ids), [tree], iters)
     if slots < need:
-        raise ValueError(f"step_cost: {slots} slots do not hold the prompt and the steps timed ({need} needed)")
+        raise ValueError(f"step_timer: {slots} slots do not hold the prompt and the steps timed ({need} needed)")
     p = bucket(len(prompt_ids), 16)
     loop = MedusaLoop(tree, 16, slots, "greedy", ())  # no EOS: rows never finish
     tokens = np.zeros((batch, p), np.int32)
@@ -127,16 +129,34 @@ def step_cost(model, prompt_ids: list[int], batch: int, tree, heads, iters: int 
     sp, th = SamplingParams.make(1.0), Thresholds(jnp.float32(0.09), jnp.float32(0.3))
     big = jnp.int32(1 << 30)
     args = (model.cfg, loop, model.params, heads)
-    state = start_medusa(*args, KVCache.zeros(model.cfg, batch, slots), jnp.zeros((batch,), jnp.int32),
-                         jnp.asarray(tokens), lengths, big, jax.random.PRNGKey(0))  # fmt: skip
-    state = jax.block_until_ready(continue_medusa(*args, state, big, sp, th, jnp.int32(1)))  # compile
-    times = []
-    for _ in range(repeats):
-        run = jax.block_until_ready(jax.tree.map(jnp.copy, state))  # the loop donates its state: time a copy
+
+    def fresh():
+        return start_medusa(*args, KVCache.zeros(model.cfg, batch, slots), jnp.zeros((batch,), jnp.int32),
+                            jnp.asarray(tokens), lengths, big, jax.random.PRNGKey(0))  # fmt: skip
+
+    jax.block_until_ready(continue_medusa(*args, fresh(), big, sp, th, jnp.int32(1)))  # compile
+
+    def run() -> float:
+        state = jax.block_until_ready(fresh())
         t0 = time.perf_counter()
-        jax.block_until_ready(continue_medusa(*args, run, big, sp, th, jnp.int32(iters)))
-        times.append((time.perf_counter() - t0) / iters)
-    return statistics.median(times)
+        jax.block_until_ready(continue_medusa(*args, state, big, sp, th, jnp.int32(iters)))
+        return (time.perf_counter() - t0) / iters
+
+    return run
+
+
+def step_costs(model, prompt_ids: list[int], batch: int, options: dict, iters: int = 8, repeats: int = 3, *,
+               slots: int) -> dict:  # fmt: skip
+    """{key: (tree, heads)} -> {key: median seconds per step} (`step_timer`). The repeats go round-robin over the
+    options, so that a burst of load on a shared machine costs each option at most one of its repeats instead of
+    every repeat of whichever option it hit."""
+    timers = {k: step_timer(model, prompt_ids, batch, tree, heads, iters, slots=slots) for k, (tree, heads) in
+              options.items()}  # fmt: skip
+    times: dict = {k: [] for k in options}
+    for _ in range(repeats):
+        for k, run in timers.items():
+            times[k].append(run())
+    return {k: statistics.median(t) for k, t in times.items()}
 
 
 MIN_GAIN = 1.15  # step-cost ratios on a shared machine move by 15-20% between runs: a tree must promise more
@@ -152,15 +172,35 @@ def choose(expected: dict, cost: dict, min_gain: float = MIN_GAIN) -> tuple:
     return (best if rate[best] >= min_gain * rate[ar] else ar), rate
 
 
+CONFIRM_GAIN = 1.05  # a tree the step costs pick must also decode this much faster, end to end, than AR
+
+
+def confirm(model, prompts: list, batch: int, tree, max_new_tokens: int = 64, repeats: int = 3) -> dict:
+    """End-to-end check of a pick: `generate` with `tree` (TreeBuffers) against plain decoding on `prompts` (repeated
+    to at least `batch`, and at least 4, rows; run `batch` rows at a time), both compiled first, the repeats
+    alternating between them (`bench.run_ours_interleaved`). -> {"ar_tokens_per_s", "tree_tokens_per_s", "ratio"}.
+    The step costs price one step of each alone; this sees everything a decode runs (prefill, the steps' real mix
+    of accepted lengths, every compiled piece), which on a CPU has come out well below their estimate."""
+    from medusa_jax.bench import run_ours_interleaved
+
+    rows = [prompts[i % len(prompts)] for i in range(max(batch, 4))]
+    configs = {"ar": ("ar", {}), "tree": ("medusa", {"tree": tree})}
+    out, _, _ = run_ours_interleaved(model, rows, configs, max_new_tokens, batch, repeats)
+    ar, tr = out["ar"]["tokens_per_s"], out["tree"]["tokens_per_s"]
+    return {"ar_tokens_per_s": round(ar, 2), "tree_tokens_per_s": round(tr, 2), "ratio": round(tr / ar, 3)}
+
+
 def calibrate(model, prompts: list, batch_sizes=(1, 8, 32), sizes=TREE_SIZES, max_new_tokens: int = 64,
               lookup: int = DEFAULT_LOOKUP, min_gain: float = MIN_GAIN, log=print,
-              budget_s: float | None = None) -> dict:  # fmt: skip
+              budget_s: float | None = None, repeats: int = 3, confirm_gain: float = CONFIRM_GAIN) -> dict:  # fmt: skip
     """The whole calibration (see the module docstring); returns the JSON-able result. lookup: the chain length
     tried beside each tree (0: trees alone); min_gain: the expected speedup over AR a tree needs (`choose`).
     budget_s: seconds for the whole calibration. The step costs are measured in two passes over the batch sizes: AR
     and every other tree size (1, 4, 16, 64), then the other sizes (2, 8, 32); a measurement that the slowest one so
     far at its batch size says would end past the budget is left out (listed under "skipped"), and each batch size's
-    choice is made among the measured options."""
+    choice is made among the measured options. Each option is timed `repeats` times, the later repeats round-robin
+    over all the options measured (`step_costs`), and its median is used. A tree picked this way is then checked
+    end to end (`confirm`) and kept only if it decodes at least `confirm_gain` times as fast as AR (0: no check)."""
     from medusa_jax.simulate import tokens_per_step
     from medusa_jax.tree import build_buffers
 
@@ -185,20 +225,35 @@ def calibrate(model, prompts: list, batch_sizes=(1, 8, 32), sizes=TREE_SIZES, ma
         out["expected_tokens_per_step_lookup"] = per_chain(expected, lookup, lambda x: round(float(x), 4))
     log("tokens per step (exact, on these answers): " + ", ".join(f"{n}+{c}:{e:.2f}" for (n, c), e in expected.items()))
     slots = step_slots(len(prompt_ids), [root_only, *trees.values()])  # every option timed over the same cache
-    out["step_slots"] = slots
+    out["step_slots"], out["repeats"] = slots, repeats
     ns = sorted({n for n, _ in trees})
     passes = [[(0, 0)] + [(n, c) for n in ns[::2] for c in chains], [(n, c) for n in ns[1::2] for c in chains]]
-    costs: dict = {b: {} for b in batch_sizes}
+    timers: dict = {}  # (batch, option) -> step_timer
+    times: dict = {}  # (batch, option) -> seconds per step, one per repeat
+    last: dict = {}  # (batch, option) -> seconds the last measurement took (prefill and compile included)
     slowest: dict = {b: 0.0 for b in batch_sizes}
     skipped: dict = {}
+
+    def over_budget(seconds: float) -> bool:
+        return budget_s is not None and time.perf_counter() - t0 + seconds > budget_s
+
     for o, b in [(o, b) for options in passes for b in batch_sizes for o in options]:
-        if budget_s is not None and o != (0, 0) and time.perf_counter() - t0 + slowest[b] > budget_s:
+        if o != (0, 0) and over_budget(slowest[b]):
             skipped.setdefault(str(b), []).append(list(o))
             continue
         t1 = time.perf_counter()
         tree, heads = (root_only, None) if o == (0, 0) else (trees[o], model.heads)
-        costs[b][o] = step_cost(model, prompt_ids, b, tree, heads, slots=slots)
-        slowest[b] = max(slowest[b], time.perf_counter() - t1)
+        timers[b, o] = step_timer(model, prompt_ids, b, tree, heads, slots=slots)
+        times[b, o] = [timers[b, o]()]
+        last[b, o] = time.perf_counter() - t1
+        slowest[b] = max(slowest[b], last[b, o])
+    for _ in range(repeats - 1):  # the other repeats round-robin over every option measured (see step_costs)
+        for key, run in timers.items():
+            if not over_budget(last[key]):
+                t1 = time.perf_counter()
+                times[key].append(run())
+                last[key] = time.perf_counter() - t1
+    costs: dict = {b: {o: statistics.median(t) for (bb, o), t in times.items() if bb == b} for b in batch_sizes}
     for b in batch_sizes:
         cost = dict(sorted(costs[b].items()))
         (best, chain), rate = choose(expected, cost, min_gain)
@@ -216,6 +271,13 @@ def calibrate(model, prompts: list, batch_sizes=(1, 8, 32), sizes=TREE_SIZES, ma
         log(f"batch {b}: step ms " + ", ".join(f"{n}+{c}:{x * 1e3:.1f}" for (n, c), x in cost.items())
             + f" -> best {best} nodes + chain {chain} "
             + f"({'AR' if best == 0 else f'{rate[(best, chain)] / rate[(0, 0)]:.2f}x AR expected'})")  # fmt: skip
+        if best and confirm_gain:
+            v["confirmed"] = check = confirm(model, prompts, b, trees[best, chain], max_new_tokens, repeats)
+            check["kept"] = check["ratio"] >= confirm_gain
+            if not check["kept"]:
+                v.update(best_size=0, tree=[], lookup=0)
+            log(f"batch {b}: end to end {check['tree_tokens_per_s']:.1f} against AR {check['ar_tokens_per_s']:.1f} "
+                f"tokens/s ({check['ratio']:.2f}x) -> {'keep the tree' if check['kept'] else 'AR'}")  # fmt: skip
     if budget_s is not None:
         out["budget_s"] = budget_s
         out["skipped"] = skipped

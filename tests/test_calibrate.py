@@ -95,7 +95,7 @@ def test_step_costs_compared_over_one_cache_size(monkeypatch):
         seen.append((tree.depth, slots))
         return real(tree, max_new, slots, *rest)
 
-    monkeypatch.setattr(medusa_decode, "MedusaLoop", spy)  # step_cost's loops (generate's come from api's import)
+    monkeypatch.setattr(medusa_decode, "MedusaLoop", spy)  # step_timer's loops (generate's come from api's import)
     m = tiny_model(vocab=16, heads=2, seed=1)
     calibrate.calibrate(m, random_prompts(2, 16, seed=5), batch_sizes=(1,), sizes=(1, 3), max_new_tokens=8,
                         lookup=6, log=lambda s: None)  # fmt: skip
@@ -103,6 +103,78 @@ def test_step_costs_compared_over_one_cache_size(monkeypatch):
     seen.clear()
     bench.step_costs(m, [1], [2, 3], prefix=8, iters=20, repeats=1)
     assert len({d for d, _ in seen}) >= 2 and len({s for _, s in seen}) == 1, seen
+
+
+def burst_timers(monkeypatch, burst: int):
+    """Replace `calibrate.step_timer` by fakes that log their calls; the first `burst` measurements (a burst of load
+    on a shared machine) take 10 s per step, every later one 1 s."""
+    calls = []
+
+    def fake(model, prompt_ids, batch, tree, heads, iters=8, *, slots):
+        key = (batch, tree.num_nodes, heads is None)
+
+        def run():
+            calls.append(key)
+            return 10.0 if len(calls) <= burst else 1.0
+
+        return run
+
+    monkeypatch.setattr(calibrate, "step_timer", fake)
+    return calls
+
+
+def test_step_cost_repeats_go_round_robin(monkeypatch):
+    """A burst of load that spans two measurements moves no median: the repeats alternate between the options
+    (timed one after the other, one option's three repeats would all fall in a three-measurement burst)."""
+    calls = burst_timers(monkeypatch, burst=2)
+    ar, tree = build_buffers([], topk=1), build_buffers([[0], [1]], topk=2)
+    cost = calibrate.step_costs(None, [1, 2], 1, {"ar": (ar, None), "tree": (tree, "heads")}, repeats=3, slots=64)
+    assert cost == {"ar": 1.0, "tree": 1.0}
+    assert [c[2] for c in calls] == [True, False] * 3
+    calls.clear()
+    m = tiny_model(vocab=16, heads=2, seed=1)
+    cal = calibrate.calibrate(m, random_prompts(2, 16, seed=5), batch_sizes=(1, 2), sizes=(1, 3), max_new_tokens=8,
+                              lookup=0, log=lambda s: None, confirm_gain=0)  # fmt: skip
+    assert cal["repeats"] == 3 and len(calls) == 3 * 2 * 3  # 3 options (AR, 1 and 3 nodes) x 2 batch sizes x 3
+    for key in set(calls):  # no option measured twice in a row
+        at = [i for i, c in enumerate(calls) if c == key]
+        assert len(at) == 3 and min(b - a for a, b in zip(at, at[1:])) > 1, (key, calls)
+    assert all(v["step_ms"] == {"0": 1000.0, "1": 1000.0, "3": 1000.0} for v in cal["by_batch"].values())
+
+
+def test_a_pick_that_decodes_slower_end_to_end_falls_back_to_ar(monkeypatch):
+    """The step costs make a tree look cheap (fake timers: every step 1 s); `confirm` then decodes the prompts with
+    it and with AR, and the tree is kept only if it is at least CONFIRM_GAIN times as fast end to end."""
+    from medusa_jax import bench
+
+    burst_timers(monkeypatch, burst=0)
+    m = tiny_model(vocab=16, heads=2, seed=1)
+    prompts = random_prompts(2, 16, seed=5)
+    kw = dict(batch_sizes=(1,), sizes=(1, 3), max_new_tokens=8, lookup=0, log=lambda s: None)
+    real = bench.run_ours_interleaved
+    seen = []
+
+    def spy(model, rows, configs, max_new, batch_size, repeats):
+        out, per, last = real(model, rows, configs, max_new, batch_size, repeats)
+        seen.append(({k: c[0] for k, c in configs.items()}, len(rows), batch_size, last))
+        return out, per, last
+
+    monkeypatch.setattr(bench, "run_ours_interleaved", spy)
+    cal = calibrate.calibrate(m, prompts, confirm_gain=1e-6, **kw)  # any measured speed keeps the tree
+    v = cal["by_batch"]["1"]
+    assert v["best_size"] > 0 and v["confirmed"]["kept"], v
+    assert v["confirmed"]["ratio"] == pytest.approx(
+        v["confirmed"]["tree_tokens_per_s"] / v["confirmed"]["ar_tokens_per_s"], rel=0.01
+    )
+    ((modes, n_rows, b, last),) = seen
+    assert modes == {"ar": "ar", "tree": "medusa"} and n_rows == 4 and b == 1
+    assert [r.output_ids for r in last["tree"]] == [r.output_ids for r in last["ar"]]  # the same decode, faster or not
+    assert sum(r.steps for r in last["tree"]) < sum(r.steps for r in last["ar"])  # the tree really ran
+    cal = calibrate.calibrate(m, prompts, confirm_gain=1e6, **kw)  # nothing is that much faster: AR
+    v = cal["by_batch"]["1"]
+    assert v["confirmed"]["kept"] is False and v["tree"] == [] and v["best_size"] == 0 and v["lookup"] == 0
+    m.calibration = cal
+    assert m.plan(1).mode == "ar"
 
 
 def test_bad_calibration_file(tmp_path):

@@ -234,6 +234,8 @@ def test_default_model_no_flags_without_torch(tmp_path, hf_smollm2):
     assert len(startup) == 1 and "4 Medusa heads loaded" in startup[0], r.stderr
     if expected == "ar":
         assert "calibration picks plain decoding at batch 1" in startup[0], startup
+    elif cal.exists():
+        assert "calibration picks a " in startup[0] and "-node tree at batch 1" in startup[0], startup
 
 
 # ---------------------------------------------------------------------------------------------- bad input

@@ -232,7 +232,7 @@ def speed_section(args, rep: Report, prompts: list[str]):
 
 def steps_section(args, rep: Report):
     """Step cost of the real loop, mc_sim_7b_63 + lookup 10 against AR, both over a KV cache of the same size."""
-    from medusa_jax.calibrate import step_cost, step_slots
+    from medusa_jax.calibrate import step_costs, step_slots
     from medusa_jax.tree import build_buffers, get_tree
 
     model = load_model(args, "bfloat16")
@@ -244,8 +244,10 @@ def steps_section(args, rep: Report):
     slots = step_slots(len(prompt), [root, tree], iters)
     rep.raw["step_ms"] = {"slots": slots}
     for b, goal in ((1, 1.35), (8, 1.6)):
-        ar = step_cost(model, prompt, b, root, None, iters, repeats, slots=slots)
-        md = step_cost(model, prompt, b, tree, model.heads, iters, repeats, slots=slots)
+        cost = step_costs(
+            model, prompt, b, {"ar": (root, None), "tree": (tree, model.heads)}, iters, repeats, slots=slots
+        )
+        ar, md = cost["ar"], cost["tree"]
         rep.raw["step_ms"][f"b{b}"] = {"ar": ar * 1e3, "tree_lookup": md * 1e3}
         rep.row(f"step cost {kw['tree']} + lookup {kw['lookup']} / AR, batch {b} ({slots} cache slots)",
                 f"{md / ar:.2f}x ({md * 1e3:.2f} vs {ar * 1e3:.2f} ms)", md / ar <= goal, f"<= {goal}x")  # fmt: skip
