@@ -178,10 +178,10 @@ CONFIRM_GAIN = 1.05  # a tree the step costs pick must also decode this much fas
 def confirm(model, prompts: list, batch: int, tree, max_new_tokens: int = 64, repeats: int = 3) -> dict:
     """End-to-end check of a pick: `generate` with `tree` (TreeBuffers) against plain decoding on `prompts` (repeated
     to at least `batch`, and at least 4, rows; run `batch` rows at a time), both compiled first, the repeats
-    alternating between them (`bench.run_ours_interleaved`). -> {"ar_tokens_per_s", "tree_tokens_per_s", "ratio"}.
+    alternating between them (`timing.run_ours_interleaved`). -> {"ar_tokens_per_s", "tree_tokens_per_s", "ratio"}.
     The step costs price one step of each alone; this sees everything a decode runs (prefill, the steps' real mix
     of accepted lengths, every compiled piece), which on a CPU has come out well below their estimate."""
-    from medusa_jax.bench import run_ours_interleaved
+    from medusa_jax.timing import run_ours_interleaved
 
     rows = [prompts[i % len(prompts)] for i in range(max(batch, 4))]
     configs = {"ar": ("ar", {}), "tree": ("medusa", {"tree": tree})}

@@ -41,7 +41,7 @@ def test_calibrate_end_to_end_and_load_uses_it(tmp_path):
     a = np.asarray(acc["acc"])
     assert a.shape == (2, 10) and (a >= 0).all() and (a.sum(1) <= 1 + 1e-6).all()
     assert acc["positions"] == [3 * 11, 3 * 10]  # head h is judged where t >= prompt end - 1 and t + h + 2 exists
-    cal = calibrate.calibrate(m, prompts, batch_sizes=(2,), sizes=(1, 3), max_new_tokens=12, lookup=4,
+    cal = calibrate.calibrate(m, prompts, batch_sizes=(2,), sizes=(1, 3), max_new_tokens=12, lookup=4, confirm_gain=0, repeats=1,
                               log=lambda s: None)  # fmt: skip
     assert set(cal["by_batch"]) == {"2"} and cal["lookup"] == 4
     v = cal["by_batch"]["2"]
@@ -98,7 +98,7 @@ def test_step_costs_compared_over_one_cache_size(monkeypatch):
     monkeypatch.setattr(medusa_decode, "MedusaLoop", spy)  # step_timer's loops (generate's come from api's import)
     m = tiny_model(vocab=16, heads=2, seed=1)
     calibrate.calibrate(m, random_prompts(2, 16, seed=5), batch_sizes=(1,), sizes=(1, 3), max_new_tokens=8,
-                        lookup=6, log=lambda s: None)  # fmt: skip
+                        lookup=6, log=lambda s: None, confirm_gain=0, repeats=1)  # fmt: skip
     assert len({d for d, _ in seen}) >= 3 and len({s for _, s in seen}) == 1, seen
     seen.clear()
     bench.step_costs(m, [1], [2, 3], prefix=8, iters=20, repeats=1)
@@ -145,13 +145,13 @@ def test_step_cost_repeats_go_round_robin(monkeypatch):
 def test_a_pick_that_decodes_slower_end_to_end_falls_back_to_ar(monkeypatch):
     """The step costs make a tree look cheap (fake timers: every step 1 s); `confirm` then decodes the prompts with
     it and with AR, and the tree is kept only if it is at least CONFIRM_GAIN times as fast end to end."""
-    from medusa_jax import bench
+    from medusa_jax import timing
 
     burst_timers(monkeypatch, burst=0)
     m = tiny_model(vocab=16, heads=2, seed=1)
     prompts = random_prompts(2, 16, seed=5)
     kw = dict(batch_sizes=(1,), sizes=(1, 3), max_new_tokens=8, lookup=0, log=lambda s: None)
-    real = bench.run_ours_interleaved
+    real = timing.run_ours_interleaved
     seen = []
 
     def spy(model, rows, configs, max_new, batch_size, repeats):
@@ -159,7 +159,7 @@ def test_a_pick_that_decodes_slower_end_to_end_falls_back_to_ar(monkeypatch):
         seen.append(({k: c[0] for k, c in configs.items()}, len(rows), batch_size, last))
         return out, per, last
 
-    monkeypatch.setattr(bench, "run_ours_interleaved", spy)
+    monkeypatch.setattr(timing, "run_ours_interleaved", spy)
     cal = calibrate.calibrate(m, prompts, confirm_gain=1e-6, **kw)  # any measured speed keeps the tree
     v = cal["by_batch"]["1"]
     assert v["best_size"] > 0 and v["confirmed"]["kept"], v

@@ -316,7 +316,8 @@ def calibrate_section(args, rep: Report, prompts: list[str]):
     sizes = (2,) if args.quick else calibrate.TREE_SIZES
     budget = args.calibrate_budget - (time.perf_counter() - t0)  # loading counts
     cal = calibrate.calibrate(model, enc[:8], batch_sizes=(1, 8), sizes=sizes, max_new_tokens=16 if args.quick else 64,
-                              lookup=4 if args.quick else LOOKUP, budget_s=budget)  # fmt: skip
+                              lookup=4 if args.quick else LOOKUP, budget_s=budget,
+                              repeats=1 if args.quick else 3)  # fmt: skip
     secs = time.perf_counter() - t0
     name = f"calibration-{calibrate.device_key('bfloat16')}.json"
     os.makedirs(args.out, exist_ok=True)
