@@ -22,7 +22,7 @@ import time
 import jax
 
 from medusa_jax import memory
-from medusa_jax.timing import run_ours_interleaved, warmup_batches  # noqa: F401 (warmup_batches: re-exported)
+from medusa_jax.timing import run_ours_interleaved
 
 
 def machine() -> str:
