@@ -10,15 +10,16 @@ slice's devices (`medusa_jax.topology`) from abstract inputs, so no weights are 
     HBM, and the largest batch that fits (the total grows linearly with the batch: two compiles, then the predicted
     largest batch is compiled to check it). A configuration that does not fit still gets its report (`fits: false`,
     the compiler's figure).
-  - traffic: bytes accessed by one decode step at the prompt's live length (`medusa_step`, every layer and every
-    attention block unrolled: XLA's cost analysis counts a loop body once) against params + heads + the live part of
-    the cache shard.
+  - traffic: the HBM bytes of one decode step at the prompt's live length (one iteration of the compiled loop,
+    layer loops times their trip count, `medusa_jax.hbm_traffic`) against params + heads + the live part of the
+    cache shard.
   - collectives: the all-reduces, all-gathers, ... of one step, with their bytes, and whether any gathers a weight.
 """
 
 from __future__ import annotations
 
 import argparse
+import collections
 import contextlib
 import dataclasses
 import json
@@ -36,17 +37,16 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from medusa_jax import sharding as sh
 from medusa_jax import topology
 from medusa_jax.config import ModelConfig, check_numerics, known_config
+from medusa_jax.hbm_traffic import Module
 from medusa_jax.heads import HeadsConfig
 from medusa_jax.medusa_decode import (
+    DECODE_LOOP,
     MedusaLoop,
-    MedusaState,
     Thresholds,
     generate_medusa,
-    medusa_step,
     resolve_tree,
-    tree_children,
 )
-from medusa_jax.model import KVCache, abstract_params
+from medusa_jax.model import abstract_params
 from medusa_jax.sampling import SamplingParams
 from medusa_jax.tree import TreeBuffers
 
@@ -166,50 +166,7 @@ def lower_generate(s: Setup):
     return generate_medusa.lower(s.cfg, s.loop, params, heads, tokens, lengths, sds((), "int32", s.mesh), sp, th, key)
 
 
-def abstract_state(s: Setup) -> MedusaState:
-    """The loop carry as ShapeDtypeStructs in the shards `constrain_state` pins."""
-    cfg, b, m = s.cfg, s.batch, s.mesh
-    kv_shape = (cfg.num_layers, b, s.context, cfg.num_kv_heads, cfg.head_dim)
-    kv = jax.ShapeDtypeStruct(kv_shape, cfg.jnp_dtype, sharding=sh.kv_cache_sharding(m, kv_shape))
-    rows = lambda shape, dt: jax.ShapeDtypeStruct(shape, dt, sharding=sh.rows_sharding(m, shape))  # noqa: E731
-    logits_spec = sh.spec_for(("batch", "vocab"), (b, cfg.vocab_size), m)
-    c = tree_children(s.tree).shape[1]
-    return MedusaState(
-        cache=KVCache(kv, kv),
-        lengths=rows((b,), "int32"),
-        logits=sds((b, cfg.vocab_size), "float32", m, logits_spec),
-        hidden=rows((b, cfg.hidden_size), cfg.jnp_dtype),
-        banned=rows((b, c), "int32"),
-        out=rows((b, s.loop.max_new), "int32"),
-        num_out=rows((b,), "int32"),
-        steps=rows((b,), "int32"),
-        done=rows((b,), "bool"),
-        rng=sds((2,), "uint32", m),
-        seq=rows((b, s.context if s.tree.lookup else 0), "int32"),
-        moved_at=rows((b,), "int32"),
-        moved_nodes=rows((b, s.tree.depth + 1), "int32"),
-    )
-
-
-def lower_steps(s: Setup, steps: int = 1):
-    """`steps` decode steps in a row, no loop around them (the layers unrolled when `cfg.scan_unroll` says so)."""
-    params, heads = abstract_model(s)
-    sp, th = scalars(s.mesh)
-
-    def run(params, heads, state, max_new, sp, th):
-        for _ in range(steps):
-            state = medusa_step(s.cfg, s.loop, params, heads, state, max_new, sp, th)
-        return state
-
-    return jax.jit(run, donate_argnums=(2,)).lower(params, heads, abstract_state(s), sds((), "int32", s.mesh), sp, th)
-
-
 # ---------------------------------------------------------------------------------------------- compiled facts
-def _cost(compiled) -> dict:
-    cost = compiled.cost_analysis()
-    return cost[0] if isinstance(cost, list | tuple) else cost
-
-
 _TYPE = re.compile(r"\b(pred|s8|u8|s16|u16|s32|u32|s64|u64|f16|bf16|f32|f64)\[([\d,]*)\]")
 _BYTES = {"pred": 1, "s8": 1, "u8": 1, "s16": 2, "u16": 2, "f16": 2, "bf16": 2, "s32": 4, "u32": 4, "f32": 4,
           "s64": 8, "u64": 8, "f64": 8}  # fmt: skip
@@ -231,16 +188,6 @@ def collectives(hlo_text: str) -> list[tuple[str, tuple[int, ...], int]]:
             continue
         t, shape = max(arrays, key=lambda a: int(np.prod(a[1], dtype=np.int64)) * _BYTES[a[0]])
         out.append((m.group(2), shape, int(np.prod(shape, dtype=np.int64)) * _BYTES[t]))
-    return out
-
-
-def summarize(colls, scale: float = 1.0) -> dict[str, dict]:
-    """{op: {count, bytes}} (scaled: per step)."""
-    out: dict[str, dict] = {}
-    for op, _, nbytes in colls:
-        d = out.setdefault(op, {"count": 0.0, "bytes": 0.0})
-        d["count"] += scale
-        d["bytes"] += nbytes * scale
     return out
 
 
@@ -328,28 +275,38 @@ def _fits(s: Setup) -> bool:
 
 
 def traffic(s: Setup) -> dict:
-    """Bytes accessed and collectives of one decode step per chip at live length `s.prompt` (the tree's entries on
-    top), compiled with every layer and every attention block unrolled (XLA's cost analysis counts a loop body
-    once), against params + heads + the part of the KV-cache shard the step must read: its live slots when
-    attention is blockwise (`ModelConfig.attention_block_for`), every slot when it reads the cache in one pass."""
+    """HBM bytes and collectives of one decode step per chip at live length `s.prompt` (the tree's entries on top):
+    one iteration of the compiled generation's decode loop (`medusa_decode.DECODE_LOOP`), layer loops counted
+    times their trip count, attention reading exactly the live blocks (`attention_blocks_unrolled`), estimated
+    from the program's memory spaces (`medusa_jax.hbm_traffic`: XLA's cost analysis also counts what the TPU
+    keeps on chip). Against params + heads + the part of the KV-cache shard the step must read: its live slots
+    when attention is blockwise (`ModelConfig.attention_block_for`), every slot when it reads the cache in one
+    pass."""
     n = s.cfg.num_layers
     block = s.cfg.attention_block_for(s.context)
     live = min(s.context, s.prompt + s.tree.num_nodes)
-    unrolled = s.replace(cfg=s.cfg.replace(scan_unroll=n, attention_blocks_unrolled=-(-live // block) if block else 0))
-    compiled = lower_steps(unrolled).compile()
-    cost = _cost(compiled)
-    colls = collectives(compiled.as_text())
-    bytes_step, flops_step = float(cost.get("bytes accessed", 0.0)), float(cost.get("flops", 0.0))
+    measured = s.replace(cfg=s.cfg.replace(attention_blocks_unrolled=-(-live // block) if block else 0))
+    mod = Module(lower_generate(measured).compile().as_text())
+    body = mod.loop_named(DECODE_LOOP)
+    by: collections.Counter = collections.Counter()
+    bytes_step = float(mod.traffic(body, by))
+    colls = [(c, times) for line, times in mod.instructions(body) for c in collectives(line)]
     params, heads = abstract_model(s)
     kv_shape = (n, s.batch, s.context, s.cfg.num_kv_heads, s.cfg.head_dim)
     kv = jax.ShapeDtypeStruct(kv_shape, s.cfg.jnp_dtype, sharding=sh.kv_cache_sharding(s.mesh, kv_shape))
     live_kv = 2 * shard_bytes(kv) * live // s.context
     reference = tree_shard_bytes(params) + (tree_shard_bytes(heads) if heads else 0) + live_kv
-    gathered = [shape for op, shape, _ in colls if op == "all-gather" and shape in weight_shapes(params, heads)]
-    return {"bytes_accessed_per_step": bytes_step, "flops_per_step": flops_step, "reference_bytes": reference,
-            "live_slots": live, "attention_block": block, "live_kv_bytes": live_kv,
+    gathered = [shape for (op, shape, _), _ in colls if op == "all-gather" and shape in weight_shapes(params, heads)]
+    per_step: dict[str, dict] = {}
+    for (op, _, nbytes), times in colls:
+        d = per_step.setdefault(op, {"count": 0.0, "bytes": 0.0})
+        d["count"] += times
+        d["bytes"] += nbytes * times
+    return {"bytes_accessed_per_step": bytes_step, "reference_bytes": reference, "live_slots": live,
+            "attention_block": block, "attention_kernel": s.cfg.attention_kernel_used, "live_kv_bytes": live_kv,
             "bytes_accessed_ratio": bytes_step / reference if reference else math.nan,
-            "collectives_per_step": summarize(colls), "weight_gathers": [list(g) for g in gathered]}  # fmt: skip
+            "bytes_by_op": {k: float(v) for k, v in by.most_common(8)},
+            "collectives_per_step": per_step, "weight_gathers": [list(g) for g in gathered]}  # fmt: skip
 
 
 # ---------------------------------------------------------------------------------------------- the report
@@ -435,10 +392,11 @@ def describe(row: dict) -> str:
         lines.append(f"  largest batch that fits: {row['max_batch']}")
     if "bytes_accessed_per_step" in row:
         lines.append(
-            f"  one decode step at {row['live_slots']} live slots reads {g(row['bytes_accessed_per_step'])} = "
-            f"{row['bytes_accessed_ratio']:.2f} x (params + heads + the live KV-cache shard = "
+            f"  one decode step at {row['live_slots']} live slots moves {g(row['bytes_accessed_per_step'])} to or from "
+            f"HBM = {row['bytes_accessed_ratio']:.2f} x (params + heads + the live KV-cache shard = "
             f"{g(row['reference_bytes'])}; attention "
-            + (f"in blocks of {row['attention_block']} slots)" if row["attention_block"] else "over every slot)")
+            + (f"in blocks of {row['attention_block']} slots" if row["attention_block"] else "over every slot")
+            + f", {row['attention_kernel']})"
         )
         colls = ", ".join(f"{v['count']:.0f} {op} ({v['bytes'] / 2**20:.1f} MiB)"
                           for op, v in row["collectives_per_step"].items())  # fmt: skip
@@ -450,7 +408,8 @@ def describe(row: dict) -> str:
 def build_setup(args) -> Setup:
     check_numerics(args.dtype, args.activations)
     cfg = model_config(args.model).for_inference(args.dtype, args.activations)
-    cfg = cfg.replace(row_writes="scatter", attention_block=args.attention_block)
+    kernel = getattr(args, "attention_kernel", "pallas")
+    cfg = cfg.replace(row_writes="scatter", attention_block=args.attention_block, attention_kernel=kernel)
     topo_name, chips, _ = topology.resolve(args.topology)
     data, model = sh.parse_mesh(args.mesh)
     if data * model != chips:

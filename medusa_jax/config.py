@@ -100,6 +100,8 @@ class ModelConfig:
     attention_block: int = -1  # cache slots per block of attention over the cache, read up to the live length
     #                            (0: every slot in one pass; -1: auto, see `attention_block_for`)
     attention_blocks_unrolled: int = 0  # cost measurement only: this many blocks, unrolled, whatever the live length
+    attention_kernel: str = "auto"  # blockwise attention over the cache: "pallas" (`tree_attention`, TPUs), "xla",
+    #                                 "interpret" (the Pallas kernel's code run by XLA: tests); auto: pallas on TPUs
 
     @property
     def scatter_rows(self) -> bool:
@@ -110,6 +112,15 @@ class ModelConfig:
         import jax
 
         return jax.default_backend() == "tpu"
+
+    @property
+    def attention_kernel_used(self) -> str:
+        """The blockwise attention's implementation: the Pallas kernel on TPUs (auto), XLA elsewhere."""
+        if self.attention_kernel != "auto":
+            return self.attention_kernel
+        import jax
+
+        return "pallas" if jax.default_backend() == "tpu" else "xla"
 
     def attention_block_for(self, slots: int) -> int:
         """Slots per block of the attention over a cache of `slots` (0: all slots in one pass). Blockwise, attention

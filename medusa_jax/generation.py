@@ -47,13 +47,14 @@ def prefill_chunk(cfg: ModelConfig, batch: int, tokens: int, slots: int) -> int:
     return tokens if tokens % c else c
 
 
-def prefill_into(cfg: ModelConfig, params, tokens, lengths, cache: KVCache, start, chunk: int | None = None):
+def prefill_into(cfg: ModelConfig, params, tokens, lengths, cache: KVCache, start, chunk: int | None = None, mesh=None):
     """Write the K/V of tokens `[B, T]` (right-padded; `lengths` `[B]` real tokens) into `cache` at slots (and
     positions) `start` on (`[B]`, or a scalar for all rows). Long prompts run in chunks of `chunk` tokens (default
     `prefill_chunk`), so attention never holds more than `[B, H, chunk, S]` scores.
 
-    Returns (hidden at each row's last token `[B, E]`, cache)."""
-    model = Transformer(cfg)
+    mesh: the decoding mesh the cache is sharded over (`Transformer.mesh`). Returns (hidden at each row's last token
+    `[B, E]`, cache)."""
+    model = Transformer(cfg, mesh)
     b, t = tokens.shape
     c = chunk or prefill_chunk(cfg, b, t, cache.slots)
     c = t if c >= t or t % c else c

@@ -34,6 +34,8 @@ from medusa_jax.model import KVCache, Transformer
 from medusa_jax.sampling import SamplingParams, process_logits
 from medusa_jax.tree import TreeBuffers, build_buffers, get_tree
 
+DECODE_LOOP = "decode_loop"
+
 
 @dataclasses.dataclass(frozen=True)
 class MedusaLoop:
@@ -293,7 +295,7 @@ def start_state(cfg, loop: MedusaLoop, params, heads, cache: KVCache, start, tok
     if loop.tree.lookup:
         seq = jnp.full((b, loop.slots), -1, jnp.int32) if history is None else jnp.asarray(history, jnp.int32)
         seq = write_tokens(seq, row_start, tokens, lengths)
-    last_hidden, cache = prefill_into(cfg, params, tokens, lengths, cache.constrain(loop.mesh), start)
+    last_hidden, cache = prefill_into(cfg, params, tokens, lengths, cache.constrain(loop.mesh), start, mesh=loop.mesh)
     state = MedusaState(
         cache=cache,
         lengths=row_start + lengths,
@@ -343,7 +345,7 @@ def medusa_step(cfg, loop: MedusaLoop, params, heads, s: MedusaState, max_new, s
     ctx = DraftContext(params, heads, root, s.hidden, s.seq, s.lengths, cfg.jnp_matmul_dtype, loop.mesh)
     cand, valid = draft_tree(ctx, tree)  # [B, L] node 0 = root; valid None or [B, L]
     # 2. verify the whole tree in one forward, at positions length + depth under the tree mask
-    model = Transformer(cfg)
+    model = Transformer(cfg, loop.mesh)
     positions = s.lengths[:, None] + jnp.asarray(tree.position_ids)[None, :]
     mask = jnp.asarray(tree.attn_mask > 0)
     moves = (s.moved_at, s.moved_nodes)  # the last step's path moves to contiguous slots first, layer by layer
@@ -412,7 +414,8 @@ def run_steps(cfg, loop: MedusaLoop, params, heads, state: MedusaState, max_new,
         s, i = carry
         return medusa_step(cfg, loop, params, heads, s, max_new, sp, th), i + 1
 
-    state, _ = jax.lax.while_loop(cond, body, (state, jnp.int32(0)))
+    with jax.named_scope(DECODE_LOOP):  # names the loop in the compiled program (`medusa_jax.aot`'s traffic)
+        state, _ = jax.lax.while_loop(cond, body, (state, jnp.int32(0)))
     return state
 
 

@@ -130,23 +130,36 @@ class LiveMask:
     row_start: jax.Array
     blocks: jax.Array
     block: int = flax.struct.field(pytree_node=False)
+    kernel: str = flax.struct.field(pytree_node=False, default="xla")  # `ModelConfig.attention_kernel_used`
+    mesh: object = flax.struct.field(pytree_node=False, default=None)  # the decoding mesh, for the kernel
 
 
-def live_mask(block_mask: jax.Array, row_start: jax.Array, block: int) -> LiveMask:
+def live_mask(block_mask: jax.Array, row_start: jax.Array, block: int, kernel: str = "xla", mesh=None) -> LiveMask:
     t = block_mask.shape[-1]
     bm = jnp.broadcast_to(block_mask.astype(bool), (row_start.shape[0], t, t))
     blocks = (jnp.max(row_start).astype(jnp.int32) + t + block - 1) // block
-    return LiveMask(bm, row_start.astype(jnp.int32), blocks, block)
+    return LiveMask(bm, row_start.astype(jnp.int32), blocks, block, kernel, mesh)
 
 
-def attend_live(cfg: ModelConfig, q: jax.Array, ck: jax.Array, cv: jax.Array, layer, mask: LiveMask) -> jax.Array:
+def attend_live(
+    cfg: ModelConfig, q: jax.Array, ck: jax.Array, cv: jax.Array, layer, mask: LiveMask, new=None
+) -> jax.Array:
     """Attention of q `[B, T, K, G, D]` over layer `layer` of the cache (ck, cv `[N, B, S, K, D]`, the T new entries
     already written), reading only the blocks up to the longest row's live length: an online softmax over blocks of
     `mask.block` slots in a loop of `mask.blocks` iterations. -> `[B, T, K, G, D]` in `cfg.dtype`.
 
     Row b's query t sees slot s when s < row_start[b] (the prefix) or when s is new token j = s - row_start[b] and
-    block_mask[b, t, j]. `cfg.attention_blocks_unrolled` (cost measurement) runs that many blocks unrolled instead."""
+    block_mask[b, t, j]. `cfg.attention_blocks_unrolled` (cost measurement) runs that many blocks unrolled instead.
+    With `mask.kernel` "pallas" (or "interpret") the fused kernel of `medusa_jax.tree_attention` runs instead, on the
+    prefix before row_start and the step's own K/V `new` (k, v `[B, T, K, D]`)."""
     b, t, kh, g, d = q.shape
+    if mask.kernel != "xla":
+        from medusa_jax.tree_attention import fused_attention
+
+        prec = jax.lax.Precision.HIGHEST if f32_precision(cfg, q.dtype) == "highest" else None
+        out = fused_attention(q, *new, ck, cv, layer, mask.row_start, mask.block_mask, mask.block,
+                              cfg.attention_blocks_unrolled or None, prec, mask.mesh, mask.kernel == "interpret")  # fmt: skip
+        return out.astype(cfg.jnp_dtype)
     size, f32 = mask.block, jnp.float32
     prec = f32_precision(cfg, q.dtype)
     layer, zero = jnp.asarray(layer, jnp.int32), jnp.zeros((), jnp.int32)
@@ -270,7 +283,8 @@ class Attention(nn.Module):
             cache_kv = (ck, cv)
             if isinstance(mask, LiveMask):  # blockwise, up to the live length
                 q = q.reshape(b, t, kh, h // kh, d)
-                out = attend_live(cfg, q, ck, cv, layer, mask).reshape(b, t, h * d)
+                new = (k.astype(ck.dtype), v.astype(cv.dtype))  # as the cache holds them
+                out = attend_live(cfg, q, ck, cv, layer, mask, new).reshape(b, t, h * d)
                 return Dense(cfg, cfg.hidden_size, cfg.o_bias, name="o_proj")(out), cache_kv
             k, v = ck[layer], cv[layer]
         q = q.reshape(b, t, kh, h // kh, d)
@@ -400,6 +414,7 @@ class Transformer(nn.Module):
     """The backbone. `__call__` returns the final-norm hidden states; `logits` projects them to the vocabulary."""
 
     cfg: ModelConfig
+    mesh: object = None  # the decoding mesh (`medusa_jax.sharding`), for the Pallas attention kernel's shard_map
 
     def setup(self):
         cfg = self.cfg
@@ -441,7 +456,7 @@ class Transformer(nn.Module):
         row_start = None if cache_start is None else jnp.broadcast_to(cache_start, tokens.shape[:1])
         block = 0 if cache is None else self.cfg.attention_block_for(cache.slots)
         if block:  # attention reads the cache blockwise, up to the live length (`attend_live`)
-            mask = live_mask(block_mask, row_start, block)
+            mask = live_mask(block_mask, row_start, block, self.cfg.attention_kernel_used, self.mesh)
         else:
             mask = attention_mask(block_mask, row_start, None if cache is None else cache.slots)
         carry = (x, None, None) if cache is None else (x, cache.k, cache.v)

@@ -161,7 +161,7 @@ def test_remat_gives_same_values_and_grads():
 def test_blockwise_attention_reads_only_the_live_blocks():
     """Attention over the cache in blocks of 64 slots (`attend_live`) equals the one-pass attention for a tree step
     at per-row offsets, and never reads past the longest row's live length: NaN in every later slot changes
-    nothing (the one-pass attention turns it into NaN)."""
+    nothing (the one-pass attention turns it into NaN); so does the Pallas kernel's (interpreted)."""
     tree = jnp.array([[1, 0, 0, 0], [1, 1, 0, 0], [1, 0, 1, 0], [1, 1, 0, 1]], bool)
     starts = jnp.array([100, 37])  # row 0's step ends at slot 104: blocks 0-1 are live, 2-7 are not
     rng = np.random.default_rng(0)
@@ -171,8 +171,8 @@ def test_blockwise_attention_reads_only_the_live_blocks():
     pos = starts[:, None] + jnp.array([0, 1, 1, 2])[None]
     params = init_params(CFG, seed=2)
 
-    def run(block, c):
-        m = Transformer(CFG.replace(attention_block=block))
+    def run(block, c, kernel="xla"):
+        m = Transformer(CFG.replace(attention_block=block, attention_kernel=kernel))
         h, c = jax.jit(m.apply)({"params": params}, tokens, pos, tree, c, starts)
         return np.asarray(h), c
 
@@ -180,6 +180,10 @@ def test_blockwise_attention_reads_only_the_live_blocks():
     got, new = run(64, poisoned)
     assert np.isfinite(got).all()
     np.testing.assert_allclose(got, want, atol=2e-5, rtol=2e-5)
+    # the TPU kernel's code (`tree_attention`, interpreted here): the prefix by blocks, the tree apart, merged
+    fused, fused_cache = run(64, poisoned, "interpret")
+    np.testing.assert_allclose(fused, want, atol=2e-5, rtol=2e-5)
+    np.testing.assert_allclose(np.asarray(fused_cache.k[:, :, :128]), np.asarray(new.k[:, :, :128]), atol=2e-5)
     assert np.isnan(run(0, poisoned)[0]).all()  # the one-pass attention reads every slot
     assert np.isnan(np.asarray(new.k[:, :, 128:])).all()  # (the cache itself is left as it was past the step)
     blocks = CFG.replace(attention_block=512)

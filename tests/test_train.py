@@ -244,6 +244,30 @@ def test_root_token_heads_train_from_plain_heads(tmp_path, mode, kind):
     assert out[0].output_ids == model.generate([[1, 2, 3, 4]], max_new_tokens=6, mode="ar")[0].output_ids
 
 
+def test_deeper_heads_start_from_shallower_ones():
+    """heads.num_layers above the init heads' ResBlocks: the added blocks are identities (same logits at step 0),
+    the kept ones unchanged; fewer layers than the init heads is a one-line error."""
+    import jax.numpy as jnp
+
+    from medusa_jax.heads import HeadsConfig, heads_logits, init_heads
+    from medusa_jax.model import init_params
+    from medusa_jax.train.backbone import deepen
+
+    params = init_params(TINY, seed=1)
+    heads = init_heads(HeadsConfig(3, 1, False, True, True), params, seed=2, scale=0.2)
+    deep = deepen(heads, 3)
+    assert deep["blocks"]["kernel"].shape[:2] == (3, 3)
+    np.testing.assert_array_equal(deep["blocks"]["kernel"][:, :1], heads["blocks"]["kernel"])
+    rng = np.random.default_rng(0)
+    h, r = (jnp.asarray(rng.normal(size=(5, TINY.hidden_size)), jnp.float32) for _ in range(2))
+    path = jnp.asarray(rng.normal(size=(5, 2, TINY.hidden_size)), jnp.float32)
+    lm = params["embed"]["embedding"].T
+    np.testing.assert_allclose(heads_logits(deep, h, lm, root_emb=r, path_emb=path),
+                               heads_logits(heads, h, lm, root_emb=r, path_emb=path), rtol=1e-6, atol=1e-6)  # fmt: skip
+    with pytest.raises(ValueError, match="heads.num_layers=3"):
+        deepen(deep, 2)
+
+
 def test_soft_labels_same_on_both_training_paths():
     """train.distill_weight: the loss on cached hidden states (teacher = the hidden state k+1 positions later in the
     flat arrays) equals the loss on whole sequences (teacher = the shifted base logits), and differs from hard CE."""

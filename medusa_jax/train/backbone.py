@@ -30,6 +30,22 @@ def heads_config(cfg: Config) -> HeadsConfig:
     return HeadsConfig(h.num_heads, h.num_layers, h.shared_lm_head, h.root_token or h.sequential, h.sequential)
 
 
+def deepen(heads: dict, num_layers: int, source: str = "heads.init") -> dict:
+    """Heads with `num_layers` ResBlocks from heads with as many or fewer: the added blocks get zero weights and bias,
+    so each is the identity (`h + SiLU(0)`) and the heads compute what they did; training then grows them."""
+    kernel, bias = heads["blocks"]["kernel"], heads["blocks"]["bias"]
+    k, have, e = kernel.shape[0], kernel.shape[1], kernel.shape[-1]
+    if have > num_layers:
+        raise ValueError(f"{source} has {have} ResBlocks per head, more than heads.num_layers={num_layers}: set "
+                         f"heads.num_layers={have} or more")  # fmt: skip
+    if have == num_layers:
+        return heads
+    extra = num_layers - have
+    blocks = {"kernel": jnp.concatenate([kernel, jnp.zeros((k, extra, e, e), kernel.dtype)], axis=1),
+              "bias": jnp.concatenate([bias, jnp.zeros((k, extra, e), bias.dtype)], axis=1)}  # fmt: skip
+    return dict(heads, blocks=blocks)
+
+
 def init_trainable(cfg: Config, backbone: dict) -> dict:
     hc = heads_config(cfg)
     if cfg.heads.init:
@@ -44,6 +60,7 @@ def init_trainable(cfg: Config, backbone: dict) -> dict:
             heads["path"] = {"kernel": jnp.zeros((k, k - 1, e, e), jnp.float32)}
         elif "root" in heads and not hc.root_token:
             raise ValueError(f"heads.init {cfg.heads.init} holds root_token heads: set heads.root_token=true")
+        heads = deepen(heads, hc.num_layers, cfg.heads.init)
     else:
         heads = init_heads(hc, backbone, seed=cfg.train.seed)
     out = {"heads": heads}
