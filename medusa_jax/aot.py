@@ -192,10 +192,11 @@ def collectives(hlo_text: str) -> list[tuple[str, tuple[int, ...], int]]:
 
 
 def weight_shapes(params, heads) -> set[tuple[int, ...]]:
-    """Shapes a gathered weight would have: each matrix whole, and one layer's (or one head's) slice of it."""
+    """Shapes a gathered weight matrix would have: each whole, and one layer's (or one head's) slice of it (biases
+    and norm scales are left out: a `[K, 1, E]` bias has the shape of the heads' gathered activations at batch 1)."""
     shapes = set()
-    for x in jax.tree.leaves((params, heads)):
-        if x.ndim >= 2:
+    for path, x in jax.tree_util.tree_flatten_with_path((params, heads))[0]:
+        if x.ndim >= 2 and str(getattr(path[-1], "key", "")) not in ("bias", "scale"):
             shapes.add(tuple(x.shape))
             if x.ndim >= 3:
                 shapes.add(tuple(x.shape[1:]))

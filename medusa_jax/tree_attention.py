@@ -42,7 +42,7 @@ def query_tile(tg: int, kh: int, d: int, block: int, itemsize: int) -> int:
 
 
 def _prefix_kernel(row_start_ref, layer_ref, q_ref, k_ref, v_ref, acc_ref, m_ref, l_ref, *, block, precision):
-    """Grid (B, query tiles, S / C); refs: q `[K, TQ, D]`, k/v `[C, K, D]`, acc `[K, TQ, D]`, m/l `[K, TQ, 1]`
+    """Grid (B, query tiles, S / C); refs: q `[K, TQ, D]`, k/v `[K, C, D]`, acc `[K, TQ, D]`, m/l `[K, TQ, 1]`
     (resident over the blocks of a row's tile: the block axis is the innermost)."""
     del layer_ref
     b, j = pl.program_id(0), pl.program_id(2)
@@ -60,7 +60,7 @@ def _prefix_kernel(row_start_ref, layer_ref, q_ref, k_ref, v_ref, acc_ref, m_ref
         slot = j * block + jax.lax.broadcasted_iota(jnp.int32, (1, block), 1)
         seen = slot < start  # [1, C]
         for h in range(q_ref.shape[0]):
-            q, k, v = q_ref[h], k_ref[:, h, :], v_ref[:, h, :]
+            q, k, v = q_ref[h], k_ref[h], v_ref[h]
             s = jax.lax.dot_general(q, k.astype(q.dtype), (((1,), (1,)), ((), ())), precision=precision,
                                     preferred_element_type=jnp.float32)  # fmt: skip
             s = jnp.where(seen, s, NEG_INF)  # [TG, C]
@@ -83,6 +83,9 @@ def prefix_attention(q, ck, cv, layer, row_start, block: int, blocks: int | None
     of `block` slots the grid covers (default all S / block)."""
     b, kh, tg, d = q.shape
     s = ck.shape[2]
+    # the kernel reads [N, B, K, S, D]: blocks of (slots, head dim) tile as the TPU wants for every dtype, and the
+    # compiler lays the cache out so that this transpose moves nothing
+    kv = tuple(c.transpose(0, 1, 3, 2, 4) for c in (ck, cv))
     nb = blocks or s // block
     tq = query_tile(tg, kh, d, block, jnp.dtype(ck.dtype).itemsize)
     nq = -(-tg // tq)
@@ -91,9 +94,9 @@ def prefix_attention(q, ck, cv, layer, row_start, block: int, blocks: int | None
 
     def kv_index(i, qi, j, rs, ly):
         last = jax.lax.div(jnp.maximum(rs[i] - 1, 0), block)  # blocks past the prefix repeat its last block: no DMA
-        return ly[0], i, jnp.minimum(j, last), 0, 0
+        return ly[0], i, 0, jnp.minimum(j, last), 0
 
-    kv_spec = pl.BlockSpec((None, None, block, kh, d), kv_index)
+    kv_spec = pl.BlockSpec((None, None, kh, block, d), kv_index)
     row_spec = pl.BlockSpec((None, kh, tq, d), lambda i, qi, j, rs, ly: (i, 0, qi, 0))
     stat_spec = pl.BlockSpec((None, kh, tq, 1), lambda i, qi, j, rs, ly: (i, 0, qi, 0))
     itemsize = jnp.dtype(ck.dtype).itemsize
@@ -119,7 +122,7 @@ def prefix_attention(q, ck, cv, layer, row_start, block: int, blocks: int | None
         ),
         cost_estimate=cost,
         interpret=interpret,
-    )(row_start.astype(jnp.int32), jnp.reshape(layer, (1,)).astype(jnp.int32), q, ck, cv)
+    )(row_start.astype(jnp.int32), jnp.reshape(layer, (1,)).astype(jnp.int32), q, *kv)
     return tuple(x[:, :, :tg] for x in out)
 
 

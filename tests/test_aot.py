@@ -116,6 +116,8 @@ def test_weight_gathers_are_detected(v5e_2x2):
     full = jax.jit(lambda w: jax.lax.with_sharding_constraint(w, NamedSharding(s.mesh, PartitionSpec())) * 2)
     colls = aot.collectives(full.lower(w).compile().as_text())
     assert any(op == "all-gather" and shape in aot.weight_shapes(params, heads) for op, shape, _ in colls)
+    # nor does it cry wolf: the heads' bias `[K, 1, E]` has the shape of their gathered activations at batch 1
+    assert heads["blocks"]["bias"].shape == (2, 1, 256) and (2, 1, 256) not in aot.weight_shapes(params, heads)
 
 
 def test_cli_writes_the_report_and_reports_what_does_not_fit(v5e_2x2, tmp_path, capsys):
