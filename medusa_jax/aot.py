@@ -304,7 +304,7 @@ def traffic(s: Setup) -> dict:
         d["count"] += times
         d["bytes"] += nbytes * times
     return {"bytes_accessed_per_step": bytes_step, "reference_bytes": reference, "live_slots": live,
-            "attention_block": block, "attention_kernel": s.cfg.attention_kernel_used, "live_kv_bytes": live_kv,
+            "attention_block": block, "attention_kernel": s.cfg.attention_kernel_used if block else "xla", "live_kv_bytes": live_kv,
             "bytes_accessed_ratio": bytes_step / reference if reference else math.nan,
             "bytes_by_op": {k: float(v) for k, v in by.most_common(8)},
             "collectives_per_step": per_step, "weight_gathers": [list(g) for g in gathered]}  # fmt: skip
@@ -409,8 +409,9 @@ def describe(row: dict) -> str:
 def build_setup(args) -> Setup:
     check_numerics(args.dtype, args.activations)
     cfg = model_config(args.model).for_inference(args.dtype, args.activations)
-    kernel = getattr(args, "attention_kernel", "pallas")
-    cfg = cfg.replace(row_writes="scatter", attention_block=args.attention_block, attention_kernel=kernel)
+    cfg = cfg.replace(
+        row_writes="scatter", attention_block=args.attention_block, attention_kernel=args.attention_kernel
+    )
     topo_name, chips, _ = topology.resolve(args.topology)
     data, model = sh.parse_mesh(args.mesh)
     if data * model != chips:
@@ -450,6 +451,12 @@ def main(argv=None) -> int:
         type=int,
         default=-1,
         help="cache slots per attention block (0: every slot in one pass; default: 512, as on a TPU)",
+    )
+    ap.add_argument(
+        "--attention-kernel",
+        default="pallas",
+        choices=["pallas", "xla"],
+        help="attention over the cache: the Pallas kernel (default, as on a TPU) or XLA's ops",
     )
     ap.add_argument("--mesh", default="1x1", help="DATAxMODEL")
     ap.add_argument("--topology", default="v5e-1", help="v5e-1, v5e-8, v5p-8, v6e-8, v5e-256, or v5e:2x4")
