@@ -56,8 +56,8 @@ TINY = textwrap.dedent(
         m = place(model, mesh)
         res[mesh] = run(m, mesh == "2x4")
         res[mesh + "-q"] = list(m.params["layers"]["attn"]["q_proj"]["kernel"].sharding.spec)
-    # the TPU attention kernel's code (Pallas, run by XLA here) under shard_map: kv heads split (2x4), replicated (1x8)
-    for mesh in ("2x4", "1x8"):
+    # the TPU attention kernel's code (Pallas, run by XLA here) under shard_map, rows and kv heads split (2x4)
+    for mesh in ("2x4",):
         kern = place(MedusaModel(cfg.replace(attention_kernel="interpret"), params, heads=model.heads), mesh)
         res["kernel-" + mesh] = {k: [r.output_ids for r in kern.generate(prompts, max_new_tokens=24, batch_size=8, **kw)]
                                  for k, kw in (("ar", dict(mode="ar")), ("medusa", medusa))}
@@ -123,10 +123,9 @@ def test_tokens_on_a_mesh_equal_one_device(tiny_runs, mesh):
     assert one["chat"][2] > len(one["chat"][0])  # the second turn reused the first turn's cache
 
 
-@pytest.mark.parametrize("mesh", ["2x4", "1x8"])
-def test_attention_kernel_on_a_mesh_gives_the_same_tokens(tiny_runs, mesh):
+def test_attention_kernel_on_a_mesh_gives_the_same_tokens(tiny_runs):
     """The Pallas attention kernel (interpreted on the CPU) per shard: plain and Medusa tokens of the XLA path."""
-    got, one = tiny_runs["kernel-" + mesh], tiny_runs["one"]
+    got, one = tiny_runs["kernel-2x4"], tiny_runs["one"]
     assert got["ar"] == one["ar"][:8] and got["medusa"] == one["medusa"][:8]
 
 
