@@ -291,7 +291,7 @@ def traffic(s: Setup) -> dict:
     body = mod.loop_named(DECODE_LOOP)
     by: collections.Counter = collections.Counter()
     bytes_step = float(mod.traffic(body, by))
-    colls = [(c, times) for line, times in mod.instructions(body) for c in collectives(line)]
+    colls = [(c, times) for line, times, _ in mod.instructions(body) for c in collectives(line)]
     params, heads = abstract_model(s)
     kv_shape = (n, s.batch, s.context, s.cfg.num_kv_heads, s.cfg.head_dim)
     kv = jax.ShapeDtypeStruct(kv_shape, s.cfg.jnp_dtype, sharding=sh.kv_cache_sharding(s.mesh, kv_shape))

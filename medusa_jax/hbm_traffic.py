@@ -109,27 +109,11 @@ class Module:
     def traffic(self, comp: str | None = None, by: collections.Counter | None = None, times: int = 1) -> int:
         """HBM bytes of one run of computation `comp` (default: the entry), loops included; `by` gets them per
         op_name (its last 60 characters)."""
-        comp = comp or self.entry
         by = by if by is not None else collections.Counter()
-        params, body = self.comps[comp]
-        shapes = dict(params)
         total = 0
-        for line in body:
-            m = _INSTR.match(line)
-            if not m:
-                continue
-            name, shape, op, args = m.groups()
-            shapes[name] = shape
+        for line, times_run, shapes in self.instructions(comp, times):
+            name, shape, op, args = _INSTR.match(line).groups()
             if op in _FREE or op in _DONE:
-                continue
-            if op == "while":
-                loop_body = re.search(r"body=%([\w.\-]+)", line).group(1)
-                n = self.trip_count(re.search(r"condition=%([\w.\-]+)", line).group(1))
-                total += self.traffic(loop_body, by, times * n)
-                continue
-            if op in ("call", "conditional"):
-                for c in re.findall(r"(?:to_apply=|calls=|branch_computations=\{)%([\w.\-]+)", line):
-                    total += self.traffic(c, by, times)
                 continue
             ops = [a.strip().split(" ")[-1].lstrip("%") for a in args.split(",") if "%" in a]
             estimate = (
@@ -166,17 +150,20 @@ class Module:
                 if label
                 else op
             )
-            by[label[-60:]] += moved * times
-            total += moved * times
+            by[label[-60:]] += moved * times_run
+            total += moved * times_run
         return total
 
     def instructions(self, comp: str | None = None, times: int = 1):
-        """(instruction line, how many times it runs) of one run of `comp`, through loops (x trip count), calls and
-        conditionals; fused computations are not entered."""
-        for line in self.comps[comp or self.entry][1]:
+        """(instruction line, how many times it runs, shapes by name in its computation so far) of one run of
+        `comp`, through loops (x trip count), calls and conditionals; fused computations are not entered."""
+        params, body = self.comps[comp or self.entry]
+        shapes = dict(params)
+        for line in body:
             m = _INSTR.match(line)
             if not m:
                 continue
+            shapes[m.group(1)] = m.group(2)
             if m.group(3) == "while":
                 n = self.trip_count(re.search(r"condition=%([\w.\-]+)", line).group(1))
                 yield from self.instructions(re.search(r"body=%([\w.\-]+)", line).group(1), times * n)
@@ -184,7 +171,7 @@ class Module:
                 for c in re.findall(r"(?:to_apply=|calls=|branch_computations=\{)%([\w.\-]+)", line):
                     yield from self.instructions(c, times)
             else:
-                yield line, times
+                yield line, times, shapes
 
     def loop_named(self, scope: str) -> str | None:
         """The body of the entry's while loop whose op_name contains `scope` (a `jax.named_scope`)."""
