@@ -50,7 +50,8 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument(
         "--heads",
         metavar="PATH|NAME|none",
-        help="Medusa heads: a directory/file/hub id, a shipped set (smollm2_medusa1, smollm2_medusa2), or none "
+        help="Medusa heads: a directory/file/hub id, a shipped set (smollm2_medusa1, smollm2_medusa2, "
+        "smollm2_sequential), or none "
         "(default: the shipped heads for the embedded model)",
     )
     m.add_argument(

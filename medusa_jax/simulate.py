@@ -74,9 +74,12 @@ def lookup_continuation(ctx: list[int], size: int, ngram: int = NGRAM) -> list[i
     return []
 
 
-def walk(seq: list[int], n_prompt: int, rank: np.ndarray, tree: TreeBuffers) -> tuple[int, int]:
+def walk(
+    seq: list[int], n_prompt: int, rank: np.ndarray, tree: TreeBuffers, accepted: list | None = None
+) -> tuple[int, int]:
     """Greedy decoding of the answer `seq[n_prompt:]` with `tree` -> (steps, steps' tokens that only the lookup chain
-    gave, beyond what the heads' tree accepted)."""
+    gave, beyond what the heads' tree accepted). `accepted`, if given, gets each step's count of tree tokens
+    accepted (the heads' depth reached, 0 to `tree.head_depth`)."""
     paths = set(tree.choices)
     n, length, steps, from_chain = len(seq), n_prompt, 0, 0
     while length < n:
@@ -93,6 +96,8 @@ def walk(seq: list[int], n_prompt: int, rank: np.ndarray, tree: TreeBuffers) -> 
                 chain_acc += 1
         acc = min(max(tree_acc, chain_acc), n - length - 1)
         from_chain += max(0, acc - tree_acc)
+        if accepted is not None:
+            accepted.append(tree_acc)
         length += 1 + acc
         steps += 1
     return steps, from_chain
@@ -108,12 +113,18 @@ def answer_ranks(model, answers) -> list[tuple[list[int], int, np.ndarray]]:
 
 
 def tokens_per_step(ranked, tree: TreeBuffers) -> dict:
-    """`answer_ranks` output, a tree -> steps, tokens, tokens per step and the lookup chain's share of it."""
+    """`answer_ranks` output, a tree -> steps, tokens, tokens per step, the lookup chain's share of it, and the
+    acceptance per depth: the fraction of steps whose tree accepted a head-d draft (d = 1 .. the tree's depth)."""
     steps = tokens = chain = 0
+    accepted: list[int] = []
     for seq, n_prompt, rank in ranked:
-        s, c = walk(seq, n_prompt, rank, tree)
+        s, c = walk(seq, n_prompt, rank, tree, accepted)
         steps, tokens, chain = steps + s, tokens + len(seq) - n_prompt, chain + c
+    acc = np.asarray(accepted)
     return {
+        "accepted_at_depth": [
+            round(float(np.mean(acc >= d)) if acc.size else 0.0, 4) for d in range(1, tree.head_depth + 1)
+        ],
         "nodes": tree.num_nodes - 1,
         "steps": steps,
         "tokens": tokens,

@@ -50,27 +50,47 @@ def hf_smollm2():
     from medusa_jax.tokenizer import load_tokenizer
 
     path = default_gguf()
-    model = AutoModelForCausalLM.from_pretrained(
-        os.path.dirname(path), gguf_file=os.path.basename(path), dtype=torch.float32
-    )
-    model.eval()
-    return model, load_tokenizer(path)
+    shared = os.environ.get("MEDUSA_JAX_TEST_SHARED")  # this run's shared folder (pytest_configure)
+    if not shared:
+        model = AutoModelForCausalLM.from_pretrained(
+            os.path.dirname(path), gguf_file=os.path.basename(path), dtype=torch.float32
+        )
+        return model.eval(), load_tokenizer(path)
+    # transformers reads a GGUF slowly (~40 s, mostly parsing its metadata): the first worker to ask converts it and
+    # saves the model for the others (a lock while it does), which then read plain safetensors in a second or two
+    import fcntl
+
+    saved = os.path.join(shared, "hf_smollm2.pt")  # (a model read from a GGUF refuses save_pretrained: pickled)
+    with open(saved + ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not os.path.exists(saved):
+            model = AutoModelForCausalLM.from_pretrained(
+                os.path.dirname(path), gguf_file=os.path.basename(path), dtype=torch.float32
+            )
+            torch.save(model, saved + ".tmp")
+            os.replace(saved + ".tmp", saved)
+        else:
+            model = torch.load(saved, weights_only=False)
+    return model.eval(), load_tokenizer(path)
 
 
 # ---------------------------------------------------------------------------------------------- compiled programs
 def pytest_configure(config):
-    """One JAX compilation cache for the whole run, fresh each run: the test processes (pytest-xdist workers and the
-    tests' subprocesses, which inherit the environment) compile many of the same programs."""
-    if hasattr(config, "workerinput") or "JAX_COMPILATION_CACHE_DIR" in os.environ:
+    """A folder the test processes share for the run (pytest-xdist workers and the tests' subprocesses inherit the
+    environment), removed at its end: one JAX compilation cache, fresh each run (they compile many of the same
+    programs), and what `hf_smollm2` converts once."""
+    if hasattr(config, "workerinput") or "MEDUSA_JAX_TEST_SHARED" in os.environ:
         return
-    config._jit_cache = tempfile.mkdtemp(prefix="medusa_jax_test_jit_")
-    os.environ["JAX_COMPILATION_CACHE_DIR"] = config._jit_cache
-    os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
+    config._shared = tempfile.mkdtemp(prefix="medusa_jax_test_")
+    os.environ["MEDUSA_JAX_TEST_SHARED"] = config._shared
+    if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+        os.environ["JAX_COMPILATION_CACHE_DIR"] = os.path.join(config._shared, "jit")
+        os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
 
 
 def pytest_unconfigure(config):
-    if getattr(config, "_jit_cache", None):
-        shutil.rmtree(config._jit_cache, ignore_errors=True)
+    if getattr(config, "_shared", None):
+        shutil.rmtree(config._shared, ignore_errors=True)
 
 
 # ---------------------------------------------------------------------------------------------- no silent skips

@@ -139,14 +139,22 @@ def test_tree_errors():
 
 @pytest.mark.parametrize("batch", [1, 8])
 def test_smollm2_greedy_equals_ar(smollm2, dev_prompts, batch):
-    """SmolLM2 with random heads: Medusa greedy output equals AR greedy, at batch 1 and 8 (mixed lengths)."""
-    heads = init_heads(HeadsConfig(4, 1, True), smollm2.params, seed=0, scale=0.02)
-    m = MedusaModel(smollm2.cfg, smollm2.params, smollm2.tokenizer, heads=heads)
+    """SmolLM2: Medusa greedy output equals AR greedy, at batch 1 with the shipped sequential heads (which draft each
+    node's children from its own path) and at batch 8 (mixed lengths) with random root-token heads."""
+    if batch == 1:
+        from medusa_jax.api import shipped_heads, with_heads
+
+        m = with_heads(smollm2, shipped_heads("smollm2_sequential"), "float32")
+        assert "path" in m.heads and m.heads["path"]["kernel"].shape[:2] == (4, 3)
+    else:
+        heads = init_heads(HeadsConfig(4, 1, True), smollm2.params, seed=0, scale=0.02)
+        m = MedusaModel(smollm2.cfg, smollm2.params, smollm2.tokenizer, heads=heads)
     prompts = dev_prompts[:batch]
     ar = m.generate(prompts, max_new_tokens=24, mode="ar")
     md = m.generate(prompts, max_new_tokens=24, mode="medusa", tree="cpu_8")
     assert [r.output_ids for r in md] == [r.output_ids for r in ar]
     assert batch == 1 or len({len(r.prompt_ids) for r in md}) > 2  # mixed lengths
+    assert batch == 8 or md[0].steps < 0.8 * md[0].new_tokens  # the trained heads' drafts are accepted
 
 
 def test_draft_vocabulary_keeps_greedy_output_and_only_proposes_its_tokens():

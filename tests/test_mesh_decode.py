@@ -136,8 +136,8 @@ def test_heads_that_divide_the_model_axis_are_split(tiny_runs):
 
 
 def test_smollm2_on_a_mesh_equals_one_device(tmp_path, dev_prompts):
-    res = run_worker(tmp_path, SMOLLM2, json.dumps(dev_prompts[:4]), "20")
-    assert res["mesh"] == res["ar"]  # 2x4 Medusa (float32) == one-device plain decoding, at batch 4
+    res = run_worker(tmp_path, SMOLLM2, json.dumps(dev_prompts[:2]), "16")
+    assert res["mesh"] == res["ar"]  # 2x4 Medusa (float32) == one-device plain decoding, at batch 2
     assert sum(res["steps"]) < 0.75 * sum(len(a) for a in res["ar"])
     # SmolLM2's 9 query heads stay whole on 4 devices; MLP, vocabulary and the heads' projection are split
     assert res["specs"]["q"] in ([], [None, None, None])

@@ -35,6 +35,11 @@ def test_walk_gives_the_decode_loops_steps(root_token, draft, sequential):
         report = tokens_per_step(ranked, buffers)
         assert report["steps"] == sum(r.steps for r in real) and report["tokens"] == sum(r.new_tokens for r in ar)
         assert (report["lookup_tokens_per_step"] > 0) == (lookup > 0)
+        # acceptance per depth: non-increasing, and its sum counts the tree's accepted tokens per step
+        at = report["accepted_at_depth"]
+        assert len(at) == buffers.head_depth and at == sorted(at, reverse=True)
+        tree_tokens = report["tokens"] - report["steps"] - report["lookup_tokens_per_step"] * report["steps"]
+        assert sum(at) * report["steps"] == pytest.approx(tree_tokens, abs=0.01 * report["steps"])
         if tree and not lookup:  # the heads' tree alone accepted tokens (steps < tokens)
             assert report["steps"] < report["tokens"]
 
