@@ -50,23 +50,24 @@ def hf_smollm2():
     from medusa_jax.tokenizer import load_tokenizer
 
     path = default_gguf()
-    shared = os.environ.get("MEDUSA_JAX_TEST_SHARED")  # this run's shared folder (pytest_configure)
-    if not shared:
-        model = AutoModelForCausalLM.from_pretrained(
+
+    def convert():
+        return AutoModelForCausalLM.from_pretrained(
             os.path.dirname(path), gguf_file=os.path.basename(path), dtype=torch.float32
         )
-        return model.eval(), load_tokenizer(path)
+
+    shared = os.environ.get("MEDUSA_JAX_TEST_SHARED")  # this run's shared folder (pytest_configure)
+    if not shared:
+        return convert().eval(), load_tokenizer(path)
     # transformers reads a GGUF slowly (~40 s, mostly parsing its metadata): the first worker to ask converts it and
-    # saves the model for the others (a lock while it does), which then read plain safetensors in a second or two
+    # pickles the model for the others (a lock while it does; a model read from a GGUF refuses save_pretrained)
     import fcntl
 
-    saved = os.path.join(shared, "hf_smollm2.pt")  # (a model read from a GGUF refuses save_pretrained: pickled)
+    saved = os.path.join(shared, "hf_smollm2.pt")
     with open(saved + ".lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         if not os.path.exists(saved):
-            model = AutoModelForCausalLM.from_pretrained(
-                os.path.dirname(path), gguf_file=os.path.basename(path), dtype=torch.float32
-            )
+            model = convert()
             torch.save(model, saved + ".tmp")
             os.replace(saved + ".tmp", saved)
         else:
