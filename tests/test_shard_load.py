@@ -12,6 +12,7 @@ import sys
 import textwrap
 
 import numpy as np
+from conftest import xla_env
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -70,8 +71,7 @@ def run_workers(tmp_path, script, args, nproc=1, devices=8, timeout=300, env=Non
     lines as JSON."""
     path = tmp_path / "worker.py"
     path.write_text(script)
-    env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}", JAX_PLATFORMS="cpu",
-               MEDUSA_JAX_CACHE=str(tmp_path / "cache"), **(env or {}))  # fmt: skip
+    env = xla_env(devices, MEDUSA_JAX_CACHE=str(tmp_path / "cache"), **(env or {}))
     env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
     with socket.socket() as s:
         s.bind(("localhost", 0))

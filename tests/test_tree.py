@@ -228,7 +228,9 @@ def test_get_tree_names():
         assert n in names
     mc = get_tree("mc_sim_7b_63")
     assert len(mc) == 63 and mc[:4] == [[0], [0, 0], [1], [0, 1]] and mc[-1] == [0, 7, 0]
-    assert all(len(get_tree(n)) == 63 for n in names if not n.startswith(("chain_", "cpu_")))
+    assert all(len(get_tree(n)) == 63 for n in names if not n.startswith(("chain_", "cpu_", "smollm2_")))
+    wide = get_tree("smollm2_sequential_127")  # grown from the shipped sequential heads' accuracies
+    assert len(wide) == 127 and wide[0] == [0] and build_buffers(wide, num_heads=4).depth == 4
     for k in (4, 8, 16, 32):
         assert get_tree(f"cpu_{k}") == mc[:k]
     assert get_tree("chain_3") == [[0], [0, 0], [0, 0, 0]]
