@@ -94,10 +94,10 @@ SMOLLM2 = textwrap.dedent(
 )
 
 
-def run_worker(tmp_path, source: str, *args: str, timeout: int = 900, tiny: bool = False) -> dict:
+def run_worker(tmp_path, source: str, *args: str, timeout: int = 900) -> dict:
     script = tmp_path / "worker.py"
     script.write_text(source)
-    env = xla_env(8, tiny)
+    env = xla_env(8)
     env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
     out = subprocess.run([sys.executable, str(script), *args], env=env, capture_output=True, text=True,
                          timeout=timeout)  # fmt: skip
@@ -108,7 +108,7 @@ def run_worker(tmp_path, source: str, *args: str, timeout: int = 900, tiny: bool
 
 @pytest.fixture(scope="module")
 def tiny_runs(tmp_path_factory):
-    return run_worker(tmp_path_factory.mktemp("tiny"), TINY, tiny=True)
+    return run_worker(tmp_path_factory.mktemp("tiny"), TINY)
 
 
 @pytest.mark.parametrize("mesh", ["1x8", "2x4", "8x1"])

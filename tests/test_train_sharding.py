@@ -45,7 +45,7 @@ WORKER = textwrap.dedent(
 def _run(tmp_path, nproc, devices, runs, timeout=240, worker=WORKER):
     script = tmp_path / "worker.py"
     script.write_text(worker)
-    env = xla_env(devices, tiny=True)
+    env = xla_env(devices)
     env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
     with socket.socket() as s:
         s.bind(("localhost", 0))
@@ -133,7 +133,7 @@ def test_plan_reports_sharded_memory_and_flops(tmp_path):
     CLI prints the table row (exit 2 on a mesh that does not match --devices)."""
     script = tmp_path / "plan_worker.py"
     script.write_text(PLAN_WORKER)
-    env = xla_env(4, tiny=True)
+    env = xla_env(4)
     env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
     out = subprocess.run([sys.executable, str(script), TINY], env=env, capture_output=True, text=True, timeout=240)
     assert out.returncode == 0, out.stderr[-3000:]
