@@ -130,7 +130,10 @@ def pytest_make_collect_report(collector):
 
 
 def xla_env(devices: int, **extra) -> dict:
-    """The environment of a test's subprocess with `devices` simulated CPU devices (the run's XLA flags kept)."""
+    """The environment of a test's subprocess with `devices` simulated CPU devices: the run's XLA flags kept, the
+    repository first on PYTHONPATH."""
     flags = os.environ.get("XLA_FLAGS", "")
-    return dict(os.environ, XLA_FLAGS=f"{flags} --xla_force_host_platform_device_count={devices}".strip(),
-                JAX_PLATFORMS="cpu", **extra)  # fmt: skip
+    env = dict(os.environ, XLA_FLAGS=f"{flags} --xla_force_host_platform_device_count={devices}".strip(),
+               JAX_PLATFORMS="cpu", **extra)  # fmt: skip
+    env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
+    return env

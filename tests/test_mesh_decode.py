@@ -6,15 +6,12 @@ plain decoding; SmolLM2 with its shipped heads (`mc_sim_7b_63` + lookup 10) give
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 import textwrap
 
 import pytest
 from conftest import xla_env
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 TINY = textwrap.dedent(
     """
@@ -98,7 +95,6 @@ def run_worker(tmp_path, source: str, *args: str, timeout: int = 900) -> dict:
     script = tmp_path / "worker.py"
     script.write_text(source)
     env = xla_env(8)
-    env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
     out = subprocess.run([sys.executable, str(script), *args], env=env, capture_output=True, text=True,
                          timeout=timeout)  # fmt: skip
     assert out.returncode == 0, (out.stdout + out.stderr)[-4000:]

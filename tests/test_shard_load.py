@@ -14,8 +14,6 @@ import textwrap
 import numpy as np
 from conftest import xla_env
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
 
 def write_llama(path, vocab=64, hidden=32, inter=48, layers=3, heads=4, kv_heads=2, dtype="float32", shards=2,
                 seed=0, extra=None) -> dict:  # fmt: skip
@@ -72,7 +70,6 @@ def run_workers(tmp_path, script, args, nproc=1, devices=8, timeout=300, env=Non
     path = tmp_path / "worker.py"
     path.write_text(script)
     env = xla_env(devices, MEDUSA_JAX_CACHE=str(tmp_path / "cache"), **(env or {}))
-    env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
     with socket.socket() as s:
         s.bind(("localhost", 0))
         port = s.getsockname()[1]

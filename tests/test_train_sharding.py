@@ -46,7 +46,6 @@ def _run(tmp_path, nproc, devices, runs, timeout=240, worker=WORKER):
     script = tmp_path / "worker.py"
     script.write_text(worker)
     env = xla_env(devices)
-    env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
     with socket.socket() as s:
         s.bind(("localhost", 0))
         port = s.getsockname()[1]
@@ -134,7 +133,6 @@ def test_plan_reports_sharded_memory_and_flops(tmp_path):
     script = tmp_path / "plan_worker.py"
     script.write_text(PLAN_WORKER)
     env = xla_env(4)
-    env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
     out = subprocess.run([sys.executable, str(script), TINY], env=env, capture_output=True, text=True, timeout=240)
     assert out.returncode == 0, out.stderr[-3000:]
     r = json.loads(out.stdout.strip().splitlines()[-1])
