@@ -442,6 +442,37 @@ def test_distill_resumes_without_duplicates(tmp_path, monkeypatch):
         train(cfg, progress=False)
 
 
+def test_distill_samples_answers_reproducibly(tmp_path, monkeypatch):
+    """--temperature: sampled answers (not the greedy ones), the same rows again when a killed run resumes, other rows
+    with another seed; the settings are recorded and a restart with others, or --extend of sampled answers, refused."""
+    from medusa_jax import api
+    from medusa_jax.model import init_params
+    from medusa_jax.train import distill
+
+    model = api.MedusaModel(TINY, init_params(TINY), _FakeTok(), name="tiny")
+    monkeypatch.setattr(api, "load", lambda *a, **k: model)
+    prompts = tmp_path / "train_prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"id": f"p{i}", "prompt": f"prompt {i}"}) + "\n" for i in range(4)))
+    args = ["--prompts", str(prompts), "--max-new-tokens", "8", "--batch-size", "2"]
+    sampled = [*args, "--temperature", "1.0", "--seed", "3"]
+    answers = lambda d: [r["input_ids"][r["prompt_len"] :] for r in distill.load_rows(str(tmp_path / d))]  # noqa: E731
+    assert distill.main([*args, "--out", str(tmp_path / "greedy")]) == 0
+    assert distill.main([*sampled, "--out", str(tmp_path / "s")]) == 0
+    first = answers("s")
+    assert len(first) == 4 and first != answers("greedy")
+    meta = json.loads((tmp_path / "s" / "meta.json").read_text())
+    assert (meta["greedy"], meta["temperature"], meta["seed"]) == (False, 1.0, 3)
+    os.remove(tmp_path / "s" / "shard_00001.jsonl")  # a killed run resumes with the same draws
+    assert distill.main([*sampled, "--out", str(tmp_path / "s")]) == 0
+    assert answers("s") == first
+    assert distill.main([*args, "--temperature", "1.0", "--seed", "4", "--out", str(tmp_path / "s4")]) == 0
+    assert answers("s4") != first
+    assert distill.main([*args, "--temperature", "0.5", "--seed", "3", "--out", str(tmp_path / "s")]) == 2
+    assert distill.main(["--extend", str(tmp_path / "s"), "--out", str(tmp_path / "e")]) == 2
+    assert distill.main(["--extend", str(tmp_path / "greedy"), "--out", str(tmp_path / "e"), "--temperature", "1"]) == 2
+    assert distill.main([*args, "--temperature", "-1", "--out", str(tmp_path / "neg")]) == 2
+
+
 def test_device_train_quick(tmp_path):
     """tools/device_train.py end to end with --quick on the tiny model: distilled data, a Medusa-2 run whose export
     holds heads and the LoRA adapter, and metrics.json with throughput, dev figures and tokens/step."""

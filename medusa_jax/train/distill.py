@@ -15,6 +15,13 @@ longer first run would have made); answers that ended are copied. The result is 
 (its cap: DIR's plus the new tokens), so answers can grow in rounds.
 
     python -m medusa_jax.train.distill --extend runs/data --out runs/data_128 --max-new-tokens 64 --batch-size 32
+
+`--temperature T` (> 0) samples the answers instead (`--seed S`; shard i draws with seed S + i, so a resumed run
+writes the same rows): more answers to the same prompts for training, e.g. a second data directory beside the greedy
+one (`data.path=GREEDY,SAMPLED`). Sampled answers cannot be extended (`--extend` continues greedily).
+
+    python -m medusa_jax.train.distill --prompts ../shared/data/train_prompts.jsonl --out runs/data_t07 \
+        --max-new-tokens 128 --batch-size 32 --temperature 0.7 --seed 1
 """
 
 from __future__ import annotations
@@ -132,12 +139,20 @@ def main(argv=None, model=None) -> int:
     ap.add_argument("--chunk-size", type=int, default=0, help="prompts per shard (default: batch size)")
     ap.add_argument("--max-prompt-tokens", type=int, default=512, help="longer prompts are skipped")
     ap.add_argument("--dtype", default="float32")
+    ap.add_argument("--temperature", type=float, default=0.0, help="sample the answers at T (default 0: greedy)")
+    ap.add_argument("--seed", type=int, default=0, help="with --temperature: shard i samples with seed + i")
     ap.add_argument("--allow-dev", action="store_true", help="allow dev_prompts (evaluation data only)")
     args = ap.parse_args(argv)
     if bool(args.prompts) == bool(args.extend):
         print("give either --prompts (new answers) or --extend DATA_DIR (longer answers)", file=sys.stderr)
         return 2
+    if not args.temperature >= 0.0:
+        print(f"--temperature {args.temperature}: give 0 (greedy answers) or a positive temperature", file=sys.stderr)
+        return 2
     if args.extend:
+        if args.temperature:
+            print("--extend continues answers greedily: leave --temperature out", file=sys.stderr)
+            return 2
         return extend(args, model)
     if "dev_prompts" in os.path.basename(args.prompts) and not args.allow_dev:
         print("refusing dev_prompts.jsonl without --allow-dev: it is for evaluation only", file=sys.stderr)
@@ -159,8 +174,10 @@ def main(argv=None, model=None) -> int:
         "chunk_size": chunk,
         "max_prompt_tokens": args.max_prompt_tokens,
         "dtype": args.dtype,
-        "greedy": True,
+        "greedy": not args.temperature,
     }
+    if args.temperature:  # (greedy directories keep the keys they always had, so they still resume)
+        meta.update(temperature=args.temperature, seed=args.seed)
     if not start_out(args.out, meta):
         return 2
 
@@ -179,7 +196,8 @@ def main(argv=None, model=None) -> int:
             res = model.generate(
                 [enc[j] for j in keep],
                 max_new_tokens=args.max_new_tokens,
-                temperature=0.0,
+                temperature=args.temperature,
+                seed=args.seed + i,
                 batch_size=args.batch_size,
                 mode="ar",
             )
@@ -247,6 +265,9 @@ def extend(args, model=None) -> int:
         return 2
     if os.path.abspath(src) == os.path.abspath(args.out):
         print("--extend writes a new data dir: give another --out", file=sys.stderr)
+        return 2
+    if src_meta.get("greedy") is False:
+        print(f"--extend {src}: its answers are sampled, and --extend continues greedy answers only", file=sys.stderr)
         return 2
     if args.ckpt and args.ckpt != src_meta.get("ckpt"):
         print(f"--ckpt {args.ckpt} is not {src}'s model ({src_meta.get('ckpt')}): leave --ckpt out", file=sys.stderr)
