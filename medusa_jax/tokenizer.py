@@ -1,6 +1,9 @@
 """Tokenizers, without torch.
 
-A model directory's tokenizer files are read with transformers' AutoTokenizer. A GGUF file has no tokenizer files:
+A model directory's tokenizer files are read with transformers' AutoTokenizer, or, when the directory declares
+transformers' generic `tokenizers`-backed class (what `save_pretrained` writes for a tokenizer built here, and
+what AutoTokenizer would build from it too), with that class directly: AutoTokenizer first reads the model's
+config through transformers' model registry, which imports torch where it is installed (about 3 s). A GGUF file has no tokenizer files:
 its vocabulary, merges, token types, special tokens and chat template are metadata, read here with `gguf` and
 rebuilt as a `tokenizers` byte-level BPE wrapped in transformers' `PreTrainedTokenizerFast` (transformers' own GGUF
 reader imports torch). The result is saved once under the cache dir, keyed by the file's size, mtime and a hash.
@@ -18,12 +21,17 @@ CONTROL, USER_DEFINED = 3, 4  # llama.cpp token types
 SPECIALS = {"bos_token": "bos_token_id", "eos_token": "eos_token_id", "unk_token": "unknown_token_id",
             "pad_token": "padding_token_id"}  # fmt: skip
 FILES = ("tokenizer.json", "medusa_tokenizer.json")  # the backend, and the wrapper's arguments
+GENERIC = ("TokenizersBackend", "PreTrainedTokenizerFast")  # transformers' class for a bare `tokenizers` backend
 
 
 def load_tokenizer(path: str):
     """The tokenizer of a model directory (its own files) or of a .gguf file (rebuilt once, then read from the
     cache). Raises ValueError when a directory has no usable tokenizer files."""
     if not path.endswith(".gguf"):
+        if declares_generic_class(path):
+            from transformers import PreTrainedTokenizerFast
+
+            return PreTrainedTokenizerFast.from_pretrained(path)
         from transformers import AutoTokenizer
 
         return AutoTokenizer.from_pretrained(path)
@@ -36,6 +44,20 @@ def load_tokenizer(path: str):
     backend, kwargs = gguf_tokenizer(path)
     cache.store(cached, lambda tmp: write(tmp, backend, kwargs))
     return wrap(backend, kwargs)
+
+
+def declares_generic_class(path: str) -> bool:
+    """Whether a local model directory holds a `tokenizer.json` whose `tokenizer_config.json` names transformers'
+    generic fast class (no model-specific class, no remote code): AutoTokenizer would build that class too."""
+    config = os.path.join(path, "tokenizer_config.json")
+    if not (os.path.isfile(config) and os.path.isfile(os.path.join(path, FILES[0]))):
+        return False
+    try:
+        with open(config, encoding="utf-8") as f:
+            declared = json.load(f)
+    except (OSError, ValueError):
+        return False  # AutoTokenizer says what is wrong
+    return isinstance(declared, dict) and declared.get("tokenizer_class") in GENERIC and "auto_map" not in declared
 
 
 def has_tokenizer_files(path: str) -> bool:

@@ -102,6 +102,41 @@ def test_smollm2_tokenizer_matches_transformers(tmp_path, monkeypatch):
                     ref, "Why?", False, "Be brief.")  # fmt: skip
 
 
+def test_saved_tokenizer_loads_without_the_model_registry(tmp_path, monkeypatch):
+    """A directory holding a tokenizer saved from ours (transformers' generic class) loads without AutoTokenizer's
+    config lookup, which imports torch (the CLI's startup): the same ids, specials and chat template as AutoTokenizer
+    gives. A directory naming a model-specific class, or remote code, still goes through AutoTokenizer."""
+    import json
+    import subprocess
+    import sys
+
+    from transformers import AutoTokenizer
+
+    monkeypatch.setenv("MEDUSA_JAX_CACHE", str(tmp_path / "cache"))
+    saved = tmp_path / "tok"
+    tokenizer.load_tokenizer(checkpoint.default_gguf()).save_pretrained(saved)
+    assert tokenizer.declares_generic_class(str(saved))
+    ours, ref = tokenizer.load_tokenizer(str(saved)), AutoTokenizer.from_pretrained(str(saved))
+    assert type(ours) is type(ref)
+    assert (ours.bos_token_id, ours.eos_token_id, ours.pad_token_id, len(ours)) == (
+        ref.bos_token_id, ref.eos_token_id, ref.pad_token_id, len(ref))  # fmt: skip
+    for text in ["Hello world", "  two  spaces\tand a tab\n\nlines", "<|im_start|>user\nhi<|im_end|>", "émoji 🤖"]:
+        assert ours(text)["input_ids"] == ref(text)["input_ids"], text
+    assert tokenizer.encode_prompt(ours, "Why?", False, "Be brief.") == tokenizer.encode_prompt(
+        ref, "Why?", False, "Be brief.")  # fmt: skip
+    probe = (
+        "import sys; from medusa_jax.tokenizer import load_tokenizer; load_tokenizer(sys.argv[1]); "
+        "print(sorted(m for m in ('torch', 'transformers.models.auto.tokenization_auto') if m in sys.modules))"
+    )
+    r = subprocess.run([sys.executable, "-c", probe, str(saved)], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and r.stdout.strip() == "[]", (r.stdout, r.stderr[-2000:])
+    config = saved / "tokenizer_config.json"
+    declared = json.loads(config.read_text())
+    for changed in ({"tokenizer_class": "GPT2Tokenizer"}, {"auto_map": {"AutoTokenizer": ["x.Tok", None]}}):
+        config.write_text(json.dumps(declared | changed))
+        assert not tokenizer.declares_generic_class(str(saved)), changed
+
+
 def test_tiny_gguf_tokenizer_and_cache_entry(tiny_gguf, tmp_path):
     tok = tokenizer.load_tokenizer(tiny_gguf)
     assert tok("hello world")["input_ids"] == tok.convert_tokens_to_ids(["hell", "o", "Ġw", "or", "l", "d"])
