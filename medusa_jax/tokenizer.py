@@ -1,12 +1,13 @@
 """Tokenizers, without torch.
 
-A model directory's tokenizer files are read with transformers' AutoTokenizer, or, when the directory declares
-transformers' generic `tokenizers`-backed class (what `save_pretrained` writes for a tokenizer built here, and
-what AutoTokenizer would build from it too), with that class directly: AutoTokenizer first reads the model's
-config through transformers' model registry, which imports torch where it is installed (about 3 s). A GGUF file has no tokenizer files:
-its vocabulary, merges, token types, special tokens and chat template are metadata, read here with `gguf` and
-rebuilt as a `tokenizers` byte-level BPE wrapped in transformers' `PreTrainedTokenizerFast` (transformers' own GGUF
-reader imports torch). The result is saved once under the cache dir, keyed by the file's size, mtime and a hash.
+A model directory's tokenizer files are read with transformers' AutoTokenizer; when the directory declares
+transformers' generic `tokenizers`-backed class (what `save_pretrained` writes for a tokenizer built here, and what
+AutoTokenizer would build from it too), with that class directly: AutoTokenizer first reads the model's config
+through transformers' model registry, which imports torch where it is installed (about 3 s). A GGUF file has no
+tokenizer files: its vocabulary, merges, token types, special tokens and chat template are metadata, read here with
+`gguf` and rebuilt as a `tokenizers` byte-level BPE wrapped in transformers' `PreTrainedTokenizerFast`
+(transformers' own GGUF reader imports torch). The result is saved once under the cache dir, keyed by the file's
+size, mtime and a hash.
 """
 
 from __future__ import annotations
