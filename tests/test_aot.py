@@ -120,7 +120,8 @@ def test_weight_gathers_are_detected(v5e_2x2):
     assert heads["blocks"]["bias"].shape == (2, 1, 256) and (2, 1, 256) not in aot.weight_shapes(params, heads)
 
 
-def test_cli_writes_the_report_and_reports_what_does_not_fit(v5e_2x2, tmp_path, capsys):
+def test_cli_writes_the_report_and_reports_what_does_not_fit(v5e_2x2, tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(aot, "MAX_BATCH_CAP", 64)  # the search's check compiles at its guess: keep that small
     model = tmp_path / "tiny"
     model.mkdir()
     (model / "config.json").write_text(json.dumps(TINY_HF))
@@ -131,7 +132,7 @@ def test_cli_writes_the_report_and_reports_what_does_not_fit(v5e_2x2, tmp_path, 
     row = json.loads(out.read_text())
     for key in ("per_chip_bytes", "hbm_bytes", "fits", "bytes_accessed_ratio", "max_batch", "collectives_per_step"):
         assert key in row, key
-    assert row["fits"] and row["max_batch"] >= 2 * 2 and row["max_batch"] % 1 == 0
+    assert row["fits"] and row["max_batch"] == 64  # the tiny model fits the cap
     # a KV cache far beyond one chip: the report says so (with the compiler's figure) instead of failing
     big = argv[:-2] + ["--batch", "512", "--context", "65536", "--no-traffic", "--no-max-batch", "--json", str(out)]
     assert aot.main(big) == 0
