@@ -59,12 +59,9 @@ def hf_smollm2():
 
         import gguf
 
-        reader, readers = gguf.GGUFReader, {}
         with pytest.MonkeyPatch.context() as mp:
-            mp.setattr(
-                gguf, "GGUFReader", lambda p, *a: readers[p] if p in readers else readers.setdefault(p, reader(p, *a))
-            )
-            mp.setattr(gguf, "get_tensor_name_map", functools.lru_cache(gguf.get_tensor_name_map))
+            for name in ("GGUFReader", "get_tensor_name_map"):
+                mp.setattr(gguf, name, functools.lru_cache(getattr(gguf, name)))
             return AutoModelForCausalLM.from_pretrained(
                 os.path.dirname(path), gguf_file=os.path.basename(path), dtype=torch.float32
             )
