@@ -198,6 +198,25 @@ def test_hidden_state_cache_per_part_and_block(tmp_path, monkeypatch):
         np.testing.assert_allclose(np.sort(x, axis=0), np.sort(y, axis=0), rtol=1e-6)
 
 
+def test_hidden_state_cache_follows_the_head_count(tmp_path):
+    """Which positions get hidden states depends on the head count (a prompt-end position is kept when one of the
+    heads has an answer target): a cache written for 3 heads is not reused for 5, whose rows must line up with their
+    targets."""
+    from medusa_jax.model import init_params
+    from medusa_jax.train import data as data_lib
+    from medusa_jax.train import hidden as tr
+
+    rows = [{"id": i, "input_ids": list(range(3, 15 + i)), "loss_mask": [0] * 7 + [1] * (5 + i)} for i in range(3)]
+    mesh = sh.make_mesh(1, 1, 1)
+    params = init_params(TINY, seed=0)
+    cache = str(tmp_path / "cache")
+    for k in (3, 5, 3):
+        got = tr.cached_hidden(cache, TINY, params, k, mesh, 24, "train", [rows])
+        fresh = tr.precompute_flat(TINY, params, *data_lib.pack(rows, 24), k, mesh)
+        assert {len(x) for x in got} == {len(fresh[0])}
+        np.testing.assert_allclose(got[0], fresh[0], rtol=1e-5, atol=1e-6)
+
+
 def test_medusa1_export_and_run_dir(tmp_path):
     from medusa_jax.heads_io import read_heads
     from medusa_jax.train.run_dir import is_run_dir, load_run

@@ -80,10 +80,10 @@ def precompute_flat(mc, backbone, ids, mask, k_heads, mesh, rows_per_batch=16):
 
 def cached_hidden(cache_dir, mc, backbone, k_heads, mesh, max_len, name, parts, block_rows=None):
     """`precompute_flat` over the rows of each data part, in blocks of at most `block_rows` rows, each block cached
-    as `cache_dir/NAME-<key>.npz`, the key covering the block's token ids and loss masks and the backbone: adding a
-    data directory computes only its rows, and a killed precompute resumes at the first missing block. Only the
-    hidden states are cached; the tokens come from the data. Returns the concatenated (hidden, targets, weights,
-    roots, teach) of `precompute_flat`."""
+    as `cache_dir/NAME-<key>.npz`, the key covering the block's token ids and loss masks, the head count (it decides
+    which prompt-end positions get hidden states) and the backbone: adding a data directory computes only its rows,
+    and a killed precompute resumes at the first missing block. Only the hidden states are cached; the tokens come
+    from the data. Returns the concatenated (hidden, targets, weights, roots, teach) of `precompute_flat`."""
     block_rows = block_rows or HIDDEN_BLOCK_ROWS
     model_key = backbone_fingerprint(mc, backbone)
     out = []
@@ -91,7 +91,7 @@ def cached_hidden(cache_dir, mc, backbone, k_heads, mesh, max_len, name, parts, 
         ids, mask = data_lib.pack(rows, max_len)
         for i in range(0, len(ids), block_rows):
             bi, bm = ids[i : i + block_rows], mask[i : i + block_rows]
-            key = f"{model_key}:{data_fingerprint(bi, bm)}"
+            key = f"{model_key}:{k_heads}:{data_fingerprint(bi, bm)}"
             path = os.path.join(cache_dir, f"{name}-{hashlib.sha1(key.encode()).hexdigest()[:16]}.npz")
             hidden = _cached(path, lambda bi=bi, bm=bm: precompute_flat(mc, backbone, bi, bm, k_heads, mesh)[0], key)
             out.append((hidden, *flat_tokens(bi, bm, k_heads)))
