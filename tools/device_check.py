@@ -17,7 +17,8 @@ Sections (all by default; --skip a comma list of them):
              as without a device calibration); every prompt-length bucket compiled before the timing; then AR and the
              default with bfloat16 activations (what float32 activations cost)
   steps      the real decode loop's step cost: mc_sim_7b_63 + lookup 10 against AR, batch 1 and 8, over KV caches
-             of the same size
+             of the same size; `--trees A,B` times more trees beside it (for information), e.g. wider trees
+             grown for sequential heads
   big        a Llama-2-7B-shaped random model with bfloat16 weights: AR step against the measured copy bandwidth
              (float32 and, for information, bfloat16 activations), and the compiled step's proxies (nested while loops, bytes accessed against params + cache)
   calibrate  a calibration for this device (tree per batch size), saved as DIR/calibration-<device>-<dtype>.json
@@ -64,7 +65,17 @@ def parse_args(argv=None):
     ap.add_argument("--parity-tokens", type=int, default=128)
     ap.add_argument("--parity-modes", default="bf16,f32", help="comma list of bf16, f32, bf16act")
     ap.add_argument("--calibrate-budget", type=float, default=180.0, help="seconds for the calibration section")
+    ap.add_argument("--trees", default="", help="comma list of more trees (names or JSON files) whose step cost the "
+                    "steps section measures too, e.g. smollm2_sequential_127")  # fmt: skip
     args = ap.parse_args(argv)
+    args.trees = [t for t in args.trees.split(",") if t]
+    from medusa_jax.tree import get_tree
+
+    for t in args.trees:
+        try:
+            get_tree(t)
+        except ValueError as e:
+            ap.error(f"--trees: {e}")
     skip = {s for s in args.skip.split(",") if s}
     if skip - set(SECTIONS):
         ap.error(f"--skip: unknown section(s) {', '.join(sorted(skip - set(SECTIONS)))}; choose from {SECTIONS}")
@@ -231,26 +242,32 @@ def speed_section(args, rep: Report, prompts: list[str]):
 
 
 def steps_section(args, rep: Report):
-    """Step cost of the real loop, mc_sim_7b_63 + lookup 10 against AR, both over a KV cache of the same size."""
+    """Step cost of the real loop, mc_sim_7b_63 + lookup 10 (and each of `--trees`, for information) against AR, all
+    over a KV cache of the same size."""
     from medusa_jax.calibrate import step_costs, step_slots
     from medusa_jax.tree import build_buffers, get_tree
 
     model = load_model(args, "bfloat16")
     kw = tree_kw(args.quick)
-    tree = build_buffers(get_tree(kw["tree"]), topk=10, num_heads=model.heads_config.num_heads, lookup=kw["lookup"])
+    k = model.heads_config.num_heads
+    trees = {
+        t: build_buffers(get_tree(t), topk=10, num_heads=k, lookup=kw["lookup"]) for t in [kw["tree"], *args.trees]
+    }
     root = build_buffers([], topk=1)
     iters, repeats = (3, 2) if args.quick else (30, 5)
     prompt = [1] * (16 if args.quick else 128)
-    slots = step_slots(len(prompt), [root, tree], iters)
+    slots = step_slots(len(prompt), [root, *trees.values()], iters)
     rep.raw["step_ms"] = {"slots": slots}
     for b, goal in ((1, 1.35), (8, 1.6)):
-        cost = step_costs(
-            model, prompt, b, {"ar": (root, None), "tree": (tree, model.heads)}, iters, repeats, slots=slots
-        )
-        ar, md = cost["ar"], cost["tree"]
-        rep.raw["step_ms"][f"b{b}"] = {"ar": ar * 1e3, "tree_lookup": md * 1e3}
-        rep.row(f"step cost {kw['tree']} + lookup {kw['lookup']} / AR, batch {b} ({slots} cache slots)",
-                f"{md / ar:.2f}x ({md * 1e3:.2f} vs {ar * 1e3:.2f} ms)", md / ar <= goal, f"<= {goal}x")  # fmt: skip
+        options = {"ar": (root, None)} | {t: (tree, model.heads) for t, tree in trees.items()}
+        cost = step_costs(model, prompt, b, options, iters, repeats, slots=slots)
+        ar = cost.pop("ar")
+        rep.raw["step_ms"][f"b{b}"] = {"ar": ar * 1e3, "tree_lookup": cost[kw["tree"]] * 1e3,
+                                       "trees": {t: c * 1e3 for t, c in cost.items()}}  # fmt: skip
+        for t, md in cost.items():
+            ok, want = (md / ar <= goal, f"<= {goal}x") if t == kw["tree"] else (None, "informational")
+            rep.row(f"step cost {t} + lookup {kw['lookup']} / AR, batch {b} ({slots} cache slots)",
+                    f"{md / ar:.2f}x ({md * 1e3:.2f} vs {ar * 1e3:.2f} ms)", ok, want)  # fmt: skip
 
 
 def big_section(args, rep: Report):
