@@ -280,14 +280,15 @@ def choose_mode(model, args, n_prompts: int) -> tuple[str, str]:
     batch = min(args.batch_size or 16, n_prompts)
     if model.heads is None:
         return args.mode or "ar", "no Medusa heads loaded"
-    k = model.heads_config.num_heads
+    hc = model.heads_config
+    loaded = "a feature drafter" if hc.feature else f"{hc.num_heads} Medusa heads"
     if args.mode:
-        return args.mode, f"{k} Medusa heads loaded; --mode {args.mode}"
+        return args.mode, f"{loaded} loaded; --mode {args.mode}"
     if args.tree is not None:
-        return "medusa", f"{k} Medusa heads loaded; --tree {args.tree}"
+        return "medusa", f"{loaded} loaded; --tree {args.tree}"
     cal = model.calibration
     if cal is None:
-        return "medusa", (f"{k} Medusa heads loaded; no calibration for this device in the heads directory, so "
+        return "medusa", (f"{loaded} loaded; no calibration for this device in the heads directory, so "
                           "Medusa with the built-in tree (bench --calibrate measures whether it pays off)")  # fmt: skip
     from medusa_jax.calibrate import _nearest
 
@@ -299,11 +300,11 @@ def choose_mode(model, args, n_prompts: int) -> tuple[str, str]:
         best = max((n for n in rates if n), key=lambda n: rates[n], default=None)
         vs = (f" (best tree: {rates[best]:.1f} expected tokens/s vs {rates.get(0, 0):.1f} plain, under the "
               f"{cal.get('min_gain', 1.15)}x needed)" if best is not None and 0 in rates else "")  # fmt: skip
-        return "ar", f"{k} Medusa heads loaded; {where} picks plain decoding at batch {batch}{vs}"
+        return "ar", f"{loaded} loaded; {where} picks plain decoding at batch {batch}{vs}"
     lookup = model.default_lookup(batch)
     chain = f" + a {lookup}-node lookup chain" if lookup else ""
     nodes = plan.tree.num_nodes - plan.tree.lookup - 1
-    return "medusa", f"{k} Medusa heads loaded; {where} picks a {nodes}-node tree{chain} at batch {batch}"
+    return "medusa", f"{loaded} loaded; {where} picks a {nodes}-node tree{chain} at batch {batch}"
 
 
 def check_options(model, mode: str, args) -> None:

@@ -92,6 +92,10 @@ def abstract_heads(cfg: ModelConfig, hc: HeadsConfig) -> dict:
     """Medusa heads' params as ShapeDtypeStructs (the reference layout: each head its own vocabulary projection,
     unless `shared_lm_head`; root-token and sequential heads' extra kernels)."""
     k, nl, e, v, dt = hc.num_heads, hc.num_layers, cfg.hidden_size, cfg.vocab_size, cfg.jnp_param_dtype
+    if hc.feature:  # a feature drafter: one decoder layer of the backbone's shapes and the fuse weights
+        layer = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape[1:], dt), abstract_params(cfg)["layers"])
+        fuse = {"kernel": jax.ShapeDtypeStruct((2 * e, e), dt), "bias": jax.ShapeDtypeStruct((e,), dt)}
+        return {"feature": {"fuse": fuse, "layer": layer}}
     out = {"blocks": {"kernel": jax.ShapeDtypeStruct((k, nl, e, e), dt), "bias": jax.ShapeDtypeStruct((k, nl, e), dt)}}
     if not hc.shared_lm_head:
         out["proj"] = {"kernel": jax.ShapeDtypeStruct((k, e, v), dt)}
@@ -418,7 +422,8 @@ def build_setup(args) -> Setup:
         raise AotError(f"--mesh {args.mesh} has {data * model} devices but {args.topology} has {chips} chips")
     devices = topology.devices(args.topology)
     mesh = sh.make_mesh(data, 1, model, list(devices))
-    hc = HeadsConfig(args.heads, 1, args.shared_lm_head, args.root_token or args.sequential, args.sequential)
+    hc = HeadsConfig(args.heads, 1, args.shared_lm_head, args.root_token or args.sequential, args.sequential,
+                     args.feature)  # fmt: skip
     hc = hc if args.heads else None
     tree = resolve_tree(args.tree if args.heads else [], args.heads or 1, 10, args.lookup if args.heads else 0)
     if args.batch < 1 or args.context < 64:
@@ -436,6 +441,7 @@ def main(argv=None) -> int:
     ap.add_argument("--shared-lm-head", action="store_true", help="heads share the base lm_head (no own projection)")
     ap.add_argument("--root-token", action="store_true", help="root-token heads (each also sees the step's root)")
     ap.add_argument("--sequential", action="store_true", help="sequential heads (each sees its path's drafted tokens)")
+    ap.add_argument("--feature", action="store_true", help="a feature drafter (one decoder layer) instead of heads")
     ap.add_argument("--tree", default="mc_sim_7b_63")
     ap.add_argument("--lookup", type=int, default=10)
     ap.add_argument("--batch", type=int, default=1)

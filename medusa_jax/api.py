@@ -15,6 +15,7 @@ from jax.sharding import Mesh
 
 from medusa_jax import checkpoint, shard_load
 from medusa_jax.config import ModelConfig, check_numerics, default_dtype
+from medusa_jax.feature_drafter import is_feature
 from medusa_jax.generation import bucket
 from medusa_jax.heads import (
     HeadsConfig,
@@ -39,7 +40,7 @@ from medusa_jax.sharding import inference_mesh, param_shardings, replicated, sha
 @dataclasses.dataclass
 class ForwardResult:
     logits: jax.Array  # [B, T, V] float32
-    medusa_logits: jax.Array | None  # [K, B, T, V] float32, or None without heads
+    medusa_logits: jax.Array | None  # [K, B, T, V] float32, or None without heads (and for a feature drafter)
     hidden: jax.Array  # [B, T, E]
 
 
@@ -323,7 +324,7 @@ def _forward(cfg, params, heads, tokens, length):
     hidden, _ = model.apply({"params": params}, tokens, jnp.broadcast_to(jnp.arange(t), (b, t)), causal_mask(t))
     logits = model.apply({"params": params}, hidden, method=model.logits)
     medusa = None
-    if heads is not None:  # root_token heads see the next input token (the base argmax after the last one)
+    if heads is not None and not is_feature(heads):  # root_token heads see the next input token (the base argmax)
         root_emb = None
         if uses_root(heads):
             last = jax.lax.dynamic_slice_in_dim(logits, length - 1, 1, axis=1)  # [B, 1, V]

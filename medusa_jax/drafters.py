@@ -13,6 +13,9 @@ whichever tokens are proposed, including children chosen per parent.
 - `MedusaHeads`: Medusa's heads (and root-token heads): head k's top-k, the same for every node at depth k+1.
 - `SequentialHeads`: sequentially dependent heads (`medusa_jax.heads`, `sequential`): depth by depth, head k runs
   on every node of depth k that has children, with that node's own path; its top-k are that node's children.
+- `FeatureDrafter`: a feature-level drafter of EAGLE's kind (`medusa_jax.feature_drafter`): one decoder layer run
+  depth by depth on each node's predicted feature and token, over its own K/V cache. It is stateful: its cache
+  (`DraftContext.draft`) comes back from `propose` and is advanced after acceptance (`observe`).
 - `LookupChain`: the tokens that followed the context's last n-gram earlier on (`medusa_jax.lookup`).
 """
 
@@ -28,6 +31,7 @@ import numpy as np
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from medusa_jax import feature_drafter as fd
 from medusa_jax.heads import base_lm_head, draft_logits, head_at_depth, is_sequential, root_embedding, uses_root
 from medusa_jax.lookup import lookup_draft
 from medusa_jax.ranking import top_candidates
@@ -46,6 +50,8 @@ class DraftContext:
     lengths: jax.Array  # [B] tokens in the cache
     matmul_dtype: str = flax.struct.field(pytree_node=False, default="float32")
     mesh: object = flax.struct.field(pytree_node=False, default=None)
+    draft: object = None  # a stateful drafter's state (`FeatureDrafter`: `feature_drafter.FeatureState`), else None
+    cfg: object = flax.struct.field(pytree_node=False, default=None)  # the backbone's ModelConfig
 
 
 class Drafter(Protocol):
@@ -54,7 +60,8 @@ class Drafter(Protocol):
 
     def propose(self, ctx: DraftContext, tree: TreeBuffers, cand: jax.Array) -> tuple[jax.Array, jax.Array | None]:
         """-> (tokens `[B, n]` for `nodes(tree)`, valid `[B, n]` or None when every one is a real draft). `cand`
-        `[B, L]`: the tree so far (the root, and the nodes of the drafters before this one)."""
+        `[B, L]`: the tree so far (the root, and the nodes of the drafters before this one). A stateful drafter
+        returns its new state third."""
 
 
 def head_nodes(tree: TreeBuffers) -> np.ndarray:
@@ -148,6 +155,42 @@ class SequentialHeads:
         return cand[:, jnp.asarray(head_nodes(tree))], None
 
 
+class FeatureDrafter:
+    """A feature-level drafter: depth by depth, each node with children runs the drafter's layer on its parent's
+    predicted feature and its own token, attending to the drafter's cache and its own path; its top-k are its
+    children. Returns its state (the cache with the last step's accepted entries written) third."""
+
+    def nodes(self, tree):
+        return head_nodes(tree)
+
+    def propose(self, ctx, tree, cand):
+        cfg, heads, params, dtype = ctx.cfg, ctx.heads, ctx.params, ctx.matmul_dtype
+        st, g_root = fd.begin_step(cfg, heads, params, ctx.draft, ctx.lengths, ctx.root)
+        b, n = cand.shape
+        feats = jnp.zeros((b, n, g_root.shape[-1]), jnp.float32).at[:, 0].set(g_root)  # each node's prediction
+        nk = jnp.zeros((b, n, *st.k.shape[2:]), jnp.float32)  # each node's entry's K/V
+        nv = jnp.zeros_like(nk)
+        seen = jnp.arange(st.k.shape[1])[None, None, :] < ctx.lengths[:, None, None]  # [B, 1, S]
+        for d, (kids, parents, slot, rank, anc) in enumerate(depth_plan(tree), start=1):
+            par = jnp.asarray(parents)
+            if d > 1:  # the parents' entries: their parent's prediction and their own token, at depth d-1
+                grand = jnp.asarray(anc[:, -2]) if d > 2 else jnp.zeros((len(parents),), jnp.int32)
+                x = fd.fuse(cfg, heads, feats[:, grand], fd.embed(params, cand[:, par]))
+                pos = jnp.broadcast_to(ctx.lengths[:, None] + d - 2, (b, len(parents)))
+                q, k, v = fd.project(cfg, heads, x, pos)
+                nk, nv = nk.at[:, par].set(k), nv.at[:, par].set(v)
+                path = jnp.asarray(anc)  # [p, d-1]: the parents' paths, themselves last
+                mask = jnp.broadcast_to(seen, (b, len(parents), seen.shape[-1]))
+                g = fd.finish(cfg, heads, x, fd.attend(q, st.k, st.v, mask, nk[:, path], nv[:, path]))
+                feats = feats.at[:, par].set(g)
+            logits, ids = fd.vocab_logits(heads, params, feats[:, par], dtype)  # [B, p, Vd]
+            top = top_candidates(logits, int(rank.max()) + 1)
+            if ids is not None:
+                top = ids[top]
+            cand = cand.at[:, jnp.asarray(kids)].set(top[:, jnp.asarray(slot), jnp.asarray(rank)])
+        return cand[:, jnp.asarray(head_nodes(tree))], None, st
+
+
 class LookupChain:
     """The lookup chain's nodes (after the heads' nodes): prompt-lookup drafts, `valid` where one was found."""
 
@@ -164,30 +207,37 @@ def drafters_for(heads: dict | None, tree: TreeBuffers) -> tuple[Drafter, ...]:
     if tree.head_depth:
         if heads is None:
             raise ValueError(f"the tree has {tree.head_depth} levels of head nodes but there are no heads")
-        out.append(SequentialHeads() if is_sequential(heads) else MedusaHeads())
+        if fd.is_feature(heads):
+            out.append(FeatureDrafter())
+        else:
+            out.append(SequentialHeads() if is_sequential(heads) else MedusaHeads())
     if tree.lookup:
         out.append(LookupChain())
     return tuple(out)
 
 
-def draft_tree(ctx: DraftContext, tree: TreeBuffers) -> tuple[jax.Array, jax.Array | None]:
-    """The step's candidates `[B, L]` (node 0 = the root) and valid `[B, L]` (None: every node holds a draft)."""
+def draft_tree(ctx: DraftContext, tree: TreeBuffers) -> tuple[jax.Array, jax.Array | None, object]:
+    """The step's candidates `[B, L]` (node 0 = the root), valid `[B, L]` (None: every node holds a draft) and the
+    stateful drafter's new state (`ctx.draft` when there is none)."""
     b = ctx.root.shape[0]
     cand = jnp.zeros((b, tree.num_nodes), jnp.int32).at[:, 0].set(ctx.root)
-    valid = None
+    valid, state = None, ctx.draft
     for drafter in drafters_for(ctx.heads, tree):
         nodes = jnp.asarray(drafter.nodes(tree))
-        tokens, ok = drafter.propose(ctx, tree, cand)
+        tokens, ok, *new_state = drafter.propose(ctx, tree, cand)
+        if new_state:
+            state = new_state[0]
         cand = cand.at[:, nodes].set(tokens.astype(jnp.int32))
         if ok is not None:
             valid = jnp.ones(cand.shape, bool) if valid is None else valid
             valid = valid.at[:, nodes].set(ok)
-    return cand, valid
+    return cand, valid, state
 
 
 __all__ = [
     "DraftContext",
     "Drafter",
+    "FeatureDrafter",
     "LookupChain",
     "MedusaHeads",
     "SequentialHeads",

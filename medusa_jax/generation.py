@@ -47,13 +47,14 @@ def prefill_chunk(cfg: ModelConfig, batch: int, tokens: int, slots: int) -> int:
     return tokens if tokens % c else c
 
 
-def prefill_into(cfg: ModelConfig, params, tokens, lengths, cache: KVCache, start, chunk: int | None = None, mesh=None):
+def prefill_into(cfg: ModelConfig, params, tokens, lengths, cache: KVCache, start, chunk: int | None = None, mesh=None,
+                 every_hidden: bool = False):  # fmt: skip
     """Write the K/V of tokens `[B, T]` (right-padded; `lengths` `[B]` real tokens) into `cache` at slots (and
     positions) `start` on (`[B]`, or a scalar for all rows). Long prompts run in chunks of `chunk` tokens (default
     `prefill_chunk`), so attention never holds more than `[B, H, chunk, S]` scores.
 
     mesh: the decoding mesh the cache is sharded over (`Transformer.mesh`). Returns (hidden at each row's last token
-    `[B, E]`, cache)."""
+    `[B, E]`, cache), and with `every_hidden` the hidden states of every token `[B, T, E]` third."""
     model = Transformer(cfg, mesh)
     b, t = tokens.shape
     c = chunk or prefill_chunk(cfg, b, t, cache.slots)
@@ -65,20 +66,22 @@ def prefill_into(cfg: ModelConfig, params, tokens, lengths, cache: KVCache, star
         positions = row_start[:, None] + off + jnp.arange(c)[None, :]
         hidden, cache = model.apply({"params": params}, toks, positions, causal_mask(c), cache, start + off)
         last = jnp.take_along_axis(hidden, jnp.clip(lengths - 1 - off, 0, c - 1)[:, None, None], axis=1)[:, 0]
-        return cache, last
+        return cache, last, hidden
 
     if c == t:
-        cache, last = run(cache, 0)
-        return last, cache
+        cache, last, hidden = run(cache, 0)
+        return (last, cache, hidden) if every_hidden else (last, cache)
 
     def body(carry, off):
         cache, last = carry
-        cache, here = run(cache, off)
+        cache, here, hidden = run(cache, off)
         mine = (lengths - 1 >= off) & (lengths - 1 < off + c)
-        return (cache, jnp.where(mine[:, None], here, last)), None
+        return (cache, jnp.where(mine[:, None], here, last)), (hidden if every_hidden else None)
 
     init = (cache, jnp.zeros((b, cfg.hidden_size), cfg.jnp_dtype))
-    (cache, last), _ = jax.lax.scan(body, init, jnp.arange(0, t, c))
+    (cache, last), chunks = jax.lax.scan(body, init, jnp.arange(0, t, c))
+    if every_hidden:  # [T / c, B, c, E] -> [B, T, E]
+        return last, cache, jnp.moveaxis(chunks, 0, 1).reshape(b, t, -1)
     return last, cache
 
 

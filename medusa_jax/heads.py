@@ -36,12 +36,18 @@ class HeadsConfig:
     shared_lm_head: bool = False
     root_token: bool = False
     sequential: bool = False  # head k also sees the path's drafted tokens at depths 1..k (implies root_token)
+    feature: bool = False  # a feature drafter (`medusa_jax.feature_drafter`): one decoder layer, any depth
 
     def to_dict(self):
         return dataclasses.asdict(self)
 
 
+FEATURE_DEPTH = 16  # the depth of tree a feature drafter drafts (it is autoregressive: trees are cut to this)
+
+
 def heads_config_of(params: dict) -> HeadsConfig:
+    if "feature" in params:
+        return HeadsConfig(FEATURE_DEPTH, 1, True, True, False, True)
     k, nl = params["blocks"]["kernel"].shape[:2]
     return HeadsConfig(int(k), int(nl), "proj" not in params, "root" in params, "path" in params)
 

@@ -29,8 +29,10 @@ import numpy as np
 
 from medusa_jax import cache as fsio
 from medusa_jax import checkpoint
+from medusa_jax import feature_drafter as fd
 from medusa_jax.checkpoint import CheckpointError
 from medusa_jax.draft_vocab import DRAFT_VOCAB_FILE, check_draft_ids, read_draft_vocab  # noqa: F401 (their old home)
+from medusa_jax.heads import FEATURE_DEPTH
 
 HEADS_FILES = ("medusa_lm_head.safetensors", "medusa_lm_head.pt")
 MEDUSA2_PREFIX = "medusa_head."
@@ -178,7 +180,9 @@ def _dtype_of(blocks, projs) -> np.dtype:
 
 
 def _dims(params: dict) -> tuple[int, int, int, int | None]:
-    """(K, NL, E, V or None) of a params dict."""
+    """(K, NL, E, V or None) of a params dict (a feature drafter: its depth, 1 layer)."""
+    if fd.is_feature(params):
+        return FEATURE_DEPTH, 1, int(params[fd.FEATURE]["fuse"]["bias"].shape[0]), None
     k, nl, e = params["blocks"]["kernel"].shape[:3]
     v = None
     if "proj" in params:
@@ -295,6 +299,14 @@ def read_heads(path: str) -> tuple[dict, dict]:
         else:
             raise CheckpointError(f"{file} is not a .safetensors or .pt Medusa heads file")
         prefix, source = _detect_prefix(tensors), file
+    if fd.FEATURE_TENSOR in tensors:  # a feature drafter (`medusa_jax.feature_drafter`)
+        try:
+            params = fd.from_tensors(tensors)
+        except KeyError as e:
+            raise CheckpointError(f"{source}: a feature drafter without the tensor {e}: rewrite it") from None
+        base = config.get("base_model_name_or_path", "") or ""
+        return params, {"base_model_name_or_path": base, "feature": True, "num_heads": FEATURE_DEPTH,
+                        "num_layers": 1, "shared_lm_head": True, "source": source}  # fmt: skip
     try:
         params = heads_from_tensors(tensors, prefix)
     except CheckpointError as e:
@@ -430,6 +442,8 @@ def save_heads(
     k, nl, _, _ = _dims(params)
     config = dict(extra_config or {})
     config.update(medusa_num_heads=k, medusa_num_layers=nl, base_model_name_or_path=base_model_name_or_path)
+    if fd.is_feature(params):
+        config["medusa_drafter"] = "feature"
     if "proj" not in params:
         config["version"] = "2"
     else:
@@ -439,7 +453,7 @@ def save_heads(
             config[name] = True
         else:
             config.pop(name, None)
-    tensors = heads_to_tensors(params)
+    tensors = fd.to_tensors(params) if fd.is_feature(params) else heads_to_tensors(params)
     if dtype is not None:
         tensors = {name: np.ascontiguousarray(t.astype(dtype)) for name, t in tensors.items()}
 

@@ -26,6 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding
 
+from medusa_jax import feature_drafter as fd
 from medusa_jax.config import ModelConfig
 from medusa_jax.drafters import DraftContext, draft_tree
 from medusa_jax.generation import append_tokens, is_eos, lm_logits, prefill_into
@@ -68,6 +69,7 @@ class MedusaState:
     # `moved_at + 0..D` in the next verification forward (`model.move_entries`), or by `settled_cache`.
     moved_at: jax.Array  # [B]
     moved_nodes: jax.Array  # [B, D+1]
+    draft: object = None  # a stateful drafter's state (`feature_drafter.FeatureState`), else None
 
 
 def constrain_state(s: MedusaState, mesh: Mesh | None) -> MedusaState:
@@ -95,6 +97,7 @@ def constrain_state(s: MedusaState, mesh: Mesh | None) -> MedusaState:
         seq=rows(s.seq),
         moved_at=rows(s.moved_at),
         moved_nodes=rows(s.moved_nodes),
+        draft=None if s.draft is None else jax.tree.map(rows, s.draft),
     )
 
 
@@ -285,17 +288,25 @@ def compact_cache(cache: KVCache, lengths, path_nodes, scatter: bool = False) ->
 
 
 def start_state(cfg, loop: MedusaLoop, params, heads, cache: KVCache, start, tokens, lengths, max_new, rng,
-                history=None):  # fmt: skip
+                history=None, draft=None):  # fmt: skip
     """Prefill `tokens` `[B, T]` (right-padded, `lengths` `[B]` real tokens) into `cache` at slots `start` `[B]` on
     (a scalar 0 for new prompts; the conversation so far in a chat) and set up the loop carry. history `[B, slots]`
-    (or None): the tokens already in the cache, by slot (-1 unknown), for the lookup chain."""
+    (or None): the tokens already in the cache, by slot (-1 unknown), for the lookup chain. draft: a feature
+    drafter's state after the conversation so far (None: a new one)."""
     b = tokens.shape[0]
     row_start = jnp.broadcast_to(start, (b,))
     seq = jnp.zeros((b, 0), jnp.int32)
     if loop.tree.lookup:
         seq = jnp.full((b, loop.slots), -1, jnp.int32) if history is None else jnp.asarray(history, jnp.int32)
         seq = write_tokens(seq, row_start, tokens, lengths)
-    last_hidden, cache = prefill_into(cfg, params, tokens, lengths, cache.constrain(loop.mesh), start, mesh=loop.mesh)
+    stateful = loop.tree.head_depth and fd.is_feature(heads)
+    last_hidden, cache, *every = prefill_into(cfg, params, tokens, lengths, cache.constrain(loop.mesh), start,
+                                              mesh=loop.mesh, every_hidden=bool(stateful))  # fmt: skip
+    if stateful:  # the drafter's cache over the prompt (and the conversation's last pending entries)
+        draft = fd.empty_state(cfg, b, loop.slots, loop.tree.depth + 1) if draft is None else draft
+        draft = fd.prefill_state(cfg, heads, params, draft, row_start, tokens, lengths, every[0])
+    else:
+        draft = None
     state = MedusaState(
         cache=cache,
         lengths=row_start + lengths,
@@ -310,6 +321,7 @@ def start_state(cfg, loop: MedusaLoop, params, heads, cache: KVCache, start, tok
         seq=seq,
         moved_at=row_start + lengths,
         moved_nodes=jnp.broadcast_to(jnp.arange(loop.tree.depth + 1, dtype=jnp.int32), (b, loop.tree.depth + 1)),
+        draft=draft,
     )
     return constrain_state(state, loop.mesh)
 
@@ -342,8 +354,8 @@ def medusa_step(cfg, loop: MedusaLoop, params, heads, s: MedusaState, max_new, s
     rng, k_root, k_accept = jax.random.split(s.rng, 3)
     # 1. candidates
     root = choose_root(s.logits, s.banned, k_root, loop, sp, th)
-    ctx = DraftContext(params, heads, root, s.hidden, s.seq, s.lengths, cfg.jnp_matmul_dtype, loop.mesh)
-    cand, valid = draft_tree(ctx, tree)  # [B, L] node 0 = root; valid None or [B, L]
+    ctx = DraftContext(params, heads, root, s.hidden, s.seq, s.lengths, cfg.jnp_matmul_dtype, loop.mesh, s.draft, cfg)
+    cand, valid, draft = draft_tree(ctx, tree)  # [B, L] node 0 = root; valid None or [B, L]
     # 2. verify the whole tree in one forward, at positions length + depth under the tree mask
     model = Transformer(cfg, loop.mesh)
     positions = s.lengths[:, None] + jnp.asarray(tree.position_ids)[None, :]
@@ -384,6 +396,8 @@ def medusa_step(cfg, loop: MedusaLoop, params, heads, s: MedusaState, max_new, s
         next_logits = jnp.take_along_axis(node_logits, last_node[:, None, None], axis=1)[:, 0]
     else:
         next_logits = lm_logits(cfg, params, last_hidden)
+    if draft is not None:  # a stateful drafter: the accepted path's features and tokens, its entries next step
+        draft = fd.end_step(draft, hidden, path_nodes, path_tokens, count, live)
     state = MedusaState(
         cache=cache,
         lengths=s.lengths + jnp.where(live, count, 0),
@@ -398,6 +412,7 @@ def medusa_step(cfg, loop: MedusaLoop, params, heads, s: MedusaState, max_new, s
         seq=seq,
         moved_at=s.lengths,
         moved_nodes=path_nodes.astype(jnp.int32),
+        draft=draft,
     )
     return constrain_state(state, loop.mesh)
 
@@ -445,9 +460,9 @@ def generate_medusa(
 
 @functools.partial(jax.jit, static_argnums=(0, 1), donate_argnames=("cache",))
 def start_medusa(cfg, loop: MedusaLoop, params, heads, cache, start, tokens, lengths, max_new, rng,
-                 history=None) -> MedusaState:  # fmt: skip
+                 history=None, draft=None) -> MedusaState:  # fmt: skip
     """Jitted `start_state` for streaming and chat (the cache is donated and comes back inside the state)."""
-    return start_state(cfg, loop, params, heads, cache, start, tokens, lengths, max_new, rng, history)
+    return start_state(cfg, loop, params, heads, cache, start, tokens, lengths, max_new, rng, history, draft)
 
 
 @functools.partial(jax.jit, static_argnums=(0, 1), donate_argnames=("state",))

@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from medusa_jax.feature_drafter import is_feature
 from medusa_jax.generation import bucket
 from medusa_jax.medusa_decode import (
     MedusaLoop,
@@ -102,6 +103,7 @@ class Session:
         self.recovery: str | None = None  # after a failed generation: "intact" or "reset" (see the class doc)
         self.cache: KVCache | None = None
         self.ids: list[int] = []  # tokens whose K/V are in the cache
+        self.draft = None  # a feature drafter's state after `ids` (its own cache; None: rebuilt from the input)
         self.last_steps = 0  # decoding steps of the latest generation
         self.last_prefill = 0  # tokens prefilled by the latest generation
         self.last_reused = 0  # tokens of its input whose K/V came from the cache
@@ -112,6 +114,7 @@ class Session:
     def reset(self) -> None:
         """Forget the conversation (the cache buffer is kept for reuse)."""
         self.ids = []
+        self.draft = None
         self.messages = []
         self.recovery = None
 
@@ -159,6 +162,10 @@ class Session:
         GenerateOptions(max_new_tokens=max_new_tokens)  # raises OptionError (a ValueError)
         extra = self.tree.num_nodes + 1 if self.heads is not None else 0  # as `generate` (root only: no tree)
         keep = min(common_prefix(self.ids, ids), len(ids) - 1)  # at least one token to prefill
+        stateful = self.heads is not None and is_feature(self.heads) and self.tree.head_depth > 0
+        draft = self.draft if stateful and keep == len(self.ids) else None
+        if stateful and draft is None:  # a feature drafter continues only where its last turn ended: else from 0
+            keep = 0
         new = ids[keep:]
         t = bucket(len(new), 16)
         out_len = bucket(max_new_tokens, 16)
@@ -177,11 +184,14 @@ class Session:
         cfg, params, heads = self.model.cfg, self.model.params, self.heads
         max_new = jnp.int32(max_new_tokens)
         old_ids, cache = self.ids, self.cache
-        self.ids, self.cache = list(ids[:keep]), None  # the cache is donated into the state and rewritten from keep
+        self.ids, self.cache, self.draft = list(ids[:keep]), None, None  # the cache is donated into the state
+        if draft is not None and draft.k.shape[1] != loop.slots:  # the cache grew: the drafter's too
+            grow = lambda x: jnp.pad(x, ((0, 0), (0, loop.slots - x.shape[1]), (0, 0), (0, 0)))  # noqa: E731
+            draft = draft.replace(k=grow(draft.k), v=grow(draft.v))
         try:
             start, toks, lengths = self.model.host_inputs(np.int32([keep]), tokens, np.int32([len(new)]))
             hist = None if history is None else self.model.host_inputs(history)[0]
-            state = start_medusa(cfg, loop, params, heads, cache, start, toks, lengths, max_new, key, hist)
+            state = start_medusa(cfg, loop, params, heads, cache, start, toks, lengths, max_new, key, hist, draft)
         except BaseException as e:
             self._recover(e, [(old_ids, cache)])
             raise
@@ -202,13 +212,13 @@ class Session:
                 if done:
                     break
         except GeneratorExit:  # closed early by the consumer: what it was given is in `ids`
-            self.cache = settled_cache(state, donate=True)
+            self.cache, self.draft = settled_cache(state, donate=True), state.draft
             raise
         except BaseException as e:
             # a later state holds K/V for `got` (and maybe more, past the tokens in `ids`: harmless, never attended)
             self._recover(e, [(list(ids) + got, nxt), (list(ids) + got, state)])
             raise
-        self.cache = settled_cache(state, donate=True)
+        self.cache, self.draft = settled_cache(state, donate=True), state.draft
 
     # ----------------------------------------------------------------------------------------------- chat
     def chat(self, user_text: str, max_new_tokens: int = 256, system: str | None = None) -> Iterator[str]:

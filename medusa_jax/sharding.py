@@ -45,6 +45,8 @@ LOGICAL_RULES: dict[str, str | tuple[str, ...] | None] = {
 # (regex on the "/"-joined param path, logical axes). First match with the leaf's number of dimensions wins. LoRA
 # factors are named `<module>/lora_a` `[N, in, r]` and `<module>/lora_b` `[N, r, out]`.
 PARAM_RULES: list[tuple[str, tuple[str | None, ...]]] = [
+    (r"feature/.*kernel$", ("norm", "norm")),  # a feature drafter's one layer: small, replicated
+    (r"feature/.*(bias|scale)$", ("norm",)),
     (r"embed/embedding$", ("vocab", "embed")),
     (r"attn/(q|k|v)_proj/kernel$", ("layers", "embed", "heads")),
     (r"attn/(q|k|v)_proj/bias$", ("layers", "heads")),

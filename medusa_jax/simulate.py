@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from medusa_jax import feature_drafter as fd
 from medusa_jax.generation import bucket
 from medusa_jax.heads import base_lm_head, draft_logits, is_sequential, root_embedding, uses_root
 from medusa_jax.lookup import NGRAM
@@ -39,11 +40,26 @@ def _ranks(dtype, heads, lm, embed, hidden, targets, roots, col):
     return jnp.where(t >= 0, candidate_rank(logits, jnp.maximum(t, 0)), UNPROPOSABLE)
 
 
-def head_ranks(model, seq: list[int]) -> np.ndarray:
+@functools.partial(jax.jit, static_argnums=(0, 1))
+def _feature_ranks(cfg, depth, heads, params, hidden, tokens, targets, col):
+    """A feature drafter's ranks: hidden `[T, E]`, tokens `[T]`, targets `[K, T]` -> `[K, T]` (`fd.unroll`: level
+    h+1 at t is the depth-(h+1) node's prediction on the answer's path when the cache ends at t)."""
+    g = fd.unroll(cfg, heads, params, hidden[None], tokens[None], depth)[:, 0]  # [K, T, E]
+    logits, _ = fd.vocab_logits(heads, params, g, cfg.jnp_matmul_dtype)
+    t = targets if col is None else col[targets]
+    return jnp.where(t >= 0, candidate_rank(logits, jnp.maximum(t, 0)), UNPROPOSABLE)
+
+
+FEATURE_SIM_DEPTH = 8  # depths of a feature drafter's ranks the simulator computes by default
+
+
+def head_ranks(model, seq: list[int], depth: int | None = None) -> np.ndarray:
     """`[K, T]`: the rank of seq[t+h+2] among head h's candidates at position t (root-token heads see seq[t+1]), over
-    the draft vocabulary when the heads have one (`UNPROPOSABLE` outside it, and where t+h+2 is past the end)."""
+    the draft vocabulary when the heads have one (`UNPROPOSABLE` outside it, and where t+h+2 is past the end).
+    A feature drafter's depth h+1 nodes on the answer's path stand for head h (K = `depth`, default 8)."""
     heads = model.heads
-    k, n = model.heads_config.num_heads, len(seq)
+    feature = fd.is_feature(heads)
+    k, n = depth or (FEATURE_SIM_DEPTH if feature else model.heads_config.num_heads), len(seq)
     targets = np.zeros((k, n), np.int32)
     for h in range(k):
         targets[h, : max(n - h - 2, 0)] = seq[h + 2 :]
@@ -56,8 +72,12 @@ def head_ranks(model, seq: list[int]) -> np.ndarray:
     hidden = jnp.pad(hidden, ((0, pad), (0, 0)))
     targets = np.pad(targets, ((0, 0), (0, pad)), constant_values=-1)
     roots = jnp.asarray(seq[1:] + [0] * (1 + pad), jnp.int32)  # the token after t (on greedy answers: the root at t)
-    lm, embed = base_lm_head(model.params), model.params["embed"]
-    rank = np.array(_ranks(model.cfg.jnp_matmul_dtype, heads, lm, embed, hidden, jnp.asarray(targets), roots, col))
+    if feature:
+        toks = jnp.asarray(list(seq) + [0] * pad, jnp.int32)
+        rank = np.array(_feature_ranks(model.cfg, k, heads, model.params, hidden, toks, jnp.asarray(targets), col))
+    else:
+        lm, embed = base_lm_head(model.params), model.params["embed"]
+        rank = np.array(_ranks(model.cfg.jnp_matmul_dtype, heads, lm, embed, hidden, jnp.asarray(targets), roots, col))
     rank = rank[:, :n]
     for h in range(k):
         rank[h, max(n - h - 2, 0) :] = UNPROPOSABLE
@@ -103,12 +123,12 @@ def walk(
     return steps, from_chain
 
 
-def answer_ranks(model, answers) -> list[tuple[list[int], int, np.ndarray]]:
+def answer_ranks(model, answers, depth: int | None = None) -> list[tuple[list[int], int, np.ndarray]]:
     """answers: (prompt ids, greedy answer ids) pairs -> (sequence, prompt length, `head_ranks`) per answer."""
     out = []
     for prompt_ids, output_ids in answers:
         seq = [int(i) for i in prompt_ids] + [int(i) for i in output_ids]
-        out.append((seq, len(prompt_ids), head_ranks(model, seq)))
+        out.append((seq, len(prompt_ids), head_ranks(model, seq, depth)))
     return out
 
 

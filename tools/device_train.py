@@ -5,6 +5,7 @@ prompts, and write the heads, the adapter and the metrics under --out.
   python tools/device_train.py --out runs/device_m2            # on the accelerator (about 10 minutes planned)
   python tools/device_train.py --out /tmp/m2 --quick           # tiny sizes, for a CPU check of the pipeline
   python tools/device_train.py --out /tmp/m2 --quick --ckpt tiny   # the tiny random model (the test)
+  python tools/device_train.py --out runs/device_fd --drafter feature   # a feature drafter instead (below)
 
 Output: OUT/data (distilled answers), OUT/data_dev (answers to the dev prompts, evaluation only), OUT/run (the
 training run dir; OUT/run/export holds the heads and the PEFT adapter), OUT/metrics.json (distillation tokens/s,
@@ -20,7 +21,14 @@ a Medusa-2 step at batch 16 x 384 tokens (LoRA forward + backward + the frozen t
 = 6.6 TFLOP) is ~0.07 s at 20% of the chip's TF32 rate (JAX's default float32 matmul precision on GPU): 2,000
 steps in 2-4 minutes; evaluation ~1 minute. The script prints each stage's time, so the first device run checks
 them. Targets for the heads (unmeasured until a device run): dev tokens/step >= 3.0 with mc_sim_7b_63 + lookup,
-KL(original || trained) <= 0.05, the same greedy token on >= 90% of dev answer positions."""
+KL(original || trained) <= 0.05, the same greedy token on >= 90% of dev answer positions.
+
+`--drafter feature` trains a feature drafter (EAGLE's kind, `configs/smollm2_135m_feature.yaml`) on the frozen
+backbone instead, from greedy answers and a second, sampled set (temperature 0.7) to the same prompts, and reports
+its tokens per step with `mc_sim_7b_63` and `smollm2_sequential_127` (+ the lookup chain). Planned, not measured:
+4,800 x 128-token answers twice (2-4 minutes), 6,000 steps of 8 rows (a 135M forward of 8 x 384 tokens and the
+drafter's 5-deep unroll from 32 anchors a row, ~20-40 ms a step: 2-4 minutes). A prototype of the same drafter
+measured 2.97 / 3.10 dev tokens per step with those trees in the exact simulator (docs/TRAINING.md)."""
 
 from __future__ import annotations
 
@@ -36,6 +44,7 @@ sys.path.insert(0, ROOT)
 DATA = os.environ.get("MEDUSA_JAX_DATA") or os.path.join(os.path.dirname(ROOT), "shared", "data")
 DEVICE = dict(num_prompts=0, dev_prompts=200, max_new_tokens=256, distill_batch=128, steps=2000, batch=16,
               max_len=384, eval_prompts=64, eval_tokens=128)  # fmt: skip
+FEATURE = dict(DEVICE, max_new_tokens=128, steps=6000, batch=8)  # `--drafter feature` on the device
 QUICK = dict(num_prompts=8, dev_prompts=4, max_new_tokens=24, distill_batch=4, steps=6, batch=2, max_len=96,
              eval_prompts=2, eval_tokens=24)  # fmt: skip
 
@@ -81,12 +90,13 @@ def main(argv=None) -> int:
     ap.add_argument("--dev", default=os.path.join(DATA, "dev_prompts.jsonl"))
     ap.add_argument("--quick", action="store_true", help="tiny sizes (a CPU check of the whole pipeline)")
     ap.add_argument("--dtype", default="float32")
+    ap.add_argument("--drafter", default="medusa2", choices=["medusa2", "feature"],
+                    help="what to train: Medusa-2 (LoRA + root-token heads) or a feature drafter (frozen backbone)")  # fmt: skip
     for k, v in DEVICE.items():
         ap.add_argument(f"--{k.replace('_', '-')}", type=int, default=None, help=f"default {v} (--quick: {QUICK[k]})")
     args = ap.parse_args(argv)
-    sizes = {
-        k: getattr(args, k) if getattr(args, k) is not None else (QUICK if args.quick else DEVICE)[k] for k in DEVICE
-    }
+    defaults = QUICK if args.quick else (FEATURE if args.drafter == "feature" else DEVICE)
+    sizes = {k: getattr(args, k) if getattr(args, k) is not None else defaults[k] for k in DEVICE}
     for path in (args.prompts, args.dev):
         if not os.path.exists(path):
             print(f"device_train: error: {path} not found (give --prompts / --dev)", file=sys.stderr)
@@ -117,20 +127,32 @@ def main(argv=None) -> int:
     # the same decoder again, mostly compiled by now: closer to the steady rate
     metrics["distill"]["dev_tokens_per_s"] = round(answer_tokens(dev) / max(time.perf_counter() - t0, 1e-9), 1)
     print(f"distilled {metrics['distill']['answer_tokens']} answer tokens in {dt:.0f}s")
+    paths = [data]
+    if args.drafter == "feature":  # a second answer to each prompt, sampled: more varied drafts to learn from
+        sampled = os.path.join(args.out, "data_t07")
+        if distill.main(["--prompts", args.prompts, "--out", sampled, "--num-prompts", str(sizes["num_prompts"]),
+                         "--temperature", "0.7", "--seed", "1", *common], model=model):  # fmt: skip
+            return 2
+        paths.append(sampled)
 
-    # 2. Medusa-2: LoRA + root-token heads, KL to the original model
+    # 2. Medusa-2: LoRA + root-token heads, KL to the original model (or a feature drafter on the frozen backbone)
     tiny = args.ckpt == "tiny"
+    feature = args.drafter == "feature"
     shipped_m1 = os.path.join(ROOT, "medusa_jax", "head_sets", "smollm2_medusa1")
-    over = [f"run_dir={os.path.join(args.out, 'run')}", "data.kind=distill", f"data.path={data}", f"data.dev_path={dev}",
-            f"data.max_len={sizes['max_len']}", f"train.steps={sizes['steps']}", f"train.batch_size={sizes['batch']}",
-            f"train.save_every={max(sizes['steps'] // 4, 1)}", f"train.log_every={max(sizes['steps'] // 20, 1)}",
-            "train.mode=medusa2", "train.backbone_loss=kl", "heads.root_token=true",
-            f"train.warmup_steps={min(100, sizes['steps'] // 10)}",
-            f"train.heads_warmup_steps={sizes['steps'] // 4}"]  # fmt: skip
+    over = [f"run_dir={os.path.join(args.out, 'run')}", "data.kind=distill", f"data.path={','.join(paths)}",
+            f"data.dev_path={dev}", f"data.max_len={sizes['max_len']}", f"train.steps={sizes['steps']}",
+            f"train.batch_size={sizes['batch']}", f"train.save_every={max(sizes['steps'] // 4, 1)}",
+            f"train.log_every={max(sizes['steps'] // 20, 1)}", f"train.warmup_steps={min(100, sizes['steps'] // 10)}"]  # fmt: skip
+    if feature:
+        over += ["heads.feature=true", "heads.num_heads=5", "heads.root_token=false", "train.mode=medusa1"]
+    else:
+        over += ["train.mode=medusa2", "train.backbone_loss=kl", "heads.root_token=true",
+                 f"train.heads_warmup_steps={sizes['steps'] // 4}"]  # fmt: skip
     if not tiny:
-        over += [f"model.ckpt={args.ckpt}", f"model.dtype={args.dtype}",
-                 f"heads.init={shipped_m1 if os.path.isdir(shipped_m1) and args.ckpt == 'default' else ''}"]  # fmt: skip
-    cfg = load_config(os.path.join(ROOT, "configs", "tiny.yaml" if tiny else "smollm2_135m_medusa2.yaml"), over)
+        init = shipped_m1 if os.path.isdir(shipped_m1) and args.ckpt == "default" and not feature else ""
+        over += [f"model.ckpt={args.ckpt}", f"model.dtype={args.dtype}", f"heads.init={init}"]
+    config = "tiny.yaml" if tiny else ("smollm2_135m_feature.yaml" if feature else "smollm2_135m_medusa2.yaml")
+    cfg = load_config(os.path.join(ROOT, "configs", config), over)
     t0 = time.perf_counter()
     res = train(cfg, progress=not args.quick)
     dt = time.perf_counter() - t0
@@ -154,14 +176,16 @@ def main(argv=None) -> int:
     if tiny:
         trained.tokenizer = model.tokenizer
     prompts = [r["prompt"] for r in read_prompt_file(args.dev)[: sizes["eval_prompts"]]]
-    tree = [[0], [1], [0, 0]] if tiny else "mc_sim_7b_63"
-    t0 = time.perf_counter()
-    out = trained.generate(
-        prompts, max_new_tokens=sizes["eval_tokens"], mode="medusa", tree=tree, lookup=DEFAULT_LOOKUP
-    )
-    new, steps = sum(r.new_tokens for r in out), sum(r.steps for r in out)
-    metrics["eval"] = {"prompts": len(prompts), "tree": tree if isinstance(tree, str) else "tiny",
-                       "tokens_per_step": round(new / max(steps, 1), 3), "seconds": round(time.perf_counter() - t0, 1)}  # fmt: skip
+    trees = [[[0], [1], [0, 0]]] if tiny else ["mc_sim_7b_63"] + (["smollm2_sequential_127"] if feature else [])
+    for i, tree in enumerate(trees):
+        t0 = time.perf_counter()
+        out = trained.generate(
+            prompts, max_new_tokens=sizes["eval_tokens"], mode="medusa", tree=tree, lookup=DEFAULT_LOOKUP
+        )
+        new, steps = sum(r.new_tokens for r in out), sum(r.steps for r in out)
+        metrics["eval" if i == 0 else f"eval_{tree}"] = {
+            "prompts": len(prompts), "tree": tree if isinstance(tree, str) else "tiny",
+            "tokens_per_step": round(new / max(steps, 1), 3), "seconds": round(time.perf_counter() - t0, 1)}  # fmt: skip
     tmp = os.path.join(args.out, "metrics.json.tmp")
     with open(tmp, "w") as f:
         json.dump(metrics, f, indent=1)

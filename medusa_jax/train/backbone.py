@@ -48,7 +48,19 @@ def deepen(heads: dict, num_layers: int, source: str = "heads.init") -> dict:
 
 def init_trainable(cfg: Config, backbone: dict) -> dict:
     hc = heads_config(cfg)
-    if cfg.heads.init:
+    if cfg.heads.feature:  # a feature drafter: from heads.init, else from the backbone's last layer
+        from medusa_jax.feature_drafter import init_feature_drafter, is_feature
+
+        if cfg.heads.init:
+            from medusa_jax.heads_io import read_heads
+
+            heads, _ = read_heads(cfg.heads.init)
+            if not is_feature(heads):
+                raise ValueError(f"heads.init {cfg.heads.init} holds Medusa heads, not a feature drafter")
+            heads = jax.tree.map(lambda a: jnp.asarray(a, jnp.float32), heads)
+        else:
+            heads = init_feature_drafter(backbone, seed=cfg.train.seed)
+    elif cfg.heads.init:
         from medusa_jax.heads_io import read_heads
 
         heads, _ = read_heads(cfg.heads.init)

@@ -33,6 +33,7 @@ class HeadsSection:
     shared_lm_head: bool = True  # the reference "version 2" layout: the heads use the base lm_head
     root_token: bool = False  # heads also see the root token x_{t+1} (medusa_jax.heads; not the reference layout)
     sequential: bool = False  # head k also sees its path's drafted tokens x_{t+2..t+k+1} (Hydra-style; root_token too)
+    feature: bool = False  # a feature drafter (EAGLE's kind, `medusa_jax.feature_drafter`); num_heads: depths trained
     init: str = ""  # start from exported heads (reference layout), e.g. a Medusa-1 run's export/
 
 
@@ -77,6 +78,7 @@ class TrainSection:
     decay: float = 0.8  # lambda_k = decay**k
     distill_weight: float = 0.0  # heads: weight of the base model's distribution over each target (soft labels)
     hidden_noise: float = 0.0  # heads: Gaussian noise on their input hidden states, this times each state's RMS
+    anchors: int = 32  # feature drafter: positions per row drafted at every depth each step
     lambda0: float = 0.2  # medusa2: weight of the heads loss
     heads_warmup_steps: int = 0  # medusa2: sine ramp of lambda0 over these steps
     backbone_loss: str = "ce"  # medusa2: "ce" on the data or "kl" to the original model
@@ -187,6 +189,8 @@ def _validate(cfg: Config) -> None:
     bad = [t for t in cfg.lora.targets if t not in LORA_TARGETS]
     if bad:
         raise ConfigError(f"lora.targets: unknown module {bad[0]!r} (known: {', '.join(LORA_TARGETS)})")
+    if cfg.heads.feature and (cfg.heads.sequential or cfg.heads.root_token):
+        raise ConfigError("heads.feature: a feature drafter has no root_token or sequential heads: set them false")
     if cfg.data.kind == "distill" and not cfg.data.path:
         raise ConfigError("data.path: required with data.kind=distill")
     if not cfg.run_dir:

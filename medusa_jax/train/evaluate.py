@@ -11,9 +11,11 @@ import numpy as np
 
 from medusa_jax import sharding as sh
 from medusa_jax.config import ModelConfig
+from medusa_jax.feature_drafter import is_feature
 from medusa_jax.heads import base_lm_head, root_embedding, uses_root
 from medusa_jax.train.backbone import current_backbone
 from medusa_jax.train.config import Config
+from medusa_jax.train.feature_loss import feature_counts
 from medusa_jax.train.losses import base_logits, eval_counts, forward_hidden, jnp_roots, jnp_targets, path_embedding
 
 
@@ -35,6 +37,12 @@ def _seq_counts(mc: ModelConfig, k: int, bb, hd, x, m):
     return jnp.stack(
         eval_counts(hd, hidden, base_lm_head(bb), t, w, mc.jnp_dtype, root_emb=root_emb, path_emb=path_emb)
     )
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1))
+def _feature_counts(mc: ModelConfig, k: int, bb, hd, x, m):
+    """A feature drafter's per-depth (top-1 hits, top-5 hits, count) `[3, K]` at every position of `x`, `m`."""
+    return feature_counts(mc, hd, bb, forward_hidden(mc, bb, x), x, m, k)
 
 
 @functools.partial(jax.jit, static_argnums=0)
@@ -71,9 +79,11 @@ def evaluate(cfg: Config, mc: ModelConfig, trainable, frozen, dev, mesh, flat: b
         # Medusa-2: how far the trained backbone moved from the original on the dev answers
         teacher = frozen.get("backbone") if cfg.train.mode == "medusa2" else None
         tot, drift = np.zeros((3, k)), np.zeros(3)
+        counts = _feature_counts if is_feature(heads) else _seq_counts
+        batch_rows = 1 if is_feature(heads) else batch_rows  # every position at every depth: [K, 1, L, V] logits
         for i in range(0, len(ids), batch_rows):
             x, m = ids[i : i + batch_rows], mask[i : i + batch_rows]
-            tot += np.asarray(jax.device_get(_seq_counts(mc, k, backbone, heads, x, m)))
+            tot += np.asarray(jax.device_get(counts(mc, k, backbone, heads, x, m)))
             if teacher is not None:
                 drift += np.asarray(jax.device_get(_drift(mc, backbone, teacher, x, m)))
     n = np.maximum(tot[2], 1)

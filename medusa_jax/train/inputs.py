@@ -42,7 +42,8 @@ class Inputs:
 
 
 def prepare_inputs(cfg: Config, mc, backbone: dict, mesh, run_dir: str, log=print) -> Inputs:
-    flat = cfg.train.mode == "medusa1" and cfg.train.precompute_hidden
+    # a feature drafter attends over whole sequences: it trains on them (the frozen backbone runs in the step)
+    flat = cfg.train.mode == "medusa1" and cfg.train.precompute_hidden and not cfg.heads.feature
     k_heads = cfg.heads.num_heads
     has_dev = cfg.data.dev_path if cfg.data.kind == "distill" else cfg.data.synthetic_dev_rows
     dev_rows = data_lib.load_data_rows(cfg, mc.vocab_size, dev=True) if has_dev else None

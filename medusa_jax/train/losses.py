@@ -9,10 +9,12 @@ import jax
 import jax.numpy as jnp
 
 from medusa_jax.config import ModelConfig
+from medusa_jax.feature_drafter import is_feature
 from medusa_jax.heads import base_lm_head, heads_logits, is_sequential, root_embedding, uses_root
 from medusa_jax.model import Transformer, causal_mask
 from medusa_jax.train.backbone import current_backbone
 from medusa_jax.train.config import Config
+from medusa_jax.train.feature_loss import feature_loss, sample_anchors
 
 
 def batch_sharded(x, axis: int = 0):
@@ -167,6 +169,16 @@ def make_loss(cfg: Config, mc: ModelConfig, flat: bool):
         else:
             backbone = current_backbone(cfg, trainable, frozen)
         hidden = forward_hidden(mc, backbone, ids)
+        if is_feature(heads):  # a feature drafter: the training-time-test unroll from random anchors
+            key = jax.random.fold_in(jax.random.PRNGKey(seed + 1), step)
+            anchors, valid = sample_anchors(mask, cfg.train.anchors, key)
+            logits = base_logits(mc, backbone, hidden) if soft or cfg.train.mode == "medusa2" else None
+            hl, per, acc = feature_loss(mc, heads, backbone, noisy(hidden, noise, seed, step), ids, mask, k_heads,
+                                        decay, anchors, valid, logits, soft)  # fmt: skip
+            aux = {"heads_loss": hl, "head_loss": per, "head_acc": acc}
+            if cfg.train.mode == "medusa1":
+                return hl, aux
+            return medusa2_loss(cfg, mc, frozen, ids, mask, logits, hl, aux, step)
         tgt, w = jnp_targets(ids, mask, k_heads)
         root_emb = root_embedding(backbone, jnp_roots(ids)) if uses_root(heads) else None
         path_emb = path_embedding(backbone, heads, tgt)
@@ -178,22 +190,27 @@ def make_loss(cfg: Config, mc: ModelConfig, flat: bool):
         aux = {"heads_loss": hl, "head_loss": per, "head_acc": acc}
         if cfg.train.mode == "medusa1":
             return hl, aux
-        logits = logits[:, :-1]
-        w1 = mask[:, 1:].astype(jnp.float32)
-        denom = jnp.maximum(w1.sum(), 1.0)
-        logp = jax.nn.log_softmax(logits)
-        if cfg.train.backbone_loss == "ce":
-            nll = -jnp.take_along_axis(logp, ids[:, 1:, None], axis=-1)[..., 0]
-            lb = (nll * w1).sum() / denom
-        else:
-            teacher = jax.lax.stop_gradient(
-                base_logits(mc, frozen["backbone"], forward_hidden(mc, frozen["backbone"], ids))[:, :-1]
-            )
-            tlogp = jax.nn.log_softmax(teacher)
-            kl = (jnp.exp(tlogp) * (tlogp - logp)).sum(-1)
-            lb = (kl * w1).sum() / denom
-        lam0 = lambda0_at(cfg, step)
-        aux.update(backbone_loss=lb, lambda0=lam0)
-        return lb + lam0 * hl, aux
+        return medusa2_loss(cfg, mc, frozen, ids, mask, logits, hl, aux, step)
 
     return loss_fn
+
+
+def medusa2_loss(cfg: Config, mc: ModelConfig, frozen, ids, mask, logits, hl, aux, step):
+    """Medusa-2's total: the backbone's loss (CE on the data or KL to the original model) + lambda0 * the drafter's."""
+    logits = logits[:, :-1]
+    w1 = mask[:, 1:].astype(jnp.float32)
+    denom = jnp.maximum(w1.sum(), 1.0)
+    logp = jax.nn.log_softmax(logits)
+    if cfg.train.backbone_loss == "ce":
+        nll = -jnp.take_along_axis(logp, ids[:, 1:, None], axis=-1)[..., 0]
+        lb = (nll * w1).sum() / denom
+    else:
+        teacher = jax.lax.stop_gradient(
+            base_logits(mc, frozen["backbone"], forward_hidden(mc, frozen["backbone"], ids))[:, :-1]
+        )
+        tlogp = jax.nn.log_softmax(teacher)
+        kl = (jnp.exp(tlogp) * (tlogp - logp)).sum(-1)
+        lb = (kl * w1).sum() / denom
+    lam0 = lambda0_at(cfg, step)
+    aux.update(backbone_loss=lb, lambda0=lam0)
+    return lb + lam0 * hl, aux

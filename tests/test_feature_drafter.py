@@ -1,0 +1,139 @@
+"""The feature drafter (EAGLE's kind): its state carried through the decode loop and across chat turns drafts what
+its teacher-forced unroll predicts on the accepted path (the step simulator's ranks give the loop's exact steps),
+greedy output stays the base model's, and a new drafter starts as the identity on features."""
+
+import dataclasses
+import itertools
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from test_medusa import random_prompts, tiny_model
+
+from medusa_jax.feature_drafter import init_feature_drafter, unroll
+from medusa_jax.heads import attach_draft_vocab, base_lm_head, heads_config_of
+from medusa_jax.session import Session
+from medusa_jax.simulate import answer_ranks, tokens_per_step, walk
+from medusa_jax.tree import build_buffers
+
+# every path of ranks 0-3 to depth 3 (84 nodes): deep paths are accepted often enough that a parent's entry, its
+# position or its ancestors' keys going wrong changes the step counts
+WIDE = [list(p) for d in range(1, 4) for p in itertools.product(range(4), repeat=d)]
+DEEP = [[0], [1], [0, 0], [0, 1], [1, 0], [0, 0, 0], [0, 0, 0, 0], [0, 0, 0, 0, 0]]
+
+
+def feature_model(draft=False):
+    m = tiny_model(vocab=16, heads=3, seed=1)
+    m.heads = init_feature_drafter(m.params, seed=2, scale=0.3)
+    if draft:  # proposes from 10 of the 16 tokens
+        m.heads = attach_draft_vocab(m.heads, base_lm_head(m.params), list(range(0, 16, 2)) + [1, 3])
+    return m
+
+
+@pytest.mark.parametrize("draft", [False, True], ids=["full-vocab", "draft-vocab"])
+def test_loop_drafts_what_the_unroll_predicts(draft):
+    m = feature_model(draft)
+    prompts = random_prompts(6, 16, seed=3)
+    prompts[0] = [3, 4, 5, 6, 7] * 4  # the lookup chain drafts from it
+    ar = m.generate(prompts, max_new_tokens=40, mode="ar")
+    ranked = answer_ranks(m, [(r.prompt_ids, r.output_ids) for r in ar])
+    for tree, lookup in ((WIDE, 0), (DEEP, 6)):
+        buffers = build_buffers(tree, topk=4, lookup=lookup)
+        real = m.generate(prompts, max_new_tokens=40, mode="medusa", tree=buffers)
+        assert [r.output_ids for r in real] == [r.output_ids for r in ar]
+        assert [walk(seq, n, rank, buffers)[0] for seq, n, rank in ranked] == [r.steps for r in real]
+        if tree is WIDE:  # depth 3 is reached: parents' entries matter
+            assert tokens_per_step(ranked, buffers)["accepted_at_depth"][2] > 0.02
+
+
+def test_chat_turns_carry_the_drafters_cache():
+    """The second turn continues from the first turn's drafter state (its pending entries completed with the new
+    input's first token): its steps are those of the simulator on the whole conversation."""
+    m = feature_model()
+    buffers = build_buffers(WIDE, topk=4)
+    s = Session(m, mode="medusa", tree=buffers, chunk_steps=3)
+    p1, p2 = random_prompts(2, 16, seed=5)
+    list(s.stream_ids(p1, 20))
+    assert s.draft is not None
+    turn2 = s.ids + p2
+    out2 = [t for chunk in s.stream_ids(turn2, 24) for t in chunk]
+    assert s.last_reused == len(turn2) - len(p2)  # the first turn's cache was kept
+    want = m.generate([turn2], max_new_tokens=24, mode="ar")[0]
+    assert out2 == want.output_ids
+    ((seq, n, rank),) = answer_ranks(m, [(turn2, want.output_ids)])
+    assert s.last_steps == walk(seq, n, rank, buffers)[0]
+    # the drafter's cache equals that of one call on the whole conversation
+    fresh = Session(m, mode="medusa", tree=buffers, chunk_steps=3)
+    assert [t for chunk in fresh.stream_ids(turn2, 24) for t in chunk] == out2
+    written = len(s.ids) - int(s.draft.count[0])
+    np.testing.assert_allclose(s.draft.k[0, :written], fresh.draft.k[0, :written], atol=1e-3)
+
+
+def test_rejection_sampling_runs_with_the_drafter():
+    m = feature_model()
+    prompts = random_prompts(3, 16, seed=4)
+    a = m.generate(prompts, max_new_tokens=16, mode="medusa", tree=WIDE, topk=4, acceptance="rejection",
+                   temperature=0.8, seed=7)  # fmt: skip
+    b = m.generate(prompts, max_new_tokens=16, mode="medusa", tree=WIDE, topk=4, acceptance="rejection",
+                   temperature=0.8, seed=7)  # fmt: skip
+    assert [r.output_ids for r in a] == [r.output_ids for r in b]
+    assert all(r.new_tokens == 16 for r in a) and sum(r.steps for r in a) < 48
+
+
+def test_a_new_drafter_predicts_each_feature_as_itself():
+    m = tiny_model(vocab=16, heads=3, seed=1)
+    heads = init_feature_drafter(m.params)
+    assert heads_config_of(heads).feature
+    rng = np.random.default_rng(0)
+    feats = jnp.asarray(rng.normal(size=(2, 12, m.cfg.hidden_size)), jnp.float32)
+    tokens = jnp.asarray(rng.integers(0, 16, (2, 12)), jnp.int32)
+    g = unroll(m.cfg, heads, m.params, feats, tokens, 3)
+    for level in range(3):
+        np.testing.assert_allclose(g[level], feats, atol=1e-6)
+    assert jax.tree.leaves(heads)[0].dtype == jnp.float32
+
+
+def test_saved_drafter_loads_and_decodes_the_same(tmp_path):
+    from medusa_jax.api import with_heads
+    from medusa_jax.heads_io import read_heads, save_heads
+
+    m = feature_model()
+    save_heads(m.heads, str(tmp_path / "drafter"), "tiny")
+    params, meta = read_heads(str(tmp_path / "drafter"))
+    assert meta["feature"] and meta["base_model_name_or_path"] == "tiny"
+    jax.tree.map(np.testing.assert_array_equal, params, jax.tree.map(np.asarray, m.heads))
+    loaded = with_heads(dataclasses.replace(m, heads=None), str(tmp_path / "drafter"), "float32")
+    prompts = random_prompts(2, 16, seed=6)
+    a = m.generate(prompts, max_new_tokens=16, mode="medusa", tree=WIDE, topk=4)
+    b = loaded.generate(prompts, max_new_tokens=16, mode="medusa", tree=WIDE, topk=4)
+    assert [(r.output_ids, r.steps) for r in a] == [(r.output_ids, r.steps) for r in b]
+
+
+def test_train_py_trains_a_feature_drafter(tmp_path):
+    """train.py with heads.feature: the unroll's loss falls at every depth on synthetic data, the dev accuracy is
+    reported per depth, and the export decodes (greedy output unchanged) with `--heads`."""
+    import os
+
+    import train as train_cli
+    from medusa_jax.api import load_run, with_heads
+
+    run = str(tmp_path / "run")
+    yaml = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "tiny.yaml")
+    args = ["--config", yaml, f"run_dir={run}", "data.synthetic_dev_rows=4", "heads.feature=true", "train.mode=medusa1",
+            "train.steps=30", "train.save_every=0", "train.lr_heads=0.01", "train.anchors=8", "train.log_every=5"]  # fmt: skip
+    assert train_cli.main(args) == 0
+    with open(os.path.join(run, "metrics.jsonl")) as f:
+        recs = [json.loads(line) for line in f]
+    first, last = recs[0], recs[-1]
+    assert last["step"] == 30 and all(last[f"head{k}_loss"] < first[f"head{k}_loss"] for k in range(3))
+    with open(os.path.join(run, "eval.json")) as f:
+        assert len(json.load(f)["top1"]) == 3
+    model = load_run(run)
+    assert model.heads_config.feature
+    exported = with_heads(dataclasses.replace(model, heads=None), os.path.join(run, "export"), "float32")
+    prompts = random_prompts(2, 64, seed=1)
+    ar = model.generate(prompts, max_new_tokens=12, mode="ar")
+    md = exported.generate(prompts, max_new_tokens=12, mode="medusa", tree=WIDE, topk=4)
+    assert [r.output_ids for r in md] == [r.output_ids for r in ar]
