@@ -352,7 +352,7 @@ class _ShapeOnlyMesh:
 def report(s: Setup, topology_name: str, with_max_batch: bool = True, with_traffic: bool = True) -> dict:
     chip = topology.chip_of(s.mesh.devices.flat[0])
     row = {"model_layers": s.cfg.num_layers, "hidden": s.cfg.hidden_size, "vocab": s.cfg.vocab_size,
-           "heads": s.heads.num_heads if s.heads else 0, "tree_nodes": s.tree.num_nodes, "lookup": s.tree.lookup,
+           "heads": s.heads.num_heads if s.heads else 0, "feature_drafter": bool(s.heads and s.heads.feature), "tree_nodes": s.tree.num_nodes, "lookup": s.tree.lookup,
            "batch": s.batch, "context": s.context, "mesh": f"{s.mesh.shape['data']}x{s.mesh.shape['tensor']}",
            "topology": topology_name, "chip": chip.name, "dtype": s.cfg.param_dtype, "activations": s.cfg.dtype,
            "acceptance": s.acceptance}  # fmt: skip
@@ -379,8 +379,9 @@ def _max_batch_down(s: Setup) -> int:
 
 def describe(row: dict) -> str:
     g = lambda b: f"{b / GIB:.2f} GiB"  # noqa: E731
+    drafter = "a feature drafter" if row.get("feature_drafter") else f"{row['heads']} heads"
     lines = [
-        f"{row['heads']} heads, {row['tree_nodes']}-node tree (lookup {row['lookup']}), batch {row['batch']} x "
+        f"{drafter}, {row['tree_nodes']}-node tree (lookup {row['lookup']}), batch {row['batch']} x "
         f"{row['context']} tokens, {row['dtype']} weights / {row['activations']} activations, mesh {row['mesh']} on "
         f"{row['topology']} ({row['chip']}):",
         f"  per chip: params {g(row['params_bytes'])}, heads {g(row['heads_bytes'])}, KV cache "

@@ -206,3 +206,15 @@ def test_abstract_heads_of_every_kind():
     seq = aot.abstract_heads(cfg, HeadsConfig(4, 1, True, True, True))
     assert set(seq) == {"blocks", "root", "path"} and seq["path"]["kernel"].shape == (4, 3, e, e)
     assert aot.abstract_heads(cfg, HeadsConfig(4, 1, True, True))["root"]["kernel"].shape == (4, e, e)
+
+
+def test_a_feature_drafter_compiles_sharded_and_moves_no_weights(v5e_2x2):
+    """A feature drafter's decode loop (its K/V cache in the carry, split by rows) compiles for a 1x4 slice: it fits
+    and a step gathers no weight."""
+    s = setup(v5e_2x2)
+    s = s.replace(heads=HeadsConfig(4, 1, True, feature=True))
+    heads = aot.abstract_heads(s.cfg, s.heads)
+    assert set(heads) == {"feature"} and heads["feature"]["fuse"]["kernel"].shape == (512, 256)
+    assert aot.memory(s)["fits"]
+    t = aot.traffic(s)
+    assert t["weight_gathers"] == [] and t["bytes_accessed_per_step"] > 0

@@ -114,22 +114,24 @@ def test_bad_prompt_file_is_a_one_line_error(device_check, tmp_path, capsys):
 
 
 def test_steps_times_more_trees(device_check, tmp_path, capsys):
-    """`--trees` adds informational step-cost rows (a shipped name and a JSON file) beside the default tree's; an
-    unknown tree is refused before anything runs (exit 2, one line naming it)."""
+    """`--trees` adds informational step-cost rows (a shipped name and a JSON file) beside the default tree's, and
+    `--feature` one for a feature drafter on the default tree; an unknown tree is refused before anything runs
+    (exit 2, one line naming it)."""
     tree_file = tmp_path / "wide.json"
     tree_file.write_text(json.dumps([[0], [1], [0, 0], [0, 1], [1, 0]]))
     out = tmp_path / "out"
     argv = ["--ckpt", "tiny", "--quick", "--out", str(out), "--skip", "parity,speed,big,calibrate"]
-    assert device_check.main([*argv, "--trees", f"chain_3,{tree_file}"]) == 0, capsys.readouterr().err
+    assert device_check.main([*argv, "--trees", f"chain_3,{tree_file}", "--feature"]) == 0, capsys.readouterr().err
     rep = json.loads((out / "device_check.json").read_text())
     status = {}
     for r in rep["rows"]:
         status.setdefault(r["target"].split(" / AR")[0], set()).add(r["status"])
     assert status.keys() == {"step cost cpu_8 + lookup 4", "step cost chain_3 + lookup 4",
-                             f"step cost {tree_file} + lookup 4"}  # fmt: skip
+                             f"step cost {tree_file} + lookup 4", "step cost feature drafter, cpu_8 + lookup 4"}  # fmt: skip
     assert status["step cost chain_3 + lookup 4"] == status[f"step cost {tree_file} + lookup 4"] == {"INFO"}
+    assert status["step cost feature drafter, cpu_8 + lookup 4"] == {"INFO"}
     assert "INFO" not in status["step cost cpu_8 + lookup 4"]  # the default tree keeps its goal
-    assert set(rep["step_ms"]["b8"]["trees"]) == {"cpu_8", "chain_3", str(tree_file)}
+    assert set(rep["step_ms"]["b8"]["trees"]) == {"cpu_8", "chain_3", str(tree_file), "feature drafter, cpu_8"}
     with pytest.raises(SystemExit) as e:
         device_check.main([*argv, "--trees", "no_such_tree"])
     assert e.value.code == 2 and "--trees: unknown tree 'no_such_tree'" in capsys.readouterr().err

@@ -65,6 +65,11 @@ TINY = textwrap.dedent(
     bf = place(bf, "2x4")
     res["bf16"] = {k: [r.output_ids for r in bf.generate(prompts, max_new_tokens=24, batch_size=8, **kw)]
                    for k, kw in (("ar", dict(mode="ar")), ("medusa", medusa))}
+    # a feature drafter: its K/V cache in the loop's carry, split by rows
+    from medusa_jax.feature_drafter import init_feature_drafter
+    fmodel = MedusaModel(cfg, params, heads=init_feature_drafter(params, seed=2, scale=0.3))
+    fgen = lambda m: [[r.output_ids, r.steps] for r in m.generate(prompts, max_new_tokens=24, batch_size=8, **medusa)]
+    res["feature"] = {"one": fgen(fmodel), "2x4": fgen(place(fmodel, "2x4"))}
     print("RESULT " + json.dumps(res))
     """
 )
@@ -118,6 +123,12 @@ def test_tokens_on_a_mesh_equal_one_device(tiny_runs, mesh):
     assert one["medusa"][:8] == one["ar"][:8]  # greedy Medusa is lossless (the premise)
     assert sum(one["medusa"][8:]) < 0.9 * sum(one["ar"][8:])  # and really ran its tree
     assert one["chat"][2] > len(one["chat"][0])  # the second turn reused the first turn's cache
+
+
+def test_feature_drafter_on_a_mesh_equals_one_device(tiny_runs):
+    got = tiny_runs["feature"]
+    assert got["2x4"] == got["one"]  # tokens and steps
+    assert [out for out, _ in got["one"]] == tiny_runs["one"]["ar"][:8]  # greedy: the base model's tokens
 
 
 def test_attention_kernel_on_a_mesh_gives_the_same_tokens(tiny_runs):

@@ -514,6 +514,16 @@ def test_device_train_quick(tmp_path):
         os.listdir(out / "run" / "export")
     )
     assert device_train.main(["--out", str(out), "--prompts", str(tmp_path / "missing.jsonl")]) == 2
+    # --drafter feature: greedy and sampled answers, a feature drafter on the frozen backbone, its export
+    fd_out = tmp_path / "fd"
+    argv = [*argv[:1], str(fd_out), *argv[2:], "--drafter", "feature"]
+    assert device_train.main(argv) == 0
+    m = json.loads((fd_out / "metrics.json").read_text())
+    assert (fd_out / "data_t07").is_dir() and len(m["train"]["dev"]["top1"]) == 5 and m["eval"]["tokens_per_step"] >= 1
+    config = json.loads((fd_out / "run" / "export" / "config.json").read_text())
+    assert (
+        config["medusa_drafter"] == "feature" and not (fd_out / "run" / "export" / "adapter_model.safetensors").exists()
+    )
 
 
 def test_hard_kills_resume_exactly(tmp_path):

@@ -18,7 +18,8 @@ Sections (all by default; --skip a comma list of them):
              default with bfloat16 activations (what float32 activations cost)
   steps      the real decode loop's step cost: mc_sim_7b_63 + lookup 10 against AR, batch 1 and 8, over KV caches
              of the same size; `--trees A,B` times more trees beside it (for information), e.g. wider trees
-             grown for sequential heads
+             grown for sequential heads; `--feature` times a feature drafter's step on mc_sim_7b_63 + lookup 10
+             (initialized from the backbone: its drafting cost, not its acceptance; for information)
   big        a Llama-2-7B-shaped random model with bfloat16 weights: AR step against the measured copy bandwidth
              (float32 and, for information, bfloat16 activations), and the compiled step's proxies (nested while loops, bytes accessed against params + cache)
   calibrate  a calibration for this device (tree per batch size), saved as DIR/calibration-<device>-<dtype>.json
@@ -67,6 +68,7 @@ def parse_args(argv=None):
     ap.add_argument("--calibrate-budget", type=float, default=180.0, help="seconds for the calibration section")
     ap.add_argument("--trees", default="", help="comma list of more trees (names or JSON files) whose step cost the "
                     "steps section measures too, e.g. smollm2_sequential_127")  # fmt: skip
+    ap.add_argument("--feature", action="store_true", help="the steps section also times a feature drafter's step")
     args = ap.parse_args(argv)
     args.trees = [t for t in args.trees.split(",") if t]
     from medusa_jax.tree import get_tree
@@ -258,8 +260,17 @@ def steps_section(args, rep: Report):
     prompt = [1] * (16 if args.quick else 128)
     slots = step_slots(len(prompt), [root, *trees.values()], iters)
     rep.raw["step_ms"] = {"slots": slots}
+    extra = {}
+    if args.feature:  # a feature drafter from the backbone's last layer, in the params' dtype: its drafting cost
+        import jax
+
+        from medusa_jax.feature_drafter import init_feature_drafter
+
+        dt = jax.tree.leaves(model.params)[0].dtype
+        drafter = jax.tree.map(lambda a: a.astype(dt), init_feature_drafter(model.params))
+        extra[f"feature drafter, {kw['tree']}"] = (trees[kw["tree"]], drafter)
     for b, goal in ((1, 1.35), (8, 1.6)):
-        options = {"ar": (root, None)} | {t: (tree, model.heads) for t, tree in trees.items()}
+        options = {"ar": (root, None)} | {t: (tree, model.heads) for t, tree in trees.items()} | extra
         cost = step_costs(model, prompt, b, options, iters, repeats, slots=slots)
         ar = cost.pop("ar")
         rep.raw["step_ms"][f"b{b}"] = {"ar": ar * 1e3, "tree_lookup": cost[kw["tree"]] * 1e3,
