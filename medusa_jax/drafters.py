@@ -168,9 +168,10 @@ class FeatureDrafter:
         st, g_root = fd.begin_step(cfg, heads, params, ctx.draft, ctx.lengths, ctx.root)
         b, n = cand.shape
         feats = jnp.zeros((b, n, g_root.shape[-1]), jnp.float32).at[:, 0].set(g_root)  # each node's prediction
-        nk = jnp.zeros((b, n, *st.k.shape[2:]), jnp.float32)  # each node's entry's K/V
+        kh, slots, d = st.k.shape[1:]
+        nk = jnp.zeros((b, n, kh, d), jnp.float32)  # each node's entry's K/V
         nv = jnp.zeros_like(nk)
-        seen = jnp.arange(st.k.shape[1])[None, None, :] < ctx.lengths[:, None, None]  # [B, 1, S]
+        seen = jnp.arange(slots)[None, None, :] < ctx.lengths[:, None, None]  # [B, 1, S]
         for d, (kids, parents, slot, rank, anc) in enumerate(depth_plan(tree), start=1):
             par = jnp.asarray(parents)
             if d > 1:  # the parents' entries: their parent's prediction and their own token, at depth d-1

@@ -72,8 +72,11 @@ def _norm(cfg: ModelConfig, scale: jax.Array, x: jax.Array) -> jax.Array:
 def fuse(cfg: ModelConfig, params: dict, feat: jax.Array, emb: jax.Array) -> jax.Array:
     """feat, emb `[..., E]` (a feature and the embedding of the token after it) -> the entry `[..., E]` (float32)."""
     fp = params[FEATURE]["fuse"]
-    feat = feat.astype(jnp.float32)
-    return feat + _dense(cfg, fp, jnp.concatenate([emb.astype(jnp.float32), feat], axis=-1))
+    e = emb.shape[-1]
+    # two matmuls, not one on [emb; feat]: the embedding rows stay in their dtype (a float32 copy of them let XLA
+    # convert the whole embedding table before gathering)
+    y = matmul(cfg, "...e,ef->...f", emb, fp["kernel"][:e]) + matmul(cfg, "...e,ef->...f", feat, fp["kernel"][e:])
+    return feat.astype(jnp.float32) + y + fp["bias"].astype(jnp.float32)
 
 
 def project(cfg: ModelConfig, params: dict, x: jax.Array, positions: jax.Array):
@@ -89,20 +92,20 @@ def project(cfg: ModelConfig, params: dict, x: jax.Array, positions: jax.Array):
 
 
 def attend(q, ks, vs, mask, ko=None, vo=None) -> jax.Array:
-    """q `[B, Q, H, D]` over shared keys/values ks, vs `[B, S, KH, D]` where mask `[B, Q, S]`, and (optionally) each
+    """q `[B, Q, H, D]` over shared keys/values ks, vs `[B, KH, S, D]` where mask `[B, Q, S]`, and (optionally) each
     query's own ko, vo `[B, Q, M, KH, D]` (all seen) -> `[B, Q, H * D]` (float32)."""
     b, nq, h, d = q.shape
-    kh = ks.shape[2]
+    kh = ks.shape[1]
     q = q.reshape(b, nq, kh, h // kh, d).astype(jnp.float32)
     prec = jax.lax.Precision.HIGHEST
-    s = jnp.einsum("bqkgd,bskd->bqkgs", q, ks.astype(jnp.float32), precision=prec) / math.sqrt(d)
+    s = jnp.einsum("bqkgd,bksd->bqkgs", q, ks.astype(jnp.float32), precision=prec) / math.sqrt(d)
     s = jnp.where(mask[:, :, None, None, :], s, -1e30)
     if ko is not None and ko.shape[2]:
         so = jnp.einsum("bqkgd,bqmkd->bqkgm", q, ko.astype(jnp.float32), precision=prec) / math.sqrt(d)
         s = jnp.concatenate([s, so], axis=-1)
     p = jax.nn.softmax(s, axis=-1)
-    n = ks.shape[1]
-    out = jnp.einsum("bqkgs,bskd->bqkgd", p[..., :n], vs.astype(jnp.float32), precision=prec)
+    n = ks.shape[2]
+    out = jnp.einsum("bqkgs,bksd->bqkgd", p[..., :n], vs.astype(jnp.float32), precision=prec)
     if ko is not None and ko.shape[2]:
         out = out + jnp.einsum("bqkgm,bqmkd->bqkgd", p[..., n:], vo.astype(jnp.float32), precision=prec)
     return out.reshape(b, nq, h * d)
@@ -149,6 +152,7 @@ def unroll(cfg: ModelConfig, params: dict, backbone: dict, feats, tokens, depth:
     padded = jnp.concatenate([tokens, jnp.zeros((b, depth + 1), tokens.dtype)], axis=1)
     x = fuse(cfg, params, feats, embed(backbone, shifted(tokens, 1)))
     q, k, v = project(cfg, params, x, pos)
+    k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # [B, KH, T, D]
     seen = jnp.arange(t)[None, None, :] <= anchors[:, :, None]  # [B, A, T]: the true prefix
     at = lambda a: jnp.take_along_axis(a, anchors.reshape(b, -1, *(1,) * (a.ndim - 2)), axis=1)  # noqa: E731
     g = finish(cfg, params, at(x), attend(at(q), k, v, seen))
@@ -167,30 +171,33 @@ def unroll(cfg: ModelConfig, params: dict, backbone: dict, feats, tokens, depth:
 class FeatureState:
     """The drafter's part of the decode loop's carry. B rows, S slots, P = the tree's depth + 1."""
 
-    k: jax.Array  # [B, S, KH, D] the drafter's keys: entry i (true features) at slot i
-    v: jax.Array  # [B, S, KH, D]
+    k: jax.Array  # [B, KH, S, D] the drafter's keys: entry i (true features) at slot i (slots last but one: a
+    v: jax.Array  # [B, KH, S, D]  TPU pads the last two dimensions to its tiles)
     feats: jax.Array  # [B, P, E] pending: the features of the last accepted tokens (entries not yet written)
     tokens: jax.Array  # [B, P] the token after each pending feature (the last one is the next root: unknown yet)
     count: jax.Array  # [B] pending entries (they sit at positions lengths - count .. lengths - 1)
 
 
 def empty_state(cfg: ModelConfig, batch: int, slots: int, pending: int) -> FeatureState:
-    kv = jnp.zeros((batch, slots, cfg.num_kv_heads, cfg.head_dim), jnp.float32)
+    kv = jnp.zeros((batch, cfg.num_kv_heads, slots, cfg.head_dim), jnp.float32)
     return FeatureState(kv, kv, jnp.zeros((batch, pending, cfg.hidden_size), jnp.float32),
                         jnp.zeros((batch, pending), jnp.int32), jnp.zeros((batch,), jnp.int32))  # fmt: skip
 
 
-def write_block(cfg, params, backbone, st: FeatureState, start, feats, next_tokens):
+def write_block(cfg, params, backbone, st: FeatureState, start, feats, next_tokens, predict: bool = True):
     """Entries of feats `[B, T, E]` and their next tokens `[B, T]` at positions `start[b] + t`: their K/V written to
-    the drafter's cache, each attending to the slots up to its own -> (state, predicted features `[B, T, E]`)."""
+    the drafter's cache, each attending to the slots up to its own -> (state, predicted features `[B, T, E]`, or
+    None without `predict`: the K/V alone, no attention)."""
     b, t, _ = feats.shape
     pos = start[:, None] + jnp.arange(t, dtype=jnp.int32)[None, :]
     x = fuse(cfg, params, feats, embed(backbone, next_tokens))
     q, k, v = project(cfg, params, x, pos)
     rows = jnp.arange(b)[:, None]
-    ck = st.k.at[rows, pos].set(k, mode="drop")
-    cv = st.v.at[rows, pos].set(v, mode="drop")
-    mask = jnp.arange(ck.shape[1])[None, None, :] <= pos[:, :, None]
+    ck = st.k.at[rows, :, pos].set(k, mode="drop")  # [B, T] rows and slots: k `[B, T, KH, D]` in place
+    cv = st.v.at[rows, :, pos].set(v, mode="drop")
+    if not predict:  # (XLA keeps an unused attention over the whole cache: [B, T, H, S] scores for a prompt)
+        return st.replace(k=ck, v=cv), None
+    mask = jnp.arange(ck.shape[2])[None, None, :] <= pos[:, :, None]
     g = finish(cfg, params, x, attend(q, ck, cv, mask))
     return st.replace(k=ck, v=cv), g
 
@@ -202,8 +209,8 @@ def prefill_state(cfg, params, backbone, st: FeatureState, start, tokens, length
     b = tokens.shape[0]
     j = jnp.arange(st.tokens.shape[1])[None, :]
     done = jnp.where(j == st.count[:, None] - 1, tokens[:, :1], st.tokens)
-    st, _ = write_block(cfg, params, backbone, st, start - st.count, st.feats, done)
-    st, _ = write_block(cfg, params, backbone, st, start, hidden, shifted(tokens, 1))
+    st, _ = write_block(cfg, params, backbone, st, start - st.count, st.feats, done, predict=False)
+    st, _ = write_block(cfg, params, backbone, st, start, hidden, shifted(tokens, 1), predict=False)
     last = jnp.take_along_axis(hidden, (lengths - 1)[:, None, None], axis=1)  # [B, 1, E]
     feats = jnp.zeros_like(st.feats).at[:, :1].set(last.astype(st.feats.dtype))
     return st.replace(feats=feats, tokens=jnp.zeros_like(st.tokens), count=jnp.ones((b,), jnp.int32))

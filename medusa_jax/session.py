@@ -185,8 +185,8 @@ class Session:
         max_new = jnp.int32(max_new_tokens)
         old_ids, cache = self.ids, self.cache
         self.ids, self.cache, self.draft = list(ids[:keep]), None, None  # the cache is donated into the state
-        if draft is not None and draft.k.shape[1] != loop.slots:  # the cache grew: the drafter's too
-            grow = lambda x: jnp.pad(x, ((0, 0), (0, loop.slots - x.shape[1]), (0, 0), (0, 0)))  # noqa: E731
+        if draft is not None and draft.k.shape[2] != loop.slots:  # the cache grew: the drafter's too
+            grow = lambda x: jnp.pad(x, ((0, 0), (0, 0), (0, loop.slots - x.shape[2]), (0, 0)))  # noqa: E731
             draft = draft.replace(k=grow(draft.k), v=grow(draft.v))
         try:
             start, toks, lengths = self.model.host_inputs(np.int32([keep]), tokens, np.int32([len(new)]))

@@ -68,18 +68,7 @@ def test_chat_turns_carry_the_drafters_cache():
     fresh = Session(m, mode="medusa", tree=buffers, chunk_steps=3)
     assert [t for chunk in fresh.stream_ids(turn2, 24) for t in chunk] == out2
     written = len(s.ids) - int(s.draft.count[0])
-    np.testing.assert_allclose(s.draft.k[0, :written], fresh.draft.k[0, :written], atol=1e-3)
-
-
-def test_rejection_sampling_runs_with_the_drafter():
-    m = feature_model()
-    prompts = random_prompts(3, 16, seed=4)
-    a = m.generate(prompts, max_new_tokens=16, mode="medusa", tree=WIDE, topk=4, acceptance="rejection",
-                   temperature=0.8, seed=7)  # fmt: skip
-    b = m.generate(prompts, max_new_tokens=16, mode="medusa", tree=WIDE, topk=4, acceptance="rejection",
-                   temperature=0.8, seed=7)  # fmt: skip
-    assert [r.output_ids for r in a] == [r.output_ids for r in b]
-    assert all(r.new_tokens == 16 for r in a) and sum(r.steps for r in a) < 48
+    np.testing.assert_allclose(s.draft.k[0, :, :written], fresh.draft.k[0, :, :written], atol=1e-3)
 
 
 def test_a_new_drafter_predicts_each_feature_as_itself():

@@ -3,6 +3,7 @@ against the exact probabilities of a tiny model and of a bigram table, with top-
 (accept every candidate; accept a duplicate sibling; skip the residual's renormalisation; forget the rejected tokens
 at the next root) are caught by the same tests."""
 
+import dataclasses
 import functools
 from collections import Counter
 
@@ -103,6 +104,17 @@ def sequential_model():
 
 def test_sequential_heads_rejection_sampling_keeps_the_distribution(sequential_model, exact):
     out, steps = sample(sequential_model, acceptance="rejection")
+    assert min(pvalues(out, exact)) > 1e-3
+    assert 3 / steps.mean() > 1.0
+
+
+def test_feature_drafter_rejection_sampling_keeps_the_distribution(model, exact):
+    """A feature drafter (its own K/V cache in the loop, each node's children from its own path) on the same
+    backbone: the same exact distributions."""
+    from medusa_jax.feature_drafter import init_feature_drafter
+
+    drafter = dataclasses.replace(model, heads=init_feature_drafter(model.params, seed=2, scale=0.3))
+    out, steps = sample(drafter, acceptance="rejection")
     assert min(pvalues(out, exact)) > 1e-3
     assert 3 / steps.mean() > 1.0
 
