@@ -101,8 +101,9 @@ def test_saved_drafter_loads_and_decodes_the_same(tmp_path):
 
 
 def test_train_py_trains_a_feature_drafter(tmp_path):
-    """train.py with heads.feature: the unroll's loss falls at every depth on synthetic data, the dev accuracy is
-    reported per depth, and the export decodes (greedy output unchanged) with `--heads`."""
+    """train.py with heads.feature: the unroll's loss falls at every depth on synthetic data (on features cached
+    once, as float16, and on the backbone run in each step: the same losses), the dev accuracy is reported per
+    depth, and the export decodes (greedy output unchanged) with `--heads`."""
     import os
 
     import train as train_cli
@@ -119,10 +120,25 @@ def test_train_py_trains_a_feature_drafter(tmp_path):
     assert last["step"] == 30 and all(last[f"head{k}_loss"] < first[f"head{k}_loss"] for k in range(3))
     with open(os.path.join(run, "eval.json")) as f:
         assert len(json.load(f)["top1"]) == 3
+    assert [n for n in os.listdir(os.path.join(run, "cache")) if n.startswith("train-feat-")]
+    live = str(tmp_path / "live")
+    assert train_cli.main([*args[:2], f"run_dir={live}", *args[3:], "train.precompute_hidden=false"]) == 0
+    with open(os.path.join(live, "metrics.jsonl")) as f:
+        live_losses = [json.loads(line)["loss"] for line in f]
+    np.testing.assert_allclose(live_losses, [r["loss"] for r in recs], rtol=2e-3)
     model = load_run(run)
     assert model.heads_config.feature
     exported = with_heads(dataclasses.replace(model, heads=None), os.path.join(run, "export"), "float32")
     prompts = random_prompts(2, 64, seed=1)
     ar = model.generate(prompts, max_new_tokens=12, mode="ar")
     md = exported.generate(prompts, max_new_tokens=12, mode="medusa", tree=WIDE, topk=4)
+    assert [r.output_ids for r in md] == [r.output_ids for r in ar]
+    # heads.draft_vocab: trained on the 24 most frequent answer tokens, exported with them, decoded with them
+    small = str(tmp_path / "small")
+    assert train_cli.main([*args[:2], f"run_dir={small}", *args[3:], "heads.draft_vocab=24", "train.steps=10"]) == 0
+    with open(os.path.join(small, "export", "draft_vocab.json")) as f:
+        assert json.load(f)["size"] == 24
+    drafted = with_heads(dataclasses.replace(model, heads=None), os.path.join(small, "export"), "float32")
+    assert drafted.heads["draft"]["ids"].shape == (24,)
+    md = drafted.generate(prompts, max_new_tokens=12, mode="medusa", tree=WIDE, topk=4)
     assert [r.output_ids for r in md] == [r.output_ids for r in ar]

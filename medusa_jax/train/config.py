@@ -34,6 +34,7 @@ class HeadsSection:
     root_token: bool = False  # heads also see the root token x_{t+1} (medusa_jax.heads; not the reference layout)
     sequential: bool = False  # head k also sees its path's drafted tokens x_{t+2..t+k+1} (Hydra-style; root_token too)
     feature: bool = False  # a feature drafter (EAGLE's kind, `medusa_jax.feature_drafter`); num_heads: depths trained
+    draft_vocab: int = 0  # feature drafter: train on the N answer tokens the training data holds most (0: all tokens)
     init: str = ""  # start from exported heads (reference layout), e.g. a Medusa-1 run's export/
 
 
@@ -189,6 +190,8 @@ def _validate(cfg: Config) -> None:
     bad = [t for t in cfg.lora.targets if t not in LORA_TARGETS]
     if bad:
         raise ConfigError(f"lora.targets: unknown module {bad[0]!r} (known: {', '.join(LORA_TARGETS)})")
+    if cfg.heads.draft_vocab < 0 or (cfg.heads.draft_vocab and not cfg.heads.feature):
+        raise ConfigError("heads.draft_vocab: a size >= 1 for a feature drafter (heads.feature=true), else 0")
     if cfg.heads.feature and (cfg.heads.sequential or cfg.heads.root_token):
         raise ConfigError("heads.feature: a feature drafter has no root_token or sequential heads: set them false")
     if cfg.data.kind == "distill" and not cfg.data.path:

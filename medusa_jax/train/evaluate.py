@@ -80,6 +80,7 @@ def evaluate(cfg: Config, mc: ModelConfig, trainable, frozen, dev, mesh, flat: b
         teacher = frozen.get("backbone") if cfg.train.mode == "medusa2" else None
         tot, drift = np.zeros((3, k)), np.zeros(3)
         counts = _feature_counts if is_feature(heads) else _seq_counts
+        heads = dict(heads, draft=frozen["draft"]) if "draft" in frozen else heads  # a drafter's draft vocabulary
         batch_rows = 1 if is_feature(heads) else batch_rows  # every position at every depth: [K, 1, L, V] logits
         for i in range(0, len(ids), batch_rows):
             x, m = ids[i : i + batch_rows], mask[i : i + batch_rows]

@@ -131,3 +131,41 @@ def _cached(path: str, compute, key: str):
         np.savez(tmp, hidden=out, key=key)
         os.replace(tmp, path)
     return out
+
+
+def precompute_features(mc, backbone, ids, mask, mesh, out, rows_per_batch=16):
+    """Frozen backbone over every row -> its features at every position, written into `out` `[N, L, E]` (float16;
+    zeros past each row's padded chunk). A feature drafter attends over whole sequences, so it needs them all."""
+    fwd = jax.jit(functools.partial(forward_hidden, mc), out_shardings=sh.replicated(mesh))
+    params = jax.device_put(backbone, sh.param_shardings(backbone, mesh))
+    n_dev = mesh.shape["data"] * mesh.shape["fsdp"]
+    for idx, length in flat_chunks(ids, mask, rows_per_batch):
+        rows = -(-len(idx) // n_dev) * n_dev
+        x = np.zeros((rows, length), np.int32)
+        x[: len(idx)] = ids[idx, :length]
+        h = fwd(params, sh.shard_global(x, sh.batch_sharding(mesh, 2))).addressable_data(0)
+        out[idx, :length] = np.asarray(h, np.float32)[: len(idx)].astype(out.dtype)
+
+
+def cached_features(cache_dir, mc, backbone, mesh, ids, mask, name, block_rows=None) -> list:
+    """`precompute_features` of `ids`, `mask` `[N, L]` in blocks of `block_rows` rows, each cached as
+    `cache_dir/NAME-feat-<key>.npy` (keyed by the block's tokens, masks and the backbone; written under a temporary
+    name, then renamed) and read back memory-mapped: -> the blocks' arrays `[n_i, L, E]` (float16), in order."""
+    block_rows = block_rows or HIDDEN_BLOCK_ROWS
+    model_key = backbone_fingerprint(mc, backbone)
+    out = []
+    for i in range(0, len(ids), block_rows):
+        bi, bm = ids[i : i + block_rows], mask[i : i + block_rows]
+        key = f"{model_key}:features:{data_fingerprint(bi, bm)}"
+        path = os.path.join(cache_dir, f"{name}-feat-{hashlib.sha1(key.encode()).hexdigest()[:16]}.npy")
+        if not os.path.exists(path):
+            os.makedirs(cache_dir, exist_ok=True)
+            tmp = path + ".tmp.npy"
+            arr = np.lib.format.open_memmap(tmp, "w+", np.float16, (len(bi), bi.shape[1], mc.hidden_size))
+            arr[:] = 0
+            precompute_features(mc, backbone, bi, bm, mesh, arr)
+            arr.flush()
+            del arr
+            os.replace(tmp, path)
+        out.append(np.load(path, mmap_mode="r"))
+    return out

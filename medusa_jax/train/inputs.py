@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import json
 import os
 from collections.abc import Callable
 
@@ -19,7 +20,7 @@ from medusa_jax import sharding as sh
 from medusa_jax.heads import base_lm_head
 from medusa_jax.train import data as data_lib
 from medusa_jax.train.config import Config
-from medusa_jax.train.hidden import cached_hidden, teacher_index
+from medusa_jax.train.hidden import cached_features, cached_hidden, teacher_index
 from medusa_jax.train.rows import RowSource
 
 
@@ -41,9 +42,51 @@ class Inputs:
         return sh.batch_from_local(self.local_rows(idx), mesh)
 
 
+def draft_vocab_of(cfg: Config, rows: list[dict], backbone: dict, run_dir: str) -> dict:
+    """A feature drafter's draft vocabulary (`heads.draft_vocab` most frequent answer tokens of `rows`) as frozen
+    params `{"draft": {"ids" [Vd], "kernel" [E, Vd]}}`, its `draft_vocab.json` written into the run dir (the export
+    gets a copy); {} for the full vocabulary."""
+    if not cfg.heads.draft_vocab:
+        return {}
+    from medusa_jax.cache import atomic_write_text
+    from medusa_jax.draft_vocab import FILE
+    from medusa_jax.train.draft_vocab import build, token_counts
+
+    info = build(token_counts(rows), cfg.heads.draft_vocab)
+    if jax.process_index() == 0:
+        atomic_write_text(os.path.join(run_dir, FILE), json.dumps(info) + "\n")
+    ids = np.asarray(info["ids"], np.int32)
+    return {"draft": {"ids": jnp.asarray(ids), "kernel": jnp.asarray(base_lm_head(backbone))[:, ids]}}
+
+
+def feature_inputs(cfg: Config, mc, backbone: dict, mesh, run_dir: str) -> Inputs:
+    """Sequences with the frozen backbone's features at every position (`features` `[B, L, E]`), computed once and
+    cached on disk in blocks (`hidden.cached_features`), read memory-mapped."""
+    max_len = cfg.data.max_len
+    rows = data_lib.load_data_rows(cfg, mc.vocab_size)
+    ids, mask = data_lib.pack(rows, max_len)
+    blocks = cached_features(os.path.join(run_dir, "cache"), mc, backbone, mesh, ids, mask, "train")
+    starts = np.cumsum([0] + [len(b) for b in blocks])
+    has_dev = cfg.data.dev_path if cfg.data.kind == "distill" else cfg.data.synthetic_dev_rows
+    dev = data_lib.pack(data_lib.load_data_rows(cfg, mc.vocab_size, dev=True), max_len) if has_dev else None
+
+    def local_rows(idx):
+        block = np.searchsorted(starts, idx, side="right") - 1
+        feats = np.stack([blocks[b][i - starts[b]] for b, i in zip(block, idx)]).astype(np.float32)
+        return {"input_ids": ids[idx], "loss_mask": mask[idx], "features": feats}
+
+    frozen = {"backbone": backbone} | draft_vocab_of(cfg, rows, backbone, run_dir)
+    per = cfg.train.batch_size
+    dims = {"input_ids": 2, "loss_mask": 2, "features": 3}
+    return Inputs(False, frozen, frozen, dev, len(ids), per, per * max_len, local_rows, dims)
+
+
 def prepare_inputs(cfg: Config, mc, backbone: dict, mesh, run_dir: str, log=print) -> Inputs:
-    # a feature drafter attends over whole sequences: it trains on them (the frozen backbone runs in the step)
+    # a feature drafter attends over whole sequences: it trains on them, with their features precomputed
+    # (`train.precompute_hidden`) or the frozen backbone run in the step
     flat = cfg.train.mode == "medusa1" and cfg.train.precompute_hidden and not cfg.heads.feature
+    if cfg.heads.feature and cfg.train.mode == "medusa1" and cfg.train.precompute_hidden:
+        return feature_inputs(cfg, mc, backbone, mesh, run_dir)
     k_heads = cfg.heads.num_heads
     has_dev = cfg.data.dev_path if cfg.data.kind == "distill" else cfg.data.synthetic_dev_rows
     dev_rows = data_lib.load_data_rows(cfg, mc.vocab_size, dev=True) if has_dev else None
@@ -61,6 +104,8 @@ def prepare_inputs(cfg: Config, mc, backbone: dict, mesh, run_dir: str, log=prin
         if dev_rows is not None:
             dev = data_lib.pack(dev_rows, max_len)
         frozen = {"backbone": backbone}
+        if cfg.heads.draft_vocab:
+            frozen |= draft_vocab_of(cfg, data_lib.load_data_rows(cfg, mc.vocab_size), backbone, run_dir)
         if cfg.train.mode == "medusa2" and not cfg.lora.rank:  # full fine-tuning: the teacher only for KL
             frozen = {"backbone": jax.tree.map(jnp.copy, backbone)} if cfg.train.backbone_loss == "kl" else {}
         per = cfg.train.batch_size

@@ -168,8 +168,10 @@ def make_loss(cfg: Config, mc: ModelConfig, flat: bool):
             backbone = jax.lax.stop_gradient(frozen["backbone"])
         else:
             backbone = current_backbone(cfg, trainable, frozen)
-        hidden = forward_hidden(mc, backbone, ids)
+        # a feature drafter's precomputed features (`inputs.feature_inputs`), else the backbone's forward
+        hidden = batch["features"] if "features" in batch else forward_hidden(mc, backbone, ids)
         if is_feature(heads):  # a feature drafter: the training-time-test unroll from random anchors
+            heads = dict(heads, draft=frozen["draft"]) if "draft" in frozen else heads
             key = jax.random.fold_in(jax.random.PRNGKey(seed + 1), step)
             anchors, valid = sample_anchors(mask, cfg.train.anchors, key)
             logits = base_logits(mc, backbone, hidden) if soft or cfg.train.mode == "medusa2" else None

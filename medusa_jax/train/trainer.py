@@ -19,6 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from medusa_jax import sharding as sh
+from medusa_jax.cache import atomic_write_text
 from medusa_jax.run_io import save_tokenizer
 from medusa_jax.sharding import gather_to_host
 from medusa_jax.train import checkpoints as ckpt
@@ -219,7 +220,11 @@ def train(cfg: Config, progress: bool = True, hooks: Hooks | None = None) -> Tra
         host = gather_to_host(trainable)  # a collective: every process takes part
         if is_main:
             extra = {"medusa_jax_train": {"mode": cfg.train.mode, "steps": final, "dev": eval_res}}
-            ckpt.export(cfg, run_dir, host, base_name, extra)
+            out = ckpt.export(cfg, run_dir, host, base_name, extra)
+            vocab = os.path.join(run_dir, "draft_vocab.json")  # a feature drafter's (`heads.draft_vocab`)
+            if cfg.heads.draft_vocab and os.path.exists(vocab):
+                with open(vocab) as f:
+                    atomic_write_text(os.path.join(out, "draft_vocab.json"), f.read())
     finally:
         sigint.__exit__()
         if mf is not None:
