@@ -155,6 +155,19 @@ class SequentialHeads:
         return cand[:, jnp.asarray(head_nodes(tree))], None
 
 
+class StatefulDrafter(Drafter, Protocol):
+    """A drafter with state carried through the loop (`DraftContext.draft`): `propose` returns the new state third;
+    the loop sets it up after the prefill and shows it each step's accepted path."""
+
+    def start(self, cfg, heads, params, state, start, tokens, lengths, hidden, slots: int, path_len: int):
+        """After the prefill of tokens `[B, T]` (`lengths` `[B]`) at slots `start` `[B]`, with the backbone's hidden
+        states of every token `[B, T, E]`: the state (`state`: the conversation's so far, or None)."""
+
+    def observe(self, state, hidden, path_nodes, path_tokens, count, live):
+        """After acceptance: the verification's hidden states `[B, L, E]`, the accepted path's nodes and tokens
+        `[B, path_len]` (`count` `[B]` of them kept), rows still `live` `[B]` -> the state."""
+
+
 class FeatureDrafter:
     """A feature-level drafter: depth by depth, each node with children runs the drafter's layer on its parent's
     predicted feature and its own token, attending to the drafter's cache and its own path; its top-k are its
@@ -162,6 +175,14 @@ class FeatureDrafter:
 
     def nodes(self, tree):
         return head_nodes(tree)
+
+    def start(self, cfg, heads, params, state, start, tokens, lengths, hidden, slots, path_len):
+        if state is None:
+            state = fd.empty_state(cfg, tokens.shape[0], slots, path_len)
+        return fd.prefill_state(cfg, heads, params, state, start, tokens, lengths, hidden)
+
+    def observe(self, state, hidden, path_nodes, path_tokens, count, live):
+        return fd.end_step(state, hidden, path_nodes, path_tokens, count, live)
 
     def propose(self, ctx, tree, cand):
         cfg, heads, params, dtype = ctx.cfg, ctx.heads, ctx.params, ctx.matmul_dtype
@@ -217,6 +238,11 @@ def drafters_for(heads: dict | None, tree: TreeBuffers) -> tuple[Drafter, ...]:
     return tuple(out)
 
 
+def stateful_drafter(heads: dict | None, tree: TreeBuffers) -> StatefulDrafter | None:
+    """The tree's drafter that carries state through the loop, or None."""
+    return next((d for d in drafters_for(heads, tree) if hasattr(d, "observe")), None)
+
+
 def draft_tree(ctx: DraftContext, tree: TreeBuffers) -> tuple[jax.Array, jax.Array | None, object]:
     """The step's candidates `[B, L]` (node 0 = the root), valid `[B, L]` (None: every node holds a draft) and the
     stateful drafter's new state (`ctx.draft` when there is none)."""
@@ -239,11 +265,13 @@ __all__ = [
     "DraftContext",
     "Drafter",
     "FeatureDrafter",
+    "StatefulDrafter",
     "LookupChain",
     "MedusaHeads",
     "SequentialHeads",
     "draft_tree",
     "drafters_for",
+    "stateful_drafter",
     "medusa_tokens",
     "tree_candidates",
 ]

@@ -26,9 +26,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding
 
-from medusa_jax import feature_drafter as fd
 from medusa_jax.config import ModelConfig
-from medusa_jax.drafters import DraftContext, draft_tree
+from medusa_jax.drafters import DraftContext, draft_tree, stateful_drafter
 from medusa_jax.generation import append_tokens, is_eos, lm_logits, prefill_into
 from medusa_jax.lookup import write_tokens
 from medusa_jax.model import KVCache, Transformer
@@ -299,12 +298,12 @@ def start_state(cfg, loop: MedusaLoop, params, heads, cache: KVCache, start, tok
     if loop.tree.lookup:
         seq = jnp.full((b, loop.slots), -1, jnp.int32) if history is None else jnp.asarray(history, jnp.int32)
         seq = write_tokens(seq, row_start, tokens, lengths)
-    stateful = loop.tree.head_depth and fd.is_feature(heads)
+    stateful = stateful_drafter(heads, loop.tree)  # (a feature drafter: its cache over the prompt)
     last_hidden, cache, *every = prefill_into(cfg, params, tokens, lengths, cache.constrain(loop.mesh), start,
-                                              mesh=loop.mesh, every_hidden=bool(stateful))  # fmt: skip
-    if stateful:  # the drafter's cache over the prompt (and the conversation's last pending entries)
-        draft = fd.empty_state(cfg, b, loop.slots, loop.tree.depth + 1) if draft is None else draft
-        draft = fd.prefill_state(cfg, heads, params, draft, row_start, tokens, lengths, every[0])
+                                              mesh=loop.mesh, every_hidden=stateful is not None)  # fmt: skip
+    if stateful is not None:
+        draft = stateful.start(cfg, heads, params, draft, row_start, tokens, lengths, every[0], loop.slots,
+                               loop.tree.depth + 1)  # fmt: skip
     else:
         draft = None
     state = MedusaState(
@@ -396,8 +395,8 @@ def medusa_step(cfg, loop: MedusaLoop, params, heads, s: MedusaState, max_new, s
         next_logits = jnp.take_along_axis(node_logits, last_node[:, None, None], axis=1)[:, 0]
     else:
         next_logits = lm_logits(cfg, params, last_hidden)
-    if draft is not None:  # a stateful drafter: the accepted path's features and tokens, its entries next step
-        draft = fd.end_step(draft, hidden, path_nodes, path_tokens, count, live)
+    if draft is not None:  # a stateful drafter sees the accepted path (a feature drafter: its entries next step)
+        draft = stateful_drafter(heads, tree).observe(draft, hidden, path_nodes, path_tokens, count, live)
     state = MedusaState(
         cache=cache,
         lengths=s.lengths + jnp.where(live, count, 0),

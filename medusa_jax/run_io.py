@@ -203,4 +203,11 @@ def read_run(path: str, dtype: str = "float32", tokenizer: bool = True, activati
     mc = cfg_mc.for_inference(dtype, activations)
     params = jax.tree.map(lambda a: jnp.asarray(a, mc.jnp_param_dtype), backbone)
     heads = jax.tree.map(lambda a: jnp.asarray(a, mc.jnp_param_dtype), trainable["heads"])
+    from medusa_jax.draft_vocab import read_draft_vocab
+
+    ids = read_draft_vocab(run, vocab_size=mc.vocab_size)  # a feature drafter trained on a draft vocabulary
+    if ids is not None:
+        from medusa_jax.heads import attach_draft_vocab, base_lm_head
+
+        heads = attach_draft_vocab(heads, base_lm_head(params), ids)
     return RunParts(mc, params, tok, heads, f"{os.path.basename(run)}@{step}", text)

@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from medusa_jax.feature_drafter import is_feature
+from medusa_jax.drafters import stateful_drafter
 from medusa_jax.generation import bucket
 from medusa_jax.medusa_decode import (
     MedusaLoop,
@@ -162,9 +162,9 @@ class Session:
         GenerateOptions(max_new_tokens=max_new_tokens)  # raises OptionError (a ValueError)
         extra = self.tree.num_nodes + 1 if self.heads is not None else 0  # as `generate` (root only: no tree)
         keep = min(common_prefix(self.ids, ids), len(ids) - 1)  # at least one token to prefill
-        stateful = self.heads is not None and is_feature(self.heads) and self.tree.head_depth > 0
+        stateful = self.heads is not None and stateful_drafter(self.heads, self.tree) is not None
         draft = self.draft if stateful and keep == len(self.ids) else None
-        if stateful and draft is None:  # a feature drafter continues only where its last turn ended: else from 0
+        if stateful and draft is None:  # a stateful drafter continues only where its last turn ended: else from 0
             keep = 0
         new = ids[keep:]
         t = bucket(len(new), 16)

@@ -142,3 +142,5 @@ def test_train_py_trains_a_feature_drafter(tmp_path):
     assert drafted.heads["draft"]["ids"].shape == (24,)
     md = drafted.generate(prompts, max_new_tokens=12, mode="medusa", tree=WIDE, topk=4)
     assert [r.output_ids for r in md] == [r.output_ids for r in ar]
+    run_model = load_run(small)  # the run dir (decode.py --ckpt RUN) drafts from the same vocabulary
+    np.testing.assert_array_equal(run_model.heads["draft"]["ids"], drafted.heads["draft"]["ids"])
