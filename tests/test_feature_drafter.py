@@ -144,3 +144,24 @@ def test_train_py_trains_a_feature_drafter(tmp_path):
     assert [r.output_ids for r in md] == [r.output_ids for r in ar]
     run_model = load_run(small)  # the run dir (decode.py --ckpt RUN) drafts from the same vocabulary
     np.testing.assert_array_equal(run_model.heads["draft"]["ids"], drafted.heads["draft"]["ids"])
+
+
+def test_training_targets_are_what_the_loop_drafts():
+    """The dev counts of training (`feature_counts`: level k's top-1 at every position against token t+k+1) equal
+    the simulator's ranks (pinned to the decode loop above): training and decoding agree on which token each depth
+    guesses."""
+    from medusa_jax.simulate import head_ranks
+    from medusa_jax.train.feature_loss import feature_counts
+    from medusa_jax.train.losses import forward_hidden
+
+    m = feature_model()
+    seq = random_prompts(1, 16, seed=8)[0] + random_prompts(1, 16, seed=9)[0]
+    ids = jnp.asarray([seq], jnp.int32)
+    mask = jnp.ones_like(ids).at[:, :3].set(0)  # the answer: tokens 3 on
+    counts = feature_counts(m.cfg, m.heads, m.params, forward_hidden(m.cfg, m.params, ids), ids, mask, 4)
+    rank = head_ranks(m, seq, depth=4)  # [4, T]: rank of seq[t+h+2] at depth h+1
+    for h in range(4):
+        t = np.arange(len(seq) - h - 2)
+        answer = t + h + 2 >= 3
+        assert int(counts[2, h]) == answer.sum()
+        assert int(counts[0, h]) == int((rank[h, t][answer] == 0).sum()) > 0
