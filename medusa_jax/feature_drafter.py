@@ -31,7 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from medusa_jax.config import ModelConfig
-from medusa_jax.heads import base_lm_head
+from medusa_jax.heads import base_lm_head, root_embedding
 from medusa_jax.model import apply_rope, matmul, rope_tables
 
 FEATURE = "feature"
@@ -132,7 +132,8 @@ def vocab_logits(params: dict, backbone: dict, g: jax.Array, dtype="float32") ->
 
 
 def embed(backbone: dict, tokens: jax.Array) -> jax.Array:
-    return jnp.take(backbone["embed"]["embedding"], jnp.maximum(tokens, 0), axis=0)
+    """Token ids `[...]` (-1: none, as 0) -> their input embeddings `[..., E]`."""
+    return root_embedding(backbone, jnp.maximum(tokens, 0))
 
 
 def shifted(tokens: jax.Array, by: int) -> jax.Array:

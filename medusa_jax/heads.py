@@ -188,6 +188,11 @@ def attach_draft_vocab(params: dict, lm_head: jax.Array, ids) -> dict:
     return dict(params, draft={"ids": jnp.asarray(ids), "kernel": kernel})
 
 
+def draft_columns(ids: jax.Array, vocab_size: int) -> jax.Array:
+    """A draft vocabulary's token ids `[Vd]` -> each token's column in it `[V]` (-1: not in it)."""
+    return jnp.full((vocab_size,), -1, jnp.int32).at[ids].set(jnp.arange(ids.shape[0], dtype=jnp.int32))
+
+
 def draft_logits(
     params: dict, hidden: jax.Array, lm_head: jax.Array, dtype=None, root_emb=None, layout=None, path_emb=None
 ) -> tuple[jax.Array, jax.Array | None]:

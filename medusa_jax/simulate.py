@@ -19,7 +19,7 @@ import numpy as np
 
 from medusa_jax import feature_drafter as fd
 from medusa_jax.generation import bucket
-from medusa_jax.heads import base_lm_head, draft_logits, is_sequential, root_embedding, uses_root
+from medusa_jax.heads import base_lm_head, draft_columns, draft_logits, is_sequential, root_embedding, uses_root
 from medusa_jax.lookup import NGRAM
 from medusa_jax.ranking import candidate_rank
 from medusa_jax.tree import TreeBuffers
@@ -66,7 +66,7 @@ def head_ranks(model, seq: list[int], depth: int | None = None) -> np.ndarray:
     col = None
     if "draft" in heads:  # token -> its column in the draft vocabulary (-1: not proposable)
         ids = heads["draft"]["ids"]
-        col = jnp.full((model.cfg.vocab_size,), -1, jnp.int32).at[ids].set(jnp.arange(ids.shape[0], dtype=jnp.int32))
+        col = draft_columns(ids, model.cfg.vocab_size)
     hidden = model.forward([seq]).hidden[0]  # [n, E]
     pad = bucket(n, 16) - n  # a bucketed length: one compile per bucket, not per answer length
     hidden = jnp.pad(hidden, ((0, pad), (0, 0)))

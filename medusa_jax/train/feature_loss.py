@@ -8,6 +8,7 @@ import jax
 import jax.numpy as jnp
 
 from medusa_jax import feature_drafter as fd
+from medusa_jax.heads import draft_columns
 
 
 def sample_anchors(mask, count: int, key):
@@ -37,8 +38,7 @@ def feature_loss(mc, drafter, backbone, hidden, ids, mask, depth, decay, anchors
     logits, cols = fd.vocab_logits(drafter, backbone, g, mc.jnp_matmul_dtype)  # [K, B, A, Vd]
     tgt, w = depth_targets(ids, mask, anchors, valid, depth)
     if cols is not None:  # a draft vocabulary: targets outside it count as misses, not as loss
-        col = jnp.full((mc.vocab_size,), -1, jnp.int32).at[cols].set(jnp.arange(cols.shape[0], dtype=jnp.int32))
-        tgt = col[tgt]
+        tgt = draft_columns(cols, mc.vocab_size)[tgt]
         w = w * (tgt >= 0)
         tgt = jnp.maximum(tgt, 0)
     logz = jax.nn.logsumexp(logits, axis=-1)
@@ -65,8 +65,7 @@ def feature_counts(mc, drafter, backbone, hidden, ids, mask, depth: int, topk: i
     logits, cols = fd.vocab_logits(drafter, backbone, g, mc.jnp_matmul_dtype)
     tgt, w = depth_targets(ids, mask, anchors, jnp.ones((b, length), bool), depth)
     if cols is not None:
-        col = jnp.full((mc.vocab_size,), -1, jnp.int32).at[cols].set(jnp.arange(cols.shape[0], dtype=jnp.int32))
-        tgt = col[tgt]
+        tgt = draft_columns(cols, mc.vocab_size)[tgt]
     picked = jnp.take_along_axis(logits, jnp.maximum(tgt, 0)[..., None], axis=-1)
     rank = jnp.where(tgt >= 0, (logits > picked).sum(-1), logits.shape[-1])
     return jnp.stack([((rank < 1) * w).sum((1, 2)), ((rank < topk) * w).sum((1, 2)), w.sum((1, 2))])
