@@ -73,8 +73,6 @@ def fuse(cfg: ModelConfig, params: dict, feat: jax.Array, emb: jax.Array) -> jax
     """feat, emb `[..., E]` (a feature and the embedding of the token after it) -> the entry `[..., E]` (float32)."""
     fp = params[FEATURE]["fuse"]
     e = emb.shape[-1]
-    # two matmuls, not one on [emb; feat]: the embedding rows stay in their dtype (a float32 copy of them let XLA
-    # convert the whole embedding table before gathering)
     y = matmul(cfg, "...e,ef->...f", emb, fp["kernel"][:e]) + matmul(cfg, "...e,ef->...f", feat, fp["kernel"][e:])
     return feat.astype(jnp.float32) + y + fp["bias"].astype(jnp.float32)
 
@@ -196,7 +194,7 @@ def write_block(cfg, params, backbone, st: FeatureState, start, feats, next_toke
     rows = jnp.arange(b)[:, None]
     ck = st.k.at[rows, :, pos].set(k, mode="drop")  # [B, T] rows and slots: k `[B, T, KH, D]` in place
     cv = st.v.at[rows, :, pos].set(v, mode="drop")
-    if not predict:  # (XLA keeps an unused attention over the whole cache: [B, T, H, S] scores for a prompt)
+    if not predict:  # the prompt's entries: only their K/V are needed, no attention over the cache
         return st.replace(k=ck, v=cv), None
     mask = jnp.arange(ck.shape[2])[None, None, :] <= pos[:, :, None]
     g = finish(cfg, params, x, attend(q, ck, cv, mask))
