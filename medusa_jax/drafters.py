@@ -159,9 +159,16 @@ class StatefulDrafter(Drafter, Protocol):
     """A drafter with state carried through the loop (`DraftContext.draft`): `propose` returns the new state third;
     the loop sets it up after the prefill and shows it each step's accepted path."""
 
-    def start(self, cfg, heads, params, state, start, tokens, lengths, hidden, slots: int, path_len: int):
-        """After the prefill of tokens `[B, T]` (`lengths` `[B]`) at slots `start` `[B]`, with the backbone's hidden
-        states of every token `[B, T, E]`: the state (`state`: the conversation's so far, or None)."""
+    def start(self, cfg, heads, params, state, start, tokens, slots: int, path_len: int):
+        """Before the prefill of tokens `[B, T]` at slots `start` `[B]` on: the state (`state`: the conversation's
+        so far, or None)."""
+
+    def prefill(self, cfg, heads, params, state, start, tokens, off, hidden):
+        """During the prefill, for each chunk of tokens from `off`: the backbone's hidden states `[B, c, E]` ->
+        the state."""
+
+    def prefilled(self, state, last):
+        """After the prefill: the hidden state of each row's last prompt token `[B, E]` -> the state."""
 
     def observe(self, state, hidden, path_nodes, path_tokens, count, live):
         """After acceptance: the verification's hidden states `[B, L, E]`, the accepted path's nodes and tokens
@@ -176,10 +183,16 @@ class FeatureDrafter:
     def nodes(self, tree):
         return head_nodes(tree)
 
-    def start(self, cfg, heads, params, state, start, tokens, lengths, hidden, slots, path_len):
+    def start(self, cfg, heads, params, state, start, tokens, slots, path_len):
         if state is None:
             state = fd.empty_state(cfg, tokens.shape[0], slots, path_len)
-        return fd.prefill_state(cfg, heads, params, state, start, tokens, lengths, hidden)
+        return fd.prompt_start(cfg, heads, params, state, start, tokens)
+
+    def prefill(self, cfg, heads, params, state, start, tokens, off, hidden):
+        return fd.prompt_chunk(cfg, heads, params, state, start, tokens, off, hidden)
+
+    def prefilled(self, state, last):
+        return fd.prompt_end(state, last)
 
     def observe(self, state, hidden, path_nodes, path_tokens, count, live):
         return fd.end_step(state, hidden, path_nodes, path_tokens, count, live)

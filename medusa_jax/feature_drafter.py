@@ -201,17 +201,27 @@ def write_block(cfg, params, backbone, st: FeatureState, start, feats, next_toke
     return st.replace(k=ck, v=cv), g
 
 
-def prefill_state(cfg, params, backbone, st: FeatureState, start, tokens, lengths, hidden) -> FeatureState:
-    """After the backbone's prefill of tokens `[B, T]` (lengths `[B]`) at slots `start` `[B]` with features hidden
-    `[B, T, E]`: the pending entries before `start` (a conversation's earlier turn) completed with the first prompt
-    token, the prompt's entries written, the last prompt token's feature pending."""
-    b = tokens.shape[0]
+def prompt_start(cfg, params, backbone, st: FeatureState, start, tokens) -> FeatureState:
+    """Before the backbone's prefill of tokens `[B, T]` at slots `start` `[B]` on: the pending entries before `start`
+    (a conversation's earlier turn) completed with the first prompt token and written."""
     j = jnp.arange(st.tokens.shape[1])[None, :]
     done = jnp.where(j == st.count[:, None] - 1, tokens[:, :1], st.tokens)
     st, _ = write_block(cfg, params, backbone, st, start - st.count, st.feats, done, predict=False)
-    st, _ = write_block(cfg, params, backbone, st, start, hidden, shifted(tokens, 1), predict=False)
-    last = jnp.take_along_axis(hidden, (lengths - 1)[:, None, None], axis=1)  # [B, 1, E]
-    feats = jnp.zeros_like(st.feats).at[:, :1].set(last.astype(st.feats.dtype))
+    return st
+
+
+def prompt_chunk(cfg, params, backbone, st: FeatureState, start, tokens, off, hidden) -> FeatureState:
+    """During the prefill: the entries of prompt tokens `off .. off + c - 1` (hidden `[B, c, E]`, the backbone's
+    features of that chunk of tokens `[B, T]`) written at positions `start + off` on."""
+    nxt = jax.lax.dynamic_slice_in_dim(shifted(tokens, 1), off, hidden.shape[1], axis=1)
+    st, _ = write_block(cfg, params, backbone, st, start + off, hidden, nxt, predict=False)
+    return st
+
+
+def prompt_end(st: FeatureState, last) -> FeatureState:
+    """After the prefill: the last prompt token's feature `last` `[B, E]` pending (its next token: the root)."""
+    feats = jnp.zeros_like(st.feats).at[:, 0].set(last.astype(st.feats.dtype))
+    b = last.shape[0]
     return st.replace(feats=feats, tokens=jnp.zeros_like(st.tokens), count=jnp.ones((b,), jnp.int32))
 
 
@@ -241,7 +251,9 @@ __all__ = [
     "end_step",
     "init_feature_drafter",
     "is_feature",
-    "prefill_state",
+    "prompt_chunk",
+    "prompt_end",
+    "prompt_start",
     "unroll",
     "vocab_logits",
 ]

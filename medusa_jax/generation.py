@@ -48,41 +48,43 @@ def prefill_chunk(cfg: ModelConfig, batch: int, tokens: int, slots: int) -> int:
 
 
 def prefill_into(cfg: ModelConfig, params, tokens, lengths, cache: KVCache, start, chunk: int | None = None, mesh=None,
-                 every_hidden: bool = False):  # fmt: skip
+                 each_chunk=None, aux=None):  # fmt: skip
     """Write the K/V of tokens `[B, T]` (right-padded; `lengths` `[B]` real tokens) into `cache` at slots (and
     positions) `start` on (`[B]`, or a scalar for all rows). Long prompts run in chunks of `chunk` tokens (default
     `prefill_chunk`), so attention never holds more than `[B, H, chunk, S]` scores.
 
-    mesh: the decoding mesh the cache is sharded over (`Transformer.mesh`). Returns (hidden at each row's last token
-    `[B, E]`, cache), and with `every_hidden` the hidden states of every token `[B, T, E]` third."""
+    mesh: the decoding mesh the cache is sharded over (`Transformer.mesh`). each_chunk: `(aux, off, hidden) -> aux`,
+    called on every chunk with its offset in `tokens` and its hidden states `[B, c, E]` (a stateful drafter's writes:
+    no `[B, T, E]` buffer of every hidden state is kept). Returns (hidden at each row's last token `[B, E]`, cache),
+    and with `each_chunk` the final `aux` third."""
     model = Transformer(cfg, mesh)
     b, t = tokens.shape
     c = chunk or prefill_chunk(cfg, b, t, cache.slots)
     c = t if c >= t or t % c else c
     row_start = jnp.broadcast_to(start, (b,))
 
-    def run(cache, off):
+    def run(cache, aux, off):
         toks = jax.lax.dynamic_slice_in_dim(tokens, off, c, axis=1)
         positions = row_start[:, None] + off + jnp.arange(c)[None, :]
         hidden, cache = model.apply({"params": params}, toks, positions, causal_mask(c), cache, start + off)
         last = jnp.take_along_axis(hidden, jnp.clip(lengths - 1 - off, 0, c - 1)[:, None, None], axis=1)[:, 0]
-        return cache, last, hidden
+        if each_chunk is not None:
+            aux = each_chunk(aux, off, hidden)
+        return cache, aux, last
 
     if c == t:
-        cache, last, hidden = run(cache, 0)
-        return (last, cache, hidden) if every_hidden else (last, cache)
+        cache, aux, last = run(cache, aux, 0)
+    else:
 
-    def body(carry, off):
-        cache, last = carry
-        cache, here, hidden = run(cache, off)
-        mine = (lengths - 1 >= off) & (lengths - 1 < off + c)
-        return (cache, jnp.where(mine[:, None], here, last)), (hidden if every_hidden else None)
+        def body(carry, off):
+            cache, aux, last = carry
+            cache, aux, here = run(cache, aux, off)
+            mine = (lengths - 1 >= off) & (lengths - 1 < off + c)
+            return (cache, aux, jnp.where(mine[:, None], here, last)), None
 
-    init = (cache, jnp.zeros((b, cfg.hidden_size), cfg.jnp_dtype))
-    (cache, last), chunks = jax.lax.scan(body, init, jnp.arange(0, t, c))
-    if every_hidden:  # [T / c, B, c, E] -> [B, T, E]
-        return last, cache, jnp.moveaxis(chunks, 0, 1).reshape(b, t, -1)
-    return last, cache
+        init = (cache, aux, jnp.zeros((b, cfg.hidden_size), cfg.jnp_dtype))
+        (cache, aux, last), _ = jax.lax.scan(body, init, jnp.arange(0, t, c))
+    return (last, cache, aux) if each_chunk is not None else (last, cache)
 
 
 def prefill(cfg: ModelConfig, params, tokens: jax.Array, lengths: jax.Array, slots: int):

@@ -299,13 +299,16 @@ def start_state(cfg, loop: MedusaLoop, params, heads, cache: KVCache, start, tok
         seq = jnp.full((b, loop.slots), -1, jnp.int32) if history is None else jnp.asarray(history, jnp.int32)
         seq = write_tokens(seq, row_start, tokens, lengths)
     stateful = stateful_drafter(heads, loop.tree)  # (a feature drafter: its cache over the prompt)
-    last_hidden, cache, *every = prefill_into(cfg, params, tokens, lengths, cache.constrain(loop.mesh), start,
-                                              mesh=loop.mesh, every_hidden=stateful is not None)  # fmt: skip
-    if stateful is not None:
-        draft = stateful.start(cfg, heads, params, draft, row_start, tokens, lengths, every[0], loop.slots,
-                               loop.tree.depth + 1)  # fmt: skip
-    else:
+    if stateful is None:
+        last_hidden, cache = prefill_into(cfg, params, tokens, lengths, cache.constrain(loop.mesh), start,
+                                          mesh=loop.mesh)  # fmt: skip
         draft = None
+    else:  # the drafter's entries written chunk by chunk, beside the backbone's K/V
+        draft = stateful.start(cfg, heads, params, draft, row_start, tokens, loop.slots, loop.tree.depth + 1)
+        each = lambda st, off, hidden: stateful.prefill(cfg, heads, params, st, row_start, tokens, off, hidden)  # noqa: E731
+        last_hidden, cache, draft = prefill_into(cfg, params, tokens, lengths, cache.constrain(loop.mesh), start,
+                                                 mesh=loop.mesh, each_chunk=each, aux=draft)  # fmt: skip
+        draft = stateful.prefilled(draft, last_hidden)
     state = MedusaState(
         cache=cache,
         lengths=row_start + lengths,

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 from test_medusa import random_prompts, tiny_model
 
+from medusa_jax import generation
 from medusa_jax.feature_drafter import init_feature_drafter, unroll
 from medusa_jax.heads import attach_draft_vocab, base_lm_head, heads_config_of
 from medusa_jax.session import Session
@@ -46,6 +47,28 @@ def test_loop_drafts_what_the_unroll_predicts(draft):
         assert [walk(seq, n, rank, buffers)[0] for seq, n, rank in ranked] == [r.steps for r in real]
         if tree is WIDE:  # depth 3 is reached: parents' entries matter
             assert tokens_per_step(ranked, buffers)["accepted_at_depth"][2] > 0.02
+
+
+def test_a_chunked_prefill_writes_the_drafters_entries_chunk_by_chunk(monkeypatch):
+    """Long prompts prefill in chunks, and the drafter's prompt entries are written chunk by chunk beside the
+    backbone's K/V: the loop still drafts what the unroll predicts."""
+    chunks = []
+
+    def small_chunks(cfg, batch, tokens, slots):
+        chunks.append(tokens)
+        return 16
+
+    monkeypatch.setattr(generation, "prefill_chunk", small_chunks)
+    m = feature_model()
+    rng = np.random.default_rng(11)
+    prompts = [rng.integers(0, 16, size=n).tolist() for n in (40, 23, 57)]  # 64 slots: 4 chunks of 16
+    ar = m.generate(prompts, max_new_tokens=21, mode="ar")
+    ranked = answer_ranks(m, [(r.prompt_ids, r.output_ids) for r in ar])
+    buffers = build_buffers(WIDE, topk=4)
+    real = m.generate(prompts, max_new_tokens=21, mode="medusa", tree=buffers)
+    assert 64 in chunks  # the prompts were prefilled in chunks
+    assert [r.output_ids for r in real] == [r.output_ids for r in ar]
+    assert [walk(seq, n, rank, buffers)[0] for seq, n, rank in ranked] == [r.steps for r in real]
 
 
 def test_chat_turns_carry_the_drafters_cache():

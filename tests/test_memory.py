@@ -6,7 +6,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from medusa_jax import feature_drafter as fd
 from medusa_jax import memory
+from medusa_jax.aot import abstract_heads
 from medusa_jax.api import MedusaModel
 from medusa_jax.config import ModelConfig
 from medusa_jax.generation import prefill_chunk, prefill_into
@@ -46,6 +48,16 @@ def _nbytes(tree) -> int:
     return sum(int(np.prod(a.shape)) * a.dtype.itemsize for a in jax.tree.leaves(tree))
 
 
+def _generate_temp(cfg, params, heads, tree, b, p, slots) -> int:
+    """XLA's temporaries for generating from b prompts of p tokens into `slots` cache slots (abstract shapes)."""
+    S = jax.ShapeDtypeStruct
+    args = (S((b, p), jnp.int32), S((b,), jnp.int32), S((), jnp.int32), _abstract(SamplingParams.make(1.0, 0, 1.0)))
+    loop = MedusaLoop(tree, 128, slots, "greedy", (2,))
+    th = Thresholds(S((), jnp.float32), S((), jnp.float32))
+    compiled = generate_medusa.lower(cfg, loop, params, heads, *args, th, S((2,), jnp.uint32)).compile()
+    return compiled.memory_analysis().temp_size_in_bytes
+
+
 BF16_ON_CPU = pytest.mark.xfail(
     jax.default_backend() == "cpu",
     strict=True,
@@ -78,14 +90,10 @@ def test_generate_temporaries_within_bound(mode, dtype):
     e, v = cfg.hidden_size, cfg.vocab_size
     heads = {"blocks": {"kernel": S((k, 1, e, e), jnp.float32), "bias": S((k, 1, e), jnp.float32)}}
     heads["proj"] = {"kernel": S((k, e, v), jnp.float32)}
-    args = (S((b, p), jnp.int32), S((b,), jnp.int32), S((), jnp.int32), _abstract(SamplingParams.make(1.0, 0, 1.0)))
     tree = resolve_tree("mc_sim_7b_63", k, 10, 10) if mode == "medusa" else build_buffers([], topk=1)
-    loop = MedusaLoop(tree, 128, slots, "greedy", (2,))
-    th = Thresholds(S((), jnp.float32), S((), jnp.float32))
     heads = heads if mode == "medusa" else None  # plain decoding: the root-only loop without heads
-    compiled = generate_medusa.lower(cfg, loop, params, heads, *args, th, S((2,), jnp.uint32)).compile()
+    temp = _generate_temp(cfg, params, heads, tree, b, p, slots)
     nodes, internal = (tree.num_nodes, len(tree_parents(tree)[1])) if mode == "medusa" else (1, 1)
-    temp = compiled.memory_analysis().temp_size_in_bytes
     weights = _nbytes(params)
     bound = 2 * (weights + memory.kv_bytes(cfg, b, slots) + memory.logits_bytes(cfg, b, internal))
     assert weights + temp <= bound, (temp, bound)
@@ -104,6 +112,21 @@ def _tiny_cfg():
         tie_word_embeddings=True,
         max_position_embeddings=512,
     )
+
+
+def test_feature_drafters_temporaries_are_its_cache():
+    """A feature drafter's prompt entries are written chunk by chunk during the prefill: its generation's
+    temporaries exceed the sequential heads' by no more than its own K/V cache (no `[B, T, E]` buffer of every
+    prompt token's hidden state)."""
+    cfg = MID.for_inference("float32")
+    b, p, slots = 8, 1024, 2048
+    params = jax.eval_shape(lambda: init_params(cfg))
+    tree = resolve_tree("mc_sim_7b_63", 4, 10, 10)
+    temps = {}
+    for name, hc in (("sequential", HeadsConfig(4, 1, True, True, True)), ("feature", HeadsConfig(4, feature=True))):
+        temps[name] = _generate_temp(cfg, params, abstract_heads(cfg, hc), tree, b, p, slots)
+    state = fd.empty_state(cfg, b, slots, tree.depth + 1)
+    assert temps["feature"] - temps["sequential"] <= _nbytes(state) + (1 << 20), temps
 
 
 def test_chunked_prefill_equals_one_pass():
