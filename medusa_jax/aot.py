@@ -88,21 +88,29 @@ def _known_names() -> list[str]:
     return sorted(KNOWN_CONFIGS) + sorted(KNOWN_ALIASES)
 
 
-def abstract_heads(cfg: ModelConfig, hc: HeadsConfig) -> dict:
+def abstract_heads(cfg: ModelConfig, hc: HeadsConfig, draft_vocab: int = 0) -> dict:
     """Medusa heads' params as ShapeDtypeStructs (the reference layout: each head its own vocabulary projection,
-    unless `shared_lm_head`; root-token and sequential heads' extra kernels)."""
+    unless `shared_lm_head`; root-token and sequential heads' extra kernels). draft_vocab: they draft from that
+    many tokens (`heads.attach_draft_vocab`: the projections' columns for those tokens; 0: the full vocabulary)."""
     k, nl, e, v, dt = hc.num_heads, hc.num_layers, cfg.hidden_size, cfg.vocab_size, cfg.jnp_param_dtype
+    S = jax.ShapeDtypeStruct
     if hc.feature:  # a feature drafter: one decoder layer of the backbone's shapes and the fuse weights
-        layer = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape[1:], dt), abstract_params(cfg)["layers"])
-        fuse = {"kernel": jax.ShapeDtypeStruct((2 * e, e), dt), "bias": jax.ShapeDtypeStruct((e,), dt)}
-        return {"feature": {"fuse": fuse, "layer": layer}}
-    out = {"blocks": {"kernel": jax.ShapeDtypeStruct((k, nl, e, e), dt), "bias": jax.ShapeDtypeStruct((k, nl, e), dt)}}
-    if not hc.shared_lm_head:
-        out["proj"] = {"kernel": jax.ShapeDtypeStruct((k, e, v), dt)}
-    if hc.root_token or hc.sequential:
-        out["root"] = {"kernel": jax.ShapeDtypeStruct((k, e, e), dt)}
-    if hc.sequential:
-        out["path"] = {"kernel": jax.ShapeDtypeStruct((k, k - 1, e, e), dt)}
+        layer = jax.tree.map(lambda x: S(x.shape[1:], dt), abstract_params(cfg)["layers"])
+        out = {"feature": {"fuse": {"kernel": S((2 * e, e), dt), "bias": S((e,), dt)}, "layer": layer}}
+    else:
+        out = {"blocks": {"kernel": S((k, nl, e, e), dt), "bias": S((k, nl, e), dt)}}
+        if not hc.shared_lm_head:
+            out["proj"] = {"kernel": S((k, e, v), dt)}
+        if hc.root_token or hc.sequential:
+            out["root"] = {"kernel": S((k, e, e), dt)}
+        if hc.sequential:
+            out["path"] = {"kernel": S((k, k - 1, e, e), dt)}
+    if draft_vocab:
+        own = "proj" in out  # heads with their own projections: one draft projection each
+        out["draft"] = {
+            "ids": S((draft_vocab,), jnp.int32),
+            "kernel": S((k, e, draft_vocab) if own else (e, draft_vocab), dt),
+        }
     return out
 
 
@@ -137,6 +145,7 @@ class Setup:
     prompt: int  # prefill length (bucketed)
     acceptance: str
     mesh: Mesh
+    draft_vocab: int = 0  # the heads draft from this many tokens (0: the full vocabulary)
 
     @property
     def loop(self) -> MedusaLoop:
@@ -156,7 +165,7 @@ def scalars(mesh: Mesh):
 def abstract_model(s: Setup):
     params = with_shardings(abstract_params(s.cfg), s.mesh, s.cfg)
     params = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, s.cfg.jnp_param_dtype, sharding=x.sharding), params)
-    heads = with_shardings(abstract_heads(s.cfg, s.heads), s.mesh, s.cfg) if s.heads else None
+    heads = with_shardings(abstract_heads(s.cfg, s.heads, s.draft_vocab), s.mesh, s.cfg) if s.heads else None
     return params, heads
 
 
@@ -325,7 +334,7 @@ def smallest_model_axis(s: Setup, chips_available: tuple[int, ...] = (1, 2, 4, 8
             continue
         fake = _ShapeOnlyMesh({"data": 1, "fsdp": 1, "tensor": m})
         params = abstract_params(s.cfg)
-        heads = abstract_heads(s.cfg, s.heads) if s.heads else {}
+        heads = abstract_heads(s.cfg, s.heads, s.draft_vocab) if s.heads else {}
 
         def per_chip(tree, fake=fake):
             total = 0
@@ -352,7 +361,7 @@ class _ShapeOnlyMesh:
 def report(s: Setup, topology_name: str, with_max_batch: bool = True, with_traffic: bool = True) -> dict:
     chip = topology.chip_of(s.mesh.devices.flat[0])
     row = {"model_layers": s.cfg.num_layers, "hidden": s.cfg.hidden_size, "vocab": s.cfg.vocab_size,
-           "heads": s.heads.num_heads if s.heads else 0, "feature_drafter": bool(s.heads and s.heads.feature), "tree_nodes": s.tree.num_nodes, "lookup": s.tree.lookup,
+           "heads": s.heads.num_heads if s.heads else 0, "feature_drafter": bool(s.heads and s.heads.feature), "draft_vocab": s.draft_vocab, "tree_nodes": s.tree.num_nodes, "lookup": s.tree.lookup,
            "batch": s.batch, "context": s.context, "mesh": f"{s.mesh.shape['data']}x{s.mesh.shape['tensor']}",
            "topology": topology_name, "chip": chip.name, "dtype": s.cfg.param_dtype, "activations": s.cfg.dtype,
            "acceptance": s.acceptance}  # fmt: skip
@@ -380,6 +389,8 @@ def _max_batch_down(s: Setup) -> int:
 def describe(row: dict) -> str:
     g = lambda b: f"{b / GIB:.2f} GiB"  # noqa: E731
     drafter = "a feature drafter" if row.get("feature_drafter") else f"{row['heads']} heads"
+    if row.get("draft_vocab"):
+        drafter += f" (draft vocabulary: {row['draft_vocab']} tokens)"
     lines = [
         f"{drafter}, {row['tree_nodes']}-node tree (lookup {row['lookup']}), batch {row['batch']} x "
         f"{row['context']} tokens, {row['dtype']} weights / {row['activations']} activations, mesh {row['mesh']} on "
@@ -432,7 +443,9 @@ def build_setup(args) -> Setup:
     prompt = args.prompt or args.context // 2
     if prompt + tree.num_nodes + 17 > args.context:
         raise AotError(f"--prompt {prompt} leaves no room for output in --context {args.context}")
-    return Setup(cfg, hc, tree, args.batch, args.context, prompt, args.acceptance, mesh)
+    if args.draft_vocab and not (args.heads and 0 < args.draft_vocab <= cfg.vocab_size):
+        raise AotError(f"--draft-vocab {args.draft_vocab}: give 1..{cfg.vocab_size} tokens, with --heads")
+    return Setup(cfg, hc, tree, args.batch, args.context, prompt, args.acceptance, mesh, args.draft_vocab)
 
 
 def main(argv=None) -> int:
@@ -443,6 +456,7 @@ def main(argv=None) -> int:
     ap.add_argument("--root-token", action="store_true", help="root-token heads (each also sees the step's root)")
     ap.add_argument("--sequential", action="store_true", help="sequential heads (each sees its path's drafted tokens)")
     ap.add_argument("--feature", action="store_true", help="a feature drafter (one decoder layer) instead of heads")
+    ap.add_argument("--draft-vocab", type=int, default=0, help="draft from this many tokens (0: the full vocabulary)")
     ap.add_argument("--tree", default="mc_sim_7b_63")
     ap.add_argument("--lookup", type=int, default=10)
     ap.add_argument("--batch", type=int, default=1)

@@ -148,6 +148,7 @@ def test_cli_writes_the_report_and_reports_what_does_not_fit(v5e_2x2, tmp_path, 
         (["--mesh", "1x8", "--topology", "v5e-4"], "has 8 devices but v5e-4 has 4 chips"),
         (["--mesh", "1by8"], "DATAxMODEL"),
         (["--model", "no/such-model-here", "--topology", "v5e-1"], "no/such-model-here"),
+        (["--draft-vocab", "999999"], "--draft-vocab 999999: give 1..128256 tokens"),
     ],
 )
 def test_bad_input_is_one_line_and_exit_2(args, said, capsys, monkeypatch):
@@ -206,13 +207,19 @@ def test_abstract_heads_of_every_kind():
     seq = aot.abstract_heads(cfg, HeadsConfig(4, 1, True, True, True))
     assert set(seq) == {"blocks", "root", "path"} and seq["path"]["kernel"].shape == (4, 3, e, e)
     assert aot.abstract_heads(cfg, HeadsConfig(4, 1, True, True))["root"]["kernel"].shape == (4, e, e)
+    # a draft vocabulary: one projection onto its columns (each head's own, unless they share the lm_head)
+    assert aot.abstract_heads(cfg, HeadsConfig(4, 1), 32)["draft"]["kernel"].shape == (4, e, 32)
+    assert aot.abstract_heads(cfg, HeadsConfig(4, 1, True, True, True), 32)["draft"]["kernel"].shape == (e, 32)
+    feature = aot.abstract_heads(cfg, HeadsConfig(4, feature=True), 32)
+    assert feature["draft"]["kernel"].shape == (e, 32) and feature["draft"]["ids"].shape == (32,)
 
 
-def test_a_feature_drafter_compiles_sharded_and_moves_no_weights(v5e_2x2):
+@pytest.mark.parametrize("draft_vocab", [0, 64], ids=["full-vocab", "draft-vocab"])
+def test_a_feature_drafter_compiles_sharded_and_moves_no_weights(v5e_2x2, draft_vocab):
     """A feature drafter's decode loop (its K/V cache in the carry, split by rows) compiles for a 1x4 slice: it fits
-    and a step gathers no weight."""
+    and a step gathers no weight (also drafting from a draft vocabulary)."""
     s = setup(v5e_2x2)
-    s = s.replace(heads=HeadsConfig(4, 1, True, feature=True))
+    s = s.replace(heads=HeadsConfig(4, 1, True, feature=True), draft_vocab=draft_vocab)
     heads = aot.abstract_heads(s.cfg, s.heads)
     assert set(heads) == {"feature"} and heads["feature"]["fuse"]["kernel"].shape == (512, 256)
     assert aot.memory(s)["fits"]
