@@ -157,7 +157,8 @@ class SequentialHeads:
 
 class StatefulDrafter(Drafter, Protocol):
     """A drafter with state carried through the loop (`DraftContext.draft`): `propose` returns the new state third;
-    the loop sets it up after the prefill and shows it each step's accepted path."""
+    the loop sets it up around the prefill (`start`, `prefill` on each prompt chunk, `prefilled`) and shows it each
+    step's accepted path (`observe`)."""
 
     def start(self, cfg, heads, params, state, start, tokens, slots: int, path_len: int):
         """Before the prefill of tokens `[B, T]` at slots `start` `[B]` on: the state (`state`: the conversation's
