@@ -64,6 +64,26 @@ def test_failing_section_fails_the_run(device_check, tmp_path, monkeypatch, caps
     assert row["status"] == "FAIL" and row["target"] == "section steps"
 
 
+def test_steps_time_a_tree_with_other_heads(device_check, tmp_path, capsys):
+    """`--trees HEADS:TREE` times that tree with another head set (here a feature drafter) on the same backbone, in
+    the same step-cost comparison; a head set that does not exist is one line and exit 2."""
+    from medusa_jax.feature_drafter import init_feature_drafter
+    from medusa_jax.heads_io import save_heads
+
+    model = device_check.tiny_model("float32")
+    save_heads(init_feature_drafter(model.params, scale=0.02), str(tmp_path / "fd"))
+    out = tmp_path / "out"
+    argv = ["--ckpt", "tiny", "--quick", "--out", str(out), "--skip", "parity,speed,big,calibrate",
+            "--trees", f"cpu_4,{tmp_path / 'fd'}:cpu_8"]  # fmt: skip
+    assert device_check.main(argv) == 0, capsys.readouterr().err
+    rep = json.loads((out / "device_check.json").read_text())
+    trees = rep["step_ms"]["b1"]["trees"]
+    assert set(trees) == {"cpu_8", "cpu_4", f"{tmp_path / 'fd'}:cpu_8"} and all(v > 0 for v in trees.values())
+    with pytest.raises(SystemExit) as e:
+        device_check.main(["--ckpt", "tiny", "--quick", "--out", str(out), "--trees", "nope_heads:cpu_8"])
+    assert e.value.code == 2 and "no head set 'nope_heads'" in capsys.readouterr().err
+
+
 def test_calibration_sized_to_its_budget(device_check, tmp_path):
     """A budget too small for any tree: AR alone is measured at each batch size, every tree size is left out."""
     from medusa_jax import calibrate

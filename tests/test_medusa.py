@@ -137,15 +137,19 @@ def test_tree_errors():
         m.generate([[1, 2, 3]], max_new_tokens=4, mode="medusa", acceptance="nope", temperature=1.0, topk=4)
 
 
-@pytest.mark.parametrize("batch", [1, 8])
-def test_smollm2_greedy_equals_ar(smollm2, dev_prompts, batch):
+@pytest.mark.parametrize("heads,batch", [("smollm2_sequential", 1), ("smollm2_feature", 1), (None, 8)])
+def test_smollm2_greedy_equals_ar(smollm2, dev_prompts, heads, batch):
     """SmolLM2: Medusa greedy output equals AR greedy, at batch 1 with the shipped sequential heads (which draft each
-    node's children from its own path) and at batch 8 (mixed lengths) with random root-token heads."""
-    if batch == 1:
+    node's children from its own path) and the shipped feature drafter (a decoder layer with its own K/V cache in
+    the loop), and at batch 8 (mixed lengths) with random root-token heads."""
+    if heads:
         from medusa_jax.api import shipped_heads, with_heads
 
-        m = with_heads(smollm2, shipped_heads("smollm2_sequential"), "float32")
-        assert "path" in m.heads and m.heads["path"]["kernel"].shape[:2] == (4, 3)
+        m = with_heads(smollm2, shipped_heads(heads), "float32")
+        if heads == "smollm2_sequential":
+            assert "path" in m.heads and m.heads["path"]["kernel"].shape[:2] == (4, 3)
+        else:
+            assert "feature" in m.heads and m.heads["draft"]["ids"].shape == (8192,)
     else:
         heads = init_heads(HeadsConfig(4, 1, True), smollm2.params, seed=0, scale=0.02)
         m = MedusaModel(smollm2.cfg, smollm2.params, smollm2.tokenizer, heads=heads)
@@ -154,7 +158,7 @@ def test_smollm2_greedy_equals_ar(smollm2, dev_prompts, batch):
     md = m.generate(prompts, max_new_tokens=24, mode="medusa", tree="cpu_8")
     assert [r.output_ids for r in md] == [r.output_ids for r in ar]
     assert batch == 1 or len({len(r.prompt_ids) for r in md}) > 2  # mixed lengths
-    assert batch == 8 or md[0].steps < 0.8 * md[0].new_tokens  # the trained heads' drafts are accepted
+    assert batch == 8 or md[0].steps < 0.8 * md[0].new_tokens  # the trained drafts are accepted
 
 
 def test_draft_vocabulary_keeps_greedy_output_and_only_proposes_its_tokens():

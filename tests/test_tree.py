@@ -231,6 +231,8 @@ def test_get_tree_names():
     assert all(len(get_tree(n)) == 63 for n in names if not n.startswith(("chain_", "cpu_", "smollm2_")))
     wide = get_tree("smollm2_sequential_127")  # grown from the shipped sequential heads' accuracies
     assert len(wide) == 127 and wide[0] == [0] and build_buffers(wide, num_heads=4).depth == 4
+    feature = get_tree("smollm2_feature_255")  # grown from the shipped feature drafter's accuracies, six deep
+    assert len(feature) == 255 and feature[:3] == [[0], [0, 0], [1]] and build_buffers(feature, num_heads=16).depth == 6
     for k in (4, 8, 16, 32):
         assert get_tree(f"cpu_{k}") == mc[:k]
     assert get_tree("chain_3") == [[0], [0, 0], [0, 0, 0]]

@@ -18,7 +18,8 @@ Sections (all by default; --skip a comma list of them):
              default with bfloat16 activations (what float32 activations cost)
   steps      the real decode loop's step cost: mc_sim_7b_63 + lookup 10 against AR, batch 1 and 8, over KV caches
              of the same size; `--trees A,B` times more trees beside it (for information), e.g. wider trees
-             grown for sequential heads; `--feature` times a feature drafter's step on mc_sim_7b_63 + lookup 10
+             grown for sequential heads, and `HEADS:TREE` a tree with another head set on the same backbone
+             (e.g. smollm2_feature:smollm2_feature_255); `--feature` times a feature drafter's step on mc_sim_7b_63 + lookup 10
              (initialized from the backbone: its drafting cost, not its acceptance; for information)
   big        a Llama-2-7B-shaped random model with bfloat16 weights: AR step against the measured copy bandwidth
              (float32 and, for information, bfloat16 activations), and the compiled step's proxies (nested while loops, bytes accessed against params + cache)
@@ -67,17 +68,21 @@ def parse_args(argv=None):
     ap.add_argument("--parity-modes", default="bf16,f32", help="comma list of bf16, f32, bf16act")
     ap.add_argument("--calibrate-budget", type=float, default=180.0, help="seconds for the calibration section")
     ap.add_argument("--trees", default="", help="comma list of more trees (names or JSON files) whose step cost the "
-                    "steps section measures too, e.g. smollm2_sequential_127")  # fmt: skip
+                    "steps section measures too, e.g. smollm2_sequential_127; HEADS:TREE times that tree with other "
+                    "heads, e.g. smollm2_feature:smollm2_feature_255")  # fmt: skip
     ap.add_argument("--feature", action="store_true", help="the steps section also times a feature drafter's step")
     args = ap.parse_args(argv)
     args.trees = [t for t in args.trees.split(",") if t]
     from medusa_jax.tree import get_tree
 
     for t in args.trees:
+        heads, _, tree = t.rpartition(":")
         try:
-            get_tree(t)
+            get_tree(tree)
         except ValueError as e:
             ap.error(f"--trees: {e}")
+        if heads and heads_dir(heads) is None:
+            ap.error(f"--trees: {t}: no head set {heads!r} (a shipped name such as smollm2_feature, or a directory)")
     skip = {s for s in args.skip.split(",") if s}
     if skip - set(SECTIONS):
         ap.error(f"--skip: unknown section(s) {', '.join(sorted(skip - set(SECTIONS)))}; choose from {SECTIONS}")
@@ -149,6 +154,13 @@ def encode_all(model, prompts: list[str]) -> list:
     if model.tokenizer is None:  # the tiny model: bytes as token ids
         return [[b % model.cfg.vocab_size for b in p.encode()][:30] for p in prompts]  # one prompt-length bucket
     return [model.encode(p) for p in prompts]
+
+
+def heads_dir(name: str) -> str | None:
+    """A head set's directory: a shipped name (`medusa_jax/head_sets/NAME`) or a directory; None if neither."""
+    from medusa_jax.api import shipped_heads
+
+    return shipped_heads(name) or (name if os.path.isdir(name) else None)
 
 
 def tree_kw(quick: bool) -> dict:
@@ -246,15 +258,22 @@ def speed_section(args, rep: Report, prompts: list[str]):
 def steps_section(args, rep: Report):
     """Step cost of the real loop, mc_sim_7b_63 + lookup 10 (and each of `--trees`, for information) against AR, all
     over a KV cache of the same size."""
+    from medusa_jax.api import with_heads
     from medusa_jax.calibrate import step_costs, step_slots
     from medusa_jax.tree import build_buffers, get_tree
 
     model = load_model(args, "bfloat16")
     kw = tree_kw(args.quick)
-    k = model.heads_config.num_heads
-    trees = {
-        t: build_buffers(get_tree(t), topk=10, num_heads=k, lookup=kw["lookup"]) for t in [kw["tree"], *args.trees]
-    }
+    heads = {"": model}  # `--trees HEADS:TREE`: that tree with other heads on the same backbone
+    for name in {t.rpartition(":")[0] for t in args.trees} - {""}:
+        heads[name] = with_heads(model, heads_dir(name), "bfloat16")
+    options = {}  # label -> (tree buffers, heads)
+    for t in [kw["tree"], *args.trees]:
+        name, _, tree = t.rpartition(":")
+        m = heads[name]
+        buffers = build_buffers(get_tree(tree), topk=10, num_heads=m.heads_config.num_heads, lookup=kw["lookup"])
+        options[t] = (buffers, m.heads)
+    trees = {t: tree for t, (tree, _) in options.items()}
     root = build_buffers([], topk=1)
     iters, repeats = (3, 2) if args.quick else (30, 5)
     prompt = [1] * (16 if args.quick else 128)
@@ -270,8 +289,7 @@ def steps_section(args, rep: Report):
         drafter = jax.tree.map(lambda a: a.astype(dt), init_feature_drafter(model.params))
         extra[f"feature drafter, {kw['tree']}"] = (trees[kw["tree"]], drafter)
     for b, goal in ((1, 1.35), (8, 1.6)):
-        options = {"ar": (root, None)} | {t: (tree, model.heads) for t, tree in trees.items()} | extra
-        cost = step_costs(model, prompt, b, options, iters, repeats, slots=slots)
+        cost = step_costs(model, prompt, b, {"ar": (root, None)} | options | extra, iters, repeats, slots=slots)
         ar = cost.pop("ar")
         rep.raw["step_ms"][f"b{b}"] = {"ar": ar * 1e3, "tree_lookup": cost[kw["tree"]] * 1e3,
                                        "trees": {t: c * 1e3 for t, c in cost.items()}}  # fmt: skip
