@@ -101,7 +101,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="default: medusa when heads are loaded and this device's calibration picks a tree at this batch size "
         "(without a calibration: always with heads), else ar (plain decoding)",
     )
-    g.add_argument("--tree", metavar="NAME|FILE", help="Medusa tree: a shipped name (e.g. mc_sim_7b_63) or JSON")
+    g.add_argument(
+        "--tree",
+        metavar="NAME|FILE",
+        help="Medusa tree: a shipped name (e.g. mc_sim_7b_63), a JSON file, or "
+        "dynamic_N[_dD][_kK] (a feature drafter's N most confident drafts each step, D deep, K per node)",
+    )
     g.add_argument(
         "--lookup",
         type=int,
@@ -190,9 +195,10 @@ def shipped_heads(name: str) -> bool:
 def check_tree(name: str | None) -> None:
     """Fails early (ValueError) for an unknown tree name or a bad tree file."""
     if name is not None:
-        from medusa_jax.tree import get_tree
+        from medusa_jax.tree import dynamic_tree, get_tree
 
-        get_tree(name)
+        if dynamic_tree(name) is None:
+            get_tree(name)
 
 
 def enable_compilation_cache() -> None:
@@ -318,9 +324,15 @@ def check_options(model, mode: str, args) -> None:
         if moot:
             say(f"warning: {', '.join(moot)} not used: plain decoding runs (see above); pass --mode medusa to use it")
     if args.tree is not None and model.heads is not None:
-        from medusa_jax.tree import get_tree, max_depth
+        from medusa_jax.feature_drafter import is_feature
+        from medusa_jax.tree import dynamic_tree, get_tree, max_depth
 
-        k, depth = model.heads_config.num_heads, max_depth(get_tree(args.tree))
+        dynamic = dynamic_tree(args.tree)
+        if dynamic is not None and not is_feature(model.heads):
+            raise InputError(f"--tree {args.tree} is a dynamic tree, for a feature drafter (such as --heads "
+                             "smollm2_feature): with these heads use a static tree, e.g. mc_sim_7b_63")  # fmt: skip
+        k = model.heads_config.num_heads
+        depth = dynamic.head_depth if dynamic is not None else max_depth(get_tree(args.tree))
         if depth > k:
             hint = f"chain_N goes up to chain_{k}" if args.tree.startswith("chain_") else f"use a tree of depth <= {k}"
             raise InputError(f"--tree {args.tree} is {depth} tokens deep, but these heads guess only {k} ahead: {hint}")

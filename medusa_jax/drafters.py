@@ -15,7 +15,9 @@ whichever tokens are proposed, including children chosen per parent.
   on every node of depth k that has children, with that node's own path; its top-k are that node's children.
 - `FeatureDrafter`: a feature-level drafter of EAGLE's kind (`medusa_jax.feature_drafter`): one decoder layer run
   depth by depth on each node's predicted feature and token, over its own K/V cache. It is stateful: its cache
-  (`DraftContext.draft`) comes back from `propose` and is advanced after acceptance (`observe`).
+  (`DraftContext.draft`) comes back from `propose` and is advanced after acceptance (`observe`). It also drafts
+  dynamic trees (`medusa_jax.tree.DynamicTree`: the step's shape from its own confidence), returning the step's
+  parents and depths (`StepTree`).
 - `LookupChain`: the tokens that followed the context's last n-gram earlier on (`medusa_jax.lookup`).
 """
 
@@ -35,7 +37,7 @@ from medusa_jax import feature_drafter as fd
 from medusa_jax.heads import base_lm_head, draft_logits, head_at_depth, is_sequential, root_embedding, uses_root
 from medusa_jax.lookup import lookup_draft
 from medusa_jax.ranking import top_candidates
-from medusa_jax.tree import TreeBuffers
+from medusa_jax.tree import DynamicTree, TreeBuffers
 
 
 @flax.struct.dataclass
@@ -54,6 +56,29 @@ class DraftContext:
     cfg: object = flax.struct.field(pytree_node=False, default=None)  # the backbone's ModelConfig
 
 
+@flax.struct.dataclass
+class StepTree:
+    """A dynamic tree's structure in one step (`medusa_jax.tree.DynamicTree`): each node's parent (the root's: 0)
+    and depth (the root's: 0), `[B, L]`."""
+
+    parent: jax.Array
+    depth: jax.Array
+
+
+def chain_shape(tree: DynamicTree, batch: int) -> StepTree:
+    """The step tree's static part: the root and the lookup chain (after the drafted nodes) hanging from it; the
+    drafted nodes' entries are filled by the drafter."""
+    n, first = tree.num_nodes, tree.size + 1
+    parent = np.zeros(n, np.int32)
+    depth = np.zeros(n, np.int32)
+    chain = np.arange(first, n)
+    if tree.lookup:
+        parent[chain] = np.concatenate([[0], chain[:-1]])
+        depth[chain] = np.arange(1, tree.lookup + 1)
+    b = lambda a: jnp.broadcast_to(jnp.asarray(a), (batch, n))  # noqa: E731
+    return StepTree(b(parent), b(depth))
+
+
 class Drafter(Protocol):
     def nodes(self, tree: TreeBuffers) -> np.ndarray:
         """The tree nodes this drafter fills `[n]` (static)."""
@@ -61,11 +86,12 @@ class Drafter(Protocol):
     def propose(self, ctx: DraftContext, tree: TreeBuffers, cand: jax.Array) -> tuple[jax.Array, jax.Array | None]:
         """-> (tokens `[B, n]` for `nodes(tree)`, valid `[B, n]` or None when every one is a real draft). `cand`
         `[B, L]`: the tree so far (the root, and the nodes of the drafters before this one). A stateful drafter
-        returns its new state third."""
+        returns its new state third; with a `DynamicTree`, the drafter also returns its nodes' `StepTree` entries
+        (parents and depths `[B, n]`) fourth."""
 
 
-def head_nodes(tree: TreeBuffers) -> np.ndarray:
-    return np.arange(1, len(tree.choices) + 1, dtype=np.int32)
+def head_nodes(tree: TreeBuffers | DynamicTree) -> np.ndarray:
+    return np.arange(1, tree.num_nodes - tree.lookup, dtype=np.int32)
 
 
 def _layout(mesh):
@@ -201,6 +227,11 @@ class FeatureDrafter:
     def propose(self, ctx, tree, cand):
         cfg, heads, params, dtype = ctx.cfg, ctx.heads, ctx.params, ctx.matmul_dtype
         st, g_root = fd.begin_step(cfg, heads, params, ctx.draft, ctx.lengths, ctx.root)
+        if isinstance(tree, DynamicTree):
+            tokens, valid, parent, depth = fd.draft_dynamic(
+                cfg, heads, params, st.k, st.v, ctx.lengths, g_root, tree, dtype
+            )
+            return tokens, valid, st, (parent, depth)
         b, n = cand.shape
         feats = jnp.zeros((b, n, g_root.shape[-1]), jnp.float32).at[:, 0].set(g_root)  # each node's prediction
         kh, slots, d = st.k.shape[1:]
@@ -243,6 +274,11 @@ def drafters_for(heads: dict | None, tree: TreeBuffers) -> tuple[Drafter, ...]:
     if tree.head_depth:
         if heads is None:
             raise ValueError(f"the tree has {tree.head_depth} levels of head nodes but there are no heads")
+        if isinstance(tree, DynamicTree) and not fd.is_feature(heads):
+            raise ValueError(
+                f"{tree!r} needs a drafter that conditions on its path (a feature drafter, such as the head set "
+                "smollm2_feature); with these heads use a static tree (mc_sim_7b_63, or a calibrated one)"
+            )
         if fd.is_feature(heads):
             out.append(FeatureDrafter())
         else:
@@ -257,22 +293,27 @@ def stateful_drafter(heads: dict | None, tree: TreeBuffers) -> StatefulDrafter |
     return next((d for d in drafters_for(heads, tree) if hasattr(d, "observe")), None)
 
 
-def draft_tree(ctx: DraftContext, tree: TreeBuffers) -> tuple[jax.Array, jax.Array | None, object]:
-    """The step's candidates `[B, L]` (node 0 = the root), valid `[B, L]` (None: every node holds a draft) and the
-    stateful drafter's new state (`ctx.draft` when there is none)."""
+def draft_tree(ctx: DraftContext, tree) -> tuple[jax.Array, jax.Array | None, object, StepTree | None]:
+    """The step's candidates `[B, L]` (node 0 = the root), valid `[B, L]` (None: every node holds a draft), the
+    stateful drafter's new state (`ctx.draft` when there is none) and, for a `DynamicTree`, the step's tree
+    (`StepTree`; None for a static tree)."""
     b = ctx.root.shape[0]
     cand = jnp.zeros((b, tree.num_nodes), jnp.int32).at[:, 0].set(ctx.root)
     valid, state = None, ctx.draft
+    shape = chain_shape(tree, b) if isinstance(tree, DynamicTree) else None
     for drafter in drafters_for(ctx.heads, tree):
         nodes = jnp.asarray(drafter.nodes(tree))
-        tokens, ok, *new_state = drafter.propose(ctx, tree, cand)
-        if new_state:
-            state = new_state[0]
+        tokens, ok, *rest = drafter.propose(ctx, tree, cand)
+        if rest:
+            state = rest[0]
+        if len(rest) > 1:
+            parent, depth = rest[1]
+            shape = StepTree(shape.parent.at[:, nodes].set(parent), shape.depth.at[:, nodes].set(depth))
         cand = cand.at[:, nodes].set(tokens.astype(jnp.int32))
         if ok is not None:
             valid = jnp.ones(cand.shape, bool) if valid is None else valid
             valid = valid.at[:, nodes].set(ok)
-    return cand, valid, state
+    return cand, valid, state, shape
 
 
 __all__ = [
@@ -280,6 +321,7 @@ __all__ = [
     "Drafter",
     "FeatureDrafter",
     "StatefulDrafter",
+    "StepTree",
     "LookupChain",
     "MedusaHeads",
     "SequentialHeads",

@@ -235,6 +235,61 @@ def begin_step(cfg, params, backbone, st: FeatureState, lengths, root) -> tuple[
     return st, jnp.take_along_axis(g, last[:, :, None], axis=1)[:, 0]
 
 
+def _top(logits: jax.Array, ids, k: int):
+    """logits `[..., Vd]` -> (the k best log-probabilities `[..., k]`, their token ids)."""
+    logp, idx = jax.lax.top_k(jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1), k)
+    return logp, (idx if ids is None else ids[idx]).astype(jnp.int32)
+
+
+def draft_dynamic(cfg, params, backbone, ck, cv, lengths, g_root, tree, dtype="float32"):
+    """A dynamic tree (`medusa_jax.tree.DynamicTree`) drafted after `begin_step` over the drafter's cache ck, cv
+    `[B, KH, S, D]` (its first `lengths` `[B]` slots): depth 1 from the root's predicted feature g_root `[B, E]`; at each further depth the `beam` most confident nodes of the last one run the layer on
+    `fuse(parent's predicted feature, own token)` at their position, attending to the cache and their own path's
+    entries, and draft `topk` children each; the `size` best of all drafts by path score (summed log-probabilities)
+    form the tree. -> (tokens `[B, size]`, valid `[B, size]`, parent `[B, size]` (tree node ids, 0 = the root),
+    depth `[B, size]`); the nodes are in drafting order (parents first, siblings in rank order)."""
+    b, k, w = g_root.shape[0], tree.topk, tree.beam
+    logits, ids = vocab_logits(params, backbone, g_root, dtype)
+    score, tok = _top(logits, ids, k)  # [B, k]
+    scores, tokens, parents, depths = [score], [tok], [jnp.full((b, k), -1, jnp.int32)], [np.full(k, 1, np.int32)]
+    front = jnp.broadcast_to(jnp.arange(w, dtype=jnp.int32), (b, w))  # the frontier's ids in the pool
+    f_score, f_tok = score[:, :w], tok[:, :w]
+    f_feat = jnp.broadcast_to(g_root[:, None].astype(jnp.float32), (b, w, g_root.shape[-1]))  # their parents' features
+    pk = jnp.zeros((b, w, 0, cfg.num_kv_heads, cfg.head_dim), jnp.float32)  # their paths' entries (K/V)
+    pv = pk
+    seen = jnp.arange(ck.shape[2])[None, None, :] < lengths[:, None, None]
+    mask = jnp.broadcast_to(seen, (b, w, seen.shape[-1]))
+    rows = jnp.arange(b)[:, None]
+    offset = k
+    for d in range(2, tree.head_depth + 1):
+        x = fuse(cfg, params, f_feat, embed(backbone, f_tok))  # the frontier's entries, at depth d-1
+        q, kk, vv = project(cfg, params, x, jnp.broadcast_to(lengths[:, None] + d - 2, (b, w)))
+        pk, pv = jnp.concatenate([pk, kk[:, :, None]], 2), jnp.concatenate([pv, vv[:, :, None]], 2)
+        g = finish(cfg, params, x, attend(q, ck, cv, mask, pk, pv))  # [B, W, E]
+        logits, ids = vocab_logits(params, backbone, g, dtype)
+        score, tok = _top(logits, ids, k)  # [B, W, k]
+        score = (f_score[:, :, None] + score).reshape(b, w * k)
+        tok = tok.reshape(b, w * k)
+        scores.append(score)
+        tokens.append(tok)
+        parents.append(jnp.repeat(front, k, axis=1))
+        depths.append(np.full(w * k, d, np.int32))
+        if d < tree.head_depth:  # the next frontier: the beam best of this depth
+            f_score, pick = jax.lax.top_k(score, w)
+            slot = pick // k  # each one's parent in the frontier
+            f_tok = tok[rows, pick]
+            f_feat, pk, pv = g[rows, slot], pk[rows, slot], pv[rows, slot]
+            front = offset + pick
+        offset += w * k
+    score, tok, parent = (jnp.concatenate(a, axis=1) for a in (scores, tokens, parents))
+    depth = jnp.asarray(np.concatenate(depths))
+    keep = jnp.sort(jax.lax.top_k(score, tree.size)[1], axis=1)  # [B, size] pool ids, in drafting order
+    node = jnp.full(score.shape, -1, jnp.int32).at[rows, keep].set(jnp.arange(1, tree.size + 1, dtype=jnp.int32))
+    par = parent[rows, keep]
+    par_node = jnp.where(par < 0, 0, node[rows, jnp.maximum(par, 0)])  # -1: a parent left out (ties only)
+    return tok[rows, keep], par_node >= 0, jnp.maximum(par_node, 0), depth[keep]
+
+
 def end_step(st: FeatureState, hidden, path_nodes, path_tokens, count, live) -> FeatureState:
     """After acceptance: the accepted path's features (hidden `[B, L, E]` at path_nodes `[B, P]`) and next tokens
     (path_tokens `[B, P]` shifted by one) become pending, `count` `[B]` of them (rows not `live` keep theirs)."""
@@ -247,6 +302,7 @@ def end_step(st: FeatureState, hidden, path_nodes, path_tokens, count, live) -> 
 __all__ = [
     "FeatureState",
     "begin_step",
+    "draft_dynamic",
     "empty_state",
     "end_step",
     "init_feature_drafter",

@@ -13,6 +13,8 @@ Each step, for every row b of the batch (rows accept different lengths):
   update:     the accepted path's tokens go to the output, and the next step's base logits and hidden state are
               taken at the last accepted node; its K/V move to contiguous slots at the start of the next step's
               verification, layer by layer (`MedusaState.moved_at`, `settled_cache` for a cache kept after the loop).
+A dynamic tree (`medusa_jax.tree.DynamicTree`, a feature drafter's) is drafted anew each step: its parents and depths
+come from the drafter (`drafters.StepTree`), and the mask, positions and acceptance follow them.
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ from medusa_jax.generation import append_tokens, is_eos, lm_logits, prefill_into
 from medusa_jax.lookup import write_tokens
 from medusa_jax.model import KVCache, Transformer
 from medusa_jax.sampling import SamplingParams, process_logits
-from medusa_jax.tree import TreeBuffers, build_buffers, get_tree
+from medusa_jax.tree import DynamicTree, TreeBuffers, build_buffers, dynamic_tree, get_tree
 
 DECODE_LOOP = "decode_loop"
 
@@ -163,6 +165,68 @@ def tree_parents(tree: TreeBuffers) -> tuple[np.ndarray, np.ndarray, np.ndarray]
     return parent, internal, slot
 
 
+def max_children(tree) -> int:
+    """C: the most children of any node (the width of `banned`)."""
+    return tree.max_children if isinstance(tree, DynamicTree) else tree_children(tree).shape[1]
+
+
+def ancestor_mask(parent: jax.Array, depth: int) -> jax.Array:
+    """A step tree's attention mask: parent `[B, L]` (the root's: 0), depth D -> `[B, L, L]`, True where j is i or
+    an ancestor of i."""
+    n = parent.shape[1]
+    node = jnp.broadcast_to(jnp.arange(n, dtype=jnp.int32), parent.shape)
+    mask = jnp.zeros((*parent.shape, n), bool)
+    for _ in range(depth + 1):
+        mask = mask | (node[:, :, None] == jnp.arange(n)[None, None, :])
+        node = jnp.take_along_axis(parent, node, axis=1)
+    return mask
+
+
+def step_children(parent: jax.Array, c: int) -> jax.Array:
+    """parent `[B, L]` -> each node's children in node order `[B, L, C]` (-1 padded)."""
+    b, n = parent.shape
+    idx = jnp.arange(n)
+    earlier = (idx[None, :] < idx[:, None]) & (idx[None, :] >= 1)  # [L, L]: j is a node before i
+    rank = jnp.sum((parent[:, :, None] == parent[:, None, :]) & earlier[None], axis=-1)  # [B, L] among its siblings
+    rows = jnp.arange(b)[:, None]
+    kids = jnp.full((b, n, c), -1, jnp.int32)
+    return kids.at[rows, parent[:, 1:], rank[:, 1:]].set(jnp.broadcast_to(idx[1:], (b, n - 1)), mode="drop")
+
+
+def evaluate_step_tree(tokens, logits, shape, loop: MedusaLoop, sp: SamplingParams, th: Thresholds, valid=None):
+    """`evaluate_paths` for a dynamic tree: logits `[B, L, V]` at every node, `shape` the step's `StepTree`. Each
+    node is judged against its parent's distribution; a node is accepted when it and all its ancestors are; the
+    deepest accepted node (ties: the highest summed log-probability) ends the path."""
+    b, n = tokens.shape
+    parent, depth, d = shape.parent, shape.depth, loop.tree.depth
+    rows = jnp.arange(b)[:, None]
+    if loop.acceptance == "greedy":
+        node_ok = jnp.take_along_axis(jnp.argmax(logits, axis=-1), parent, axis=1) == tokens  # [B, L]
+        score = jnp.zeros(tokens.shape, jnp.float32)
+    else:
+        probs = jax.nn.softmax(process_logits(logits, sp), axis=-1)  # [B, L, V]
+        p = probs[rows, parent, tokens]
+        node_ok = p > jnp.take_along_axis(typical_threshold(probs, th), parent, axis=1)
+        score = jnp.log(p + 1e-12).at[:, 0].set(0.0)
+    node_ok = node_ok.at[:, 0].set(True)
+    if valid is not None:
+        node_ok = node_ok & valid
+    ok, ll = node_ok, score
+    for _ in range(d):  # down the tree: accepted when the parent is, and the path's summed log-probability
+        ok = node_ok & jnp.take_along_axis(ok, parent, axis=1)
+        ll = score + jnp.take_along_axis(ll, parent, axis=1)
+    reached = jnp.where(ok, depth, -1)
+    best_len = reached.max(axis=1)
+    best = jnp.argmax(jnp.where(reached == best_len[:, None], ll, -jnp.inf), axis=1).astype(jnp.int32)
+    up = [best]  # up[j]: the node j levels above the best one
+    for _ in range(d):
+        up.append(jnp.take_along_axis(parent, up[-1][:, None], axis=1)[:, 0])
+    up = jnp.stack(up, axis=1)  # [B, D+1]
+    path_nodes = jnp.take_along_axis(up, jnp.clip(best_len[:, None] - jnp.arange(d + 1)[None, :], 0, d), axis=1)
+    no_ban = jnp.full((b, max_children(loop.tree)), -1, jnp.int32)
+    return best_len, jnp.take_along_axis(tokens, path_nodes, axis=1), path_nodes, no_ban
+
+
 def evaluate_paths(tokens, logits, loop: MedusaLoop, sp: SamplingParams, th: Thresholds, valid=None):
     """Greedy or typical acceptance: pick each row's best path.
 
@@ -202,7 +266,7 @@ def evaluate_paths(tokens, logits, loop: MedusaLoop, sp: SamplingParams, th: Thr
     return best_len, jnp.take_along_axis(tokens, path_nodes, axis=1), path_nodes, no_ban
 
 
-def rejection_paths(tokens, logits, loop: MedusaLoop, sp: SamplingParams, rng, valid=None):
+def rejection_paths(tokens, logits, loop: MedusaLoop, sp: SamplingParams, rng, valid=None, shape=None):
     """Recursive rejection sampling down the tree (SpecInfer / EAGLE), lossless at any temperature.
 
     At an accepted node with base distribution p (temperature, top-k, top-p applied), its children are tried in
@@ -212,12 +276,17 @@ def rejection_paths(tokens, logits, loop: MedusaLoop, sp: SamplingParams, rng, v
     from the final residual: the next step's root, with the rejected tokens returned as `banned`. A child whose token
     was already rejected at this node (a lookup draft may repeat a head's guess) has residual probability 0.
 
-    tokens `[B, L]`, logits `[B, Li, V]` at the internal nodes, valid `[B, L]` (None: all) the nodes holding a
-    draft (invalid ones are skipped). Returns (accepted `[B]`, path tokens `[B, D+1]`, path
-    nodes `[B, D+1]`, banned `[B, C]`)."""
-    children = jnp.asarray(tree_children(loop.tree))  # [L, C]
-    slot = jnp.asarray(tree_parents(loop.tree)[2])
-    b, c = tokens.shape[0], children.shape[1]
+    tokens `[B, L]`, logits `[B, Li, V]` at the internal nodes (a dynamic tree: `[B, L, V]` at every node, its
+    `StepTree` `shape`), valid `[B, L]` (None: all) the nodes holding a draft (invalid ones are skipped). Returns
+    (accepted `[B]`, path tokens `[B, D+1]`, path nodes `[B, D+1]`, banned `[B, C]`)."""
+    b, n = tokens.shape
+    if shape is None:
+        children = jnp.broadcast_to(jnp.asarray(tree_children(loop.tree)), (b, n, max_children(loop.tree)))
+        slot = jnp.broadcast_to(jnp.asarray(tree_parents(loop.tree)[2]), (b, n))
+    else:
+        children = step_children(shape.parent, max_children(loop.tree))
+        slot = jnp.broadcast_to(jnp.arange(n, dtype=jnp.int32), (b, n))
+    c = children.shape[2]
     rows = jnp.arange(b)
     u = jax.random.uniform(rng, (max(loop.tree.depth, 1), c, b))
     cur = jnp.zeros((b,), jnp.int32)
@@ -226,8 +295,8 @@ def rejection_paths(tokens, logits, loop: MedusaLoop, sp: SamplingParams, rng, v
     accepted = jnp.zeros((b,), jnp.int32)
     path = [cur]
     for d in range(loop.tree.depth):
-        p = jax.nn.softmax(process_logits(logits[rows, slot[cur]], sp), axis=-1)  # [B, V]
-        kids = children[cur]  # [B, C]
+        p = jax.nn.softmax(process_logits(logits[rows, slot[rows, cur]], sp), axis=-1)  # [B, V]
+        kids = children[rows, cur]  # [B, C]
         mass = jnp.ones((b,), jnp.float32)
         took = jnp.zeros((b,), bool)
         nxt = cur
@@ -314,7 +383,7 @@ def start_state(cfg, loop: MedusaLoop, params, heads, cache: KVCache, start, tok
         lengths=row_start + lengths,
         logits=lm_logits(cfg, params, last_hidden),
         hidden=last_hidden,
-        banned=jnp.full((b, tree_children(loop.tree).shape[1]), -1, jnp.int32),
+        banned=jnp.full((b, max_children(loop.tree)), -1, jnp.int32),
         out=jnp.full((b, loop.max_new), -1, jnp.int32),
         num_out=jnp.zeros((b,), jnp.int32),
         steps=jnp.zeros((b,), jnp.int32),
@@ -345,6 +414,8 @@ def project_every_node(cfg: ModelConfig, batch: int, tree: TreeBuffers) -> bool:
     step's, are then among them: one read of the `[E, V]` matrix), rather than the internal nodes and afterwards the
     last accepted node (two reads). Chosen by bytes: the leaves' float32 logits `[B, leaves, V]` against one read
     of the matrix; the root-only tree (plain decoding) projects its one node either way."""
+    if isinstance(tree, DynamicTree):  # its internal nodes change from step to step
+        return True
     leaves = tree.num_nodes - len(tree_parents(tree)[1])
     extra = batch * (leaves - 1) * LOGIT_BYTES  # per vocabulary entry: the leaves beyond the last accepted node
     return extra <= cfg.hidden_size * cfg.jnp_param_dtype.itemsize
@@ -357,23 +428,32 @@ def medusa_step(cfg, loop: MedusaLoop, params, heads, s: MedusaState, max_new, s
     # 1. candidates
     root = choose_root(s.logits, s.banned, k_root, loop, sp, th)
     ctx = DraftContext(params, heads, root, s.hidden, s.seq, s.lengths, cfg.jnp_matmul_dtype, loop.mesh, s.draft, cfg)
-    cand, valid, draft = draft_tree(ctx, tree)  # [B, L] node 0 = root; valid None or [B, L]
+    cand, valid, draft, shape = draft_tree(ctx, tree)  # [B, L] node 0 = root; valid None or [B, L]
     # 2. verify the whole tree in one forward, at positions length + depth under the tree mask
     model = Transformer(cfg, loop.mesh)
-    positions = s.lengths[:, None] + jnp.asarray(tree.position_ids)[None, :]
-    mask = jnp.asarray(tree.attn_mask > 0)
+    if shape is None:  # a static tree
+        positions = s.lengths[:, None] + jnp.asarray(tree.position_ids)[None, :]
+        mask = jnp.asarray(tree.attn_mask > 0)
+    else:  # a dynamic tree: this step's
+        positions = s.lengths[:, None] + shape.depth
+        mask = ancestor_mask(shape.parent, tree.depth)
     moves = (s.moved_at, s.moved_nodes)  # the last step's path moves to contiguous slots first, layer by layer
     hidden, cache = model.apply({"params": params}, cand, positions, mask, s.cache, s.lengths, moves)
-    internal = tree_parents(tree)[1]  # base logits to judge with: where a node has children
     every_node = project_every_node(cfg, cand.shape[0], tree)
-    if every_node:  # one read of the [E, V] projection gives the judging rows and the next step's logits
+    if shape is not None:  # every node may judge children
         node_logits = model.apply({"params": params}, hidden, method=model.logits)  # [B, L, V]
-        logits = node_logits[:, internal] if tree.depth else None
+        logits = node_logits
+    elif every_node:  # one read of the [E, V] projection gives the judging rows and the next step's logits
+        node_logits = model.apply({"params": params}, hidden, method=model.logits)  # [B, L, V]
+        logits = node_logits[:, tree_parents(tree)[1]] if tree.depth else None  # where a node has children
     else:
+        internal = tree_parents(tree)[1]
         logits = model.apply({"params": params}, hidden[:, internal], method=model.logits) if tree.depth else None
     # 3. accept
     if loop.acceptance == "rejection":
-        acc, path_tokens, path_nodes, banned = rejection_paths(cand, logits, loop, sp, k_accept, valid)
+        acc, path_tokens, path_nodes, banned = rejection_paths(cand, logits, loop, sp, k_accept, valid, shape)
+    elif shape is not None:
+        acc, path_tokens, path_nodes, banned = evaluate_step_tree(cand, logits, shape, loop, sp, th, valid)
     else:
         acc, path_tokens, path_nodes, banned = evaluate_paths(cand, logits, loop, sp, th, valid)
     count = acc + 1  # the root is always kept
@@ -477,10 +557,16 @@ def default_tree_name() -> str:
     return "mc_sim_7b_63" if jax.default_backend() != "cpu" else "cpu_16"
 
 
-def resolve_tree(tree, num_heads: int, topk: int = 10, lookup: int | None = None) -> TreeBuffers:
-    """A tree name, JSON file, list of paths or TreeBuffers -> TreeBuffers. Named default trees are cut to the
-    heads' depth; an explicit tree deeper than the heads is an error. lookup: the lookup chain's length (None: a
-    TreeBuffers' own, else none)."""
+def resolve_tree(tree, num_heads: int, topk: int = 10, lookup: int | None = None) -> TreeBuffers | DynamicTree:
+    """A tree name, JSON file, list of paths, TreeBuffers or DynamicTree (`dynamic_N[_dD][_kK]`) -> the
+    tree. Named default trees are cut to the heads' depth; an explicit tree deeper than the heads is an error.
+    lookup: the lookup chain's length (None: a tree object's own, else none)."""
+    if isinstance(tree, str) and (dyn := dynamic_tree(tree, lookup or 0)) is not None:
+        tree = dyn
+    if isinstance(tree, DynamicTree):
+        if tree.head_depth > num_heads:
+            raise ValueError(f"dynamic tree depth {tree.head_depth} exceeds the drafter's {num_heads} depths")
+        return tree if lookup is None else dataclasses.replace(tree, lookup=lookup)
     if isinstance(tree, TreeBuffers):
         if tree.head_depth > num_heads:
             raise ValueError(f"tree depth {tree.head_depth} exceeds the {num_heads} Medusa heads")

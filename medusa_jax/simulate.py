@@ -22,7 +22,7 @@ from medusa_jax.generation import bucket
 from medusa_jax.heads import base_lm_head, draft_columns, draft_logits, is_sequential, root_embedding, uses_root
 from medusa_jax.lookup import NGRAM
 from medusa_jax.ranking import candidate_rank
-from medusa_jax.tree import TreeBuffers
+from medusa_jax.tree import DynamicTree, TreeBuffers
 
 UNPROPOSABLE = 1 << 30  # the rank of a token outside the heads' draft vocabulary
 
@@ -84,6 +84,51 @@ def head_ranks(model, seq: list[int], depth: int | None = None) -> np.ndarray:
     return rank
 
 
+@functools.partial(jax.jit, static_argnums=(0, 1))
+def _dynamic_trees(cfg, tree: DynamicTree, heads, params, hidden, tokens, anchors):
+    """hidden `[T, E]`, tokens `[T]`, anchors `[A]` -> the dynamic tree the decode loop drafts when its cache ends
+    at each anchor (`fd.draft_dynamic`'s tokens, valid, parents and depths `[A, size]`)."""
+    t = hidden.shape[0]
+    pos = jnp.arange(t, dtype=jnp.int32)[None]
+    x = fd.fuse(cfg, heads, hidden[None], fd.embed(params, fd.shifted(tokens[None], 1)))
+    q, k, v = fd.project(cfg, heads, x, pos)
+    k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # [1, KH, T, D]: every true entry
+    g = fd.finish(cfg, heads, x, fd.attend(q, k, v, pos[:, :, None] >= pos[:, None, :]))[0]  # [T, E]
+    a = anchors.shape[0]
+    ck, cv = (jnp.broadcast_to(c, (a, *c.shape[1:])) for c in (k, v))
+    return fd.draft_dynamic(cfg, heads, params, ck, cv, anchors + 1, g[anchors], tree, cfg.jnp_matmul_dtype)
+
+
+def dynamic_reach(model, seq: list[int], n_prompt: int, tree: DynamicTree, hidden=None) -> np.ndarray:
+    """`[T]`: how deep the dynamic tree drafted when the cache ends at t holds the answer (seq[t+2], seq[t+3], ...
+    down one path), for t from the prompt's last token on: a feature drafter's `tree_acc` in `walk`. hidden: the
+    backbone's features of seq `[T, E]` (None: computed)."""
+    n = len(seq)
+    hidden = model.forward([seq]).hidden[0] if hidden is None else hidden  # [n, E]
+    pad = bucket(n, 16) - n
+    hidden = jnp.pad(hidden, ((0, pad), (0, 0)))
+    toks = jnp.asarray(list(seq) + [0] * pad, jnp.int32)
+    first = max(n_prompt - 1, 0)
+    anchors = np.arange(first, max(n - 1, first + 1))
+    anchors = np.pad(anchors, (0, bucket(len(anchors), 16) - len(anchors)), mode="edge")
+    out = _dynamic_trees(model.cfg, tree, model.heads, model.params, hidden, toks, jnp.asarray(anchors, jnp.int32))
+    tok, valid, parent, depth = (np.asarray(x) for x in out)
+    ahead = np.full(n + tree.head_depth + 2, -1, np.int64)
+    ahead[:n] = seq
+    node = np.zeros(len(anchors), np.int64)  # 0: the root; drafted nodes are 1 .. size
+    alive = np.ones(len(anchors), bool)
+    reach = np.zeros(len(anchors), np.int32)
+    for d in range(1, tree.head_depth + 1):
+        want = ahead[anchors + 1 + d]
+        match = (parent == node[:, None]) & (tok == want[:, None]) & valid & (depth == d)
+        alive &= match.any(axis=1)
+        node = np.where(alive, np.argmax(match, axis=1) + 1, node)
+        reach += alive
+    out = np.zeros(n, np.int32)
+    out[anchors] = reach
+    return out
+
+
 def lookup_continuation(ctx: list[int], size: int, ngram: int = NGRAM) -> list[int]:
     """What followed the latest earlier occurrence of ctx's last n-gram (n = ngram down to 1, the longest that
     occurs wins), at most `size` tokens and never past ctx's end: the lookup chain's draft (`lookup.lookup_draft`)."""
@@ -100,11 +145,14 @@ def walk(
     """Greedy decoding of the answer `seq[n_prompt:]` with `tree` -> (steps, steps' tokens that only the lookup chain
     gave, beyond what the heads' tree accepted). `accepted`, if given, gets each step's count of tree tokens
     accepted (the heads' depth reached, 0 to `tree.head_depth`)."""
-    paths = set(tree.choices)
+    dynamic = isinstance(tree, DynamicTree)
+    paths = set() if dynamic else set(tree.choices)
     n, length, steps, from_chain = len(seq), n_prompt, 0, 0
     while length < n:
         t, tree_acc = length - 1, 0
-        for d in range(1, tree.head_depth + 1):
+        if dynamic:  # `rank` is `dynamic_reach`'s
+            tree_acc = int(rank[t])
+        for d in range(1, 0 if dynamic else tree.head_depth + 1):
             if tuple(int(rank[h, t]) for h in range(d)) not in paths:
                 break
             tree_acc = d
@@ -123,12 +171,16 @@ def walk(
     return steps, from_chain
 
 
-def answer_ranks(model, answers, depth: int | None = None) -> list[tuple[list[int], int, np.ndarray]]:
-    """answers: (prompt ids, greedy answer ids) pairs -> (sequence, prompt length, `head_ranks`) per answer."""
+def answer_ranks(model, answers, depth: int | None = None, tree=None) -> list[tuple[list[int], int, np.ndarray]]:
+    """answers: (prompt ids, greedy answer ids) pairs -> (sequence, prompt length, `head_ranks`) per answer; with a
+    `DynamicTree` `tree`, its `dynamic_reach` instead (the drafted trees depend on the tree's settings)."""
     out = []
     for prompt_ids, output_ids in answers:
         seq = [int(i) for i in prompt_ids] + [int(i) for i in output_ids]
-        out.append((seq, len(prompt_ids), head_ranks(model, seq, depth)))
+        if isinstance(tree, DynamicTree):
+            out.append((seq, len(prompt_ids), dynamic_reach(model, seq, len(prompt_ids), tree)))
+        else:
+            out.append((seq, len(prompt_ids), head_ranks(model, seq, depth)))
     return out
 
 
@@ -153,4 +205,12 @@ def tokens_per_step(ranked, tree: TreeBuffers) -> dict:
     }
 
 
-__all__ = ["UNPROPOSABLE", "answer_ranks", "head_ranks", "lookup_continuation", "tokens_per_step", "walk"]
+__all__ = [
+    "UNPROPOSABLE",
+    "answer_ranks",
+    "dynamic_reach",
+    "head_ranks",
+    "lookup_continuation",
+    "tokens_per_step",
+    "walk",
+]

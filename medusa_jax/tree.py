@@ -30,11 +30,23 @@ from pathlib import Path
 
 import numpy as np
 
-__all__ = ["TreeBuffers", "build_buffers", "validate_choices", "get_tree", "list_trees", "max_depth"]
+__all__ = [
+    "DynamicTree",
+    "TreeBuffers",
+    "build_buffers",
+    "dynamic_tree",
+    "get_tree",
+    "list_trees",
+    "max_depth",
+    "validate_choices",
+]
 
 Path_ = tuple[int, ...]
 _CHAIN_RE = re.compile(r"chain_([1-9][0-9]*)")
 _CHAIN_LISTED = range(1, 6)
+_DYNAMIC_RE = re.compile(r"dynamic_([1-9][0-9]*)(?:_d([1-9][0-9]*))?(?:_k([1-9][0-9]*))?")
+DYNAMIC_DEPTH = 6  # `dynamic_N`'s drafting depth
+DYNAMIC_TOPK = 10  # `dynamic_N`'s children per expanded node (and nodes expanded per depth)
 
 
 def _fmt(path) -> str:
@@ -195,12 +207,81 @@ def build_buffers(
     return TreeBuffers(paths, topk, attn_mask, tree_indices, position_ids, retrieve, lookup)
 
 
+@dataclasses.dataclass(frozen=True)
+class DynamicTree:
+    """A tree drafted anew each step from the drafter's own confidence (EAGLE-2's dynamic tree), for drafters that
+    condition on their path (a feature drafter). Static shapes, per-step structure:
+
+    expand: depth 1 is the `topk` best tokens after the root; at each further depth the `beam` drafted nodes of the
+            last depth with the highest path score (the sum of their path's draft log-probabilities) draft `topk`
+            children each, for `head_depth` depths in all;
+    rerank: the `size` drafted nodes with the highest path scores form the tree (a child never scores above its
+            parent, so they form a tree), in drafting order: parents before children, siblings in rank order.
+    The tree's parents and depths are arrays of each step (`[B, L]`); the lookup chain (`lookup` nodes) hangs from
+    the root after the drafted nodes, as in `TreeBuffers`. Named `dynamic_N[_dD][_kK]` (`dynamic_tree`).
+    """
+
+    size: int  # drafted nodes verified each step (the tree has size + 1 + lookup nodes)
+    head_depth: int  # drafting depth
+    topk: int = 10  # children drafted per expanded node
+    beam: int = 10  # nodes expanded per depth
+    lookup: int = 0
+
+    def __post_init__(self):
+        for name in ("size", "head_depth", "topk", "beam"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int | np.integer) or v < 1:
+                raise ValueError(f"dynamic tree: {name} must be an int >= 1, got {v!r}")
+        if isinstance(self.lookup, bool) or not isinstance(self.lookup, int | np.integer) or self.lookup < 0:
+            raise ValueError(f"lookup (the lookup chain's length) must be an int >= 0, got {self.lookup!r}")
+        if self.beam > self.topk:
+            raise ValueError(f"dynamic tree: beam {self.beam} > topk {self.topk} (depth 1 has only topk nodes)")
+        if self.size > self.pool:
+            raise ValueError(
+                f"dynamic tree: {self.size} nodes > the {self.pool} drafted at depth {self.head_depth} "
+                f"(topk {self.topk}, beam {self.beam}): ask for fewer nodes or a deeper tree"
+            )
+
+    @property
+    def pool(self) -> int:
+        """Drafted candidates per step, of which `size` are kept: topk at depth 1, beam * topk at each further one."""
+        return self.topk + (self.head_depth - 1) * self.beam * self.topk
+
+    @property
+    def num_nodes(self) -> int:
+        return self.size + 1 + self.lookup
+
+    @property
+    def depth(self) -> int:
+        return max(self.head_depth, self.lookup)
+
+    @property
+    def max_children(self) -> int:
+        """The most children a node can have (the root: topk drafts and the lookup chain's first node)."""
+        return self.topk + (1 if self.lookup else 0)
+
+    def __repr__(self):
+        chain = f", lookup={self.lookup}" if self.lookup else ""
+        return f"DynamicTree(size={self.size}, depth={self.head_depth}, topk={self.topk}, beam={self.beam}{chain})"
+
+
+def dynamic_tree(name: str, lookup: int = 0) -> DynamicTree | None:
+    """`dynamic_N[_dD][_kK]` -> its DynamicTree: N nodes, D deep (default 6), K children per expanded node and K
+    nodes expanded per depth (default 10); None for any other name."""
+    m = _DYNAMIC_RE.fullmatch(str(name))
+    if m is None:
+        return None
+    k = int(m.group(3) or DYNAMIC_TOPK)
+    return DynamicTree(int(m.group(1)), int(m.group(2) or DYNAMIC_DEPTH), k, k, lookup)
+
+
 def _tree_dir():
     return resources.files(__name__.rpartition(".")[0]).joinpath("trees")
 
 
 def list_trees() -> list[str]:
-    """Names accepted by ``get_tree``: shipped JSON trees and ``chain_1`` .. ``chain_5`` (sorted)."""
+    """Names accepted by ``get_tree``: shipped JSON trees and ``chain_1`` .. ``chain_5`` (sorted). Dynamic trees
+    (``dynamic_N[_dD][_kK]``: ``dynamic_tree``) are named apart: they have no fixed paths."""
     shipped = [f.name[:-5] for f in _tree_dir().iterdir() if f.name.endswith(".json")]
     return sorted(shipped + [f"chain_{n}" for n in _CHAIN_LISTED])
 

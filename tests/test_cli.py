@@ -348,6 +348,13 @@ def test_tree_deeper_than_heads(tiny_ckpt, tiny_heads, tmp_path):
     assert_usage_error(r, "--tree chain_8 is 8 tokens deep", "chain_N goes up to chain_3")
 
 
+def test_dynamic_tree_needs_a_feature_drafter(tiny_ckpt, tiny_heads):
+    r = run("--ckpt", tiny_ckpt, "--heads", tiny_heads, "--tree", "dynamic_60", "--max-new-tokens", "4")
+    assert_usage_error(r, "--tree dynamic_60 is a dynamic tree, for a feature drafter", "mc_sim_7b_63")
+    r = run("--ckpt", tiny_ckpt, "--heads", tiny_heads, "--tree", "dynamic_511", "--max-new-tokens", "4")
+    assert_usage_error(r, "511 nodes > the 510 drafted")
+
+
 def test_medusa_options_with_plain_decoding(tiny_ckpt, tiny_heads, tmp_path):
     """Medusa-only options cannot apply to plain decoding: an error against --mode ar, a warning when the heads'
     calibration picks plain decoding (here a calibration that finds no tree worth it at any batch size)."""

@@ -65,8 +65,8 @@ def test_failing_section_fails_the_run(device_check, tmp_path, monkeypatch, caps
 
 
 def test_steps_time_a_tree_with_other_heads(device_check, tmp_path, capsys):
-    """`--trees HEADS:TREE` times that tree with another head set (here a feature drafter) on the same backbone, in
-    the same step-cost comparison; a head set that does not exist is one line and exit 2."""
+    """`--trees HEADS:TREE` times that tree (static or dynamic) with another head set (here a feature drafter) on the
+    same backbone, in the same step-cost comparison; a head set that does not exist is one line and exit 2."""
     from medusa_jax.feature_drafter import init_feature_drafter
     from medusa_jax.heads_io import save_heads
 
@@ -74,11 +74,14 @@ def test_steps_time_a_tree_with_other_heads(device_check, tmp_path, capsys):
     save_heads(init_feature_drafter(model.params, scale=0.02), str(tmp_path / "fd"))
     out = tmp_path / "out"
     argv = ["--ckpt", "tiny", "--quick", "--out", str(out), "--skip", "parity,speed,big,calibrate",
-            "--trees", f"cpu_4,{tmp_path / 'fd'}:cpu_8"]  # fmt: skip
+            "--trees", f"cpu_4,{tmp_path / 'fd'}:cpu_8,{tmp_path / 'fd'}:dynamic_8_d2_k4"]  # fmt: skip
     assert device_check.main(argv) == 0, capsys.readouterr().err
     rep = json.loads((out / "device_check.json").read_text())
     trees = rep["step_ms"]["b1"]["trees"]
-    assert set(trees) == {"cpu_8", "cpu_4", f"{tmp_path / 'fd'}:cpu_8"} and all(v > 0 for v in trees.values())
+    fd = tmp_path / "fd"
+    assert set(trees) == {"cpu_8", "cpu_4", f"{fd}:cpu_8", f"{fd}:dynamic_8_d2_k4"} and all(
+        v > 0 for v in trees.values()
+    )
     with pytest.raises(SystemExit) as e:
         device_check.main(["--ckpt", "tiny", "--quick", "--out", str(out), "--trees", "nope_heads:cpu_8"])
     assert e.value.code == 2 and "no head set 'nope_heads'" in capsys.readouterr().err

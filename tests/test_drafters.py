@@ -25,7 +25,8 @@ def test_each_nodes_children_are_the_top_k_of_its_own_path():
     m = tiny_model(vocab=16, heads=3, seed=1, sequential=True)
     tree = build_buffers(TREE, topk=4)
     ctx = context(m)
-    cand, valid, _ = draft_tree(ctx, tree)
+    cand, valid, _, shape = draft_tree(ctx, tree)
+    assert shape is None  # a static tree
     assert valid is None and cand.shape == (4, len(TREE) + 1)
     assert (cand[:, 0] == ctx.root).all()
     node = {tuple(p): i + 1 for i, p in enumerate(tree.choices)}
@@ -49,7 +50,8 @@ def test_medusa_heads_give_every_node_of_a_depth_the_same_children():
     assert [type(d) for d in drafters_for(m.heads, tree)] == [MedusaHeads, LookupChain]
     assert [type(d) for d in drafters_for(tiny_model(16, 3, 1, True, True).heads, tree)][0] is SequentialHeads
     ctx = context(m).replace(seq=jnp.full((4, 32), -1, jnp.int32), lengths=jnp.full((4,), 5, jnp.int32))
-    cand, valid, _ = draft_tree(ctx, tree)
+    cand, valid, _, shape = draft_tree(ctx, tree)
+    assert shape is None  # a static tree
     node = {tuple(p): i + 1 for i, p in enumerate(tree.choices)}
     np.testing.assert_array_equal(cand[:, node[(0, 0)]], cand[:, node[(1, 0)]])
     np.testing.assert_array_equal(cand[:, node[(0, 1, 0)]], cand[:, node[(1, 2, 0)]])

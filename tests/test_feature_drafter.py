@@ -17,7 +17,7 @@ from medusa_jax.feature_drafter import init_feature_drafter, unroll
 from medusa_jax.heads import attach_draft_vocab, base_lm_head, heads_config_of
 from medusa_jax.session import Session
 from medusa_jax.simulate import answer_ranks, tokens_per_step, walk
-from medusa_jax.tree import build_buffers
+from medusa_jax.tree import DynamicTree, build_buffers
 
 # every path of ranks 0-3 to depth 3 (84 nodes): deep paths are accepted often enough that a parent's entry, its
 # position or its ancestors' keys going wrong changes the step counts
@@ -47,6 +47,116 @@ def test_loop_drafts_what_the_unroll_predicts(draft):
         assert [walk(seq, n, rank, buffers)[0] for seq, n, rank in ranked] == [r.steps for r in real]
         if tree is WIDE:  # depth 3 is reached: parents' entries matter
             assert tokens_per_step(ranked, buffers)["accepted_at_depth"][2] > 0.02
+
+
+@pytest.mark.parametrize("draft", [False, True], ids=["full-vocab", "draft-vocab"])
+def test_a_dynamic_tree_takes_the_steps_its_simulator_predicts(draft):
+    """A dynamic tree (each step the most confident drafts, EAGLE-2's kind) decodes the base model's greedy tokens
+    in the steps `simulate.dynamic_reach` predicts from one teacher-forced pass per answer, with a lookup chain
+    too; deep nodes are accepted, so the per-step parents, depths and mask are exercised."""
+    m = feature_model(draft)
+    prompts = random_prompts(6, 16, seed=3)
+    prompts[0] = [3, 4, 5, 6, 7] * 4
+    ar = m.generate(prompts, max_new_tokens=40, mode="ar")
+    pairs = [(r.prompt_ids, r.output_ids) for r in ar]
+    for lookup in (0, 6):
+        tree = DynamicTree(size=40, head_depth=4, topk=4, beam=4, lookup=lookup)
+        real = m.generate(prompts, max_new_tokens=40, mode="medusa", tree=tree)
+        assert [r.output_ids for r in real] == [r.output_ids for r in ar]
+        ranked = answer_ranks(m, pairs, tree=tree)
+        assert [walk(seq, n, reach, tree)[0] for seq, n, reach in ranked] == [r.steps for r in real]
+        if not lookup:
+            acc = tokens_per_step(ranked, tree)["accepted_at_depth"]
+            assert acc[1] > 0.05 and acc[2] > 0
+
+
+SPINE = [[0] * d + [j] for d in range(4) for j in range(4)]  # each depth's top-1 node expanded, 4 children each
+
+
+@pytest.mark.parametrize(
+    "dynamic, static",
+    [
+        (DynamicTree(size=20, head_depth=2, topk=4, beam=4), [list(p) for d in (1, 2) for p in itertools.product(range(4), repeat=d)]),
+        (DynamicTree(size=16, head_depth=4, topk=4, beam=1), SPINE),
+    ],
+    ids=["every-draft-to-depth-2", "beam-1-to-depth-4"],
+)  # fmt: skip
+def test_a_dynamic_tree_that_keeps_every_draft_is_the_static_tree_of_its_shape(dynamic, static):
+    """Kept whole, a dynamic tree is a static one: with beam = topk to depth 2 every path of ranks; with beam 1 the
+    top-1 node of each depth expanded. The loop then takes the static tree's steps (the static drafter, its mask and
+    its acceptance are independent code)."""
+    m = feature_model()
+    prompts = random_prompts(6, 16, seed=4)
+    got = m.generate(prompts, max_new_tokens=40, mode="medusa", tree=dynamic)
+    want = m.generate(prompts, max_new_tokens=40, mode="medusa", tree=build_buffers(static, topk=4))
+    assert [r.output_ids for r in got] == [r.output_ids for r in want]
+    assert [r.steps for r in got] == [r.steps for r in want]
+    assert sum(r.new_tokens for r in want) / sum(r.steps for r in want) > 1.3
+
+
+def rank_paths(parent: np.ndarray) -> list[tuple[int, ...]]:
+    """A dynamic tree's drafted nodes (parents `[size]`, tree ids, 0 = the root) -> each node's path of ranks
+    (its index among its parent's children, drafted in rank order)."""
+    paths: dict[int, tuple[int, ...]] = {0: ()}
+    kids: dict[int, int] = {}
+    for node, par in enumerate(parent.tolist(), start=1):
+        paths[node] = paths[par] + (kids.get(par, 0),)
+        kids[par] = kids.get(par, 0) + 1
+    return [paths[n] for n in range(1, len(parent) + 1)]
+
+
+@pytest.mark.parametrize(
+    "size, k, depth, beam",
+    [(20, 4, 2, 4), (20, 4, 5, 1), (40, 4, 4, 3), (30, 4, 4, 3)],
+    ids=["every-draft-to-depth-2", "beam-1-to-depth-5", "every-draft-of-beam-3-to-depth-4", "30-best-of-those"],
+)
+def test_dynamic_drafts_are_the_static_drafters_on_the_same_shape(size, k, depth, beam):
+    """Given one drafter state (a random cache, pending entries, lengths), each row's dynamic tree holds exactly the
+    tokens the static drafter drafts for the static tree of that row's shape (its nodes' rank paths), node for node:
+    the frontier's features, entry positions, path keys and reselection are the static drafter's (independent
+    code)."""
+    from medusa_jax.drafters import DraftContext, FeatureDrafter
+    from medusa_jax.feature_drafter import FeatureState
+
+    m = feature_model()
+    cfg, rng = m.cfg, np.random.default_rng(0)
+    # a drafter whose guesses depend on the path (through the backbone's tied head, and with its MLP, every node of
+    # the small random drafter guesses alike): weights N(0, 1), the token's part of each entry x 10, no MLP, and a
+    # random output projection small enough that the best children come from several parents
+    m.heads = init_feature_drafter(m.params, seed=2, scale=1.0)
+    fuse, mlp = m.heads["feature"]["fuse"], m.heads["feature"]["layer"]["mlp"]
+    fuse["kernel"] = fuse["kernel"].at[: cfg.hidden_size].multiply(10.0)
+    mlp["down_proj"]["kernel"] = jnp.zeros_like(mlp["down_proj"]["kernel"])
+    m.heads["draft"] = {"ids": jnp.arange(16, dtype=jnp.int32),
+                        "kernel": jnp.asarray(rng.normal(size=(cfg.hidden_size, 16)) * 0.02, jnp.float32)}  # fmt: skip
+    b, slots = 16, 40
+    normal = lambda *shape: jnp.asarray(rng.normal(size=shape), jnp.float32)  # noqa: E731
+    st = FeatureState(normal(b, cfg.num_kv_heads, slots, cfg.head_dim), normal(b, cfg.num_kv_heads, slots, cfg.head_dim),
+                      normal(b, depth + 1, cfg.hidden_size), jnp.asarray(rng.integers(0, 16, (b, depth + 1)), jnp.int32),
+                      jnp.asarray(rng.integers(1, 4, b), jnp.int32))  # fmt: skip
+    lengths = jnp.asarray(rng.integers(4, 8, b), jnp.int32)  # short: the path entries weigh
+    root = jnp.asarray(rng.integers(0, 16, b), jnp.int32)
+    ctx = DraftContext(m.params, m.heads, root, normal(b, cfg.hidden_size), jnp.zeros((b, 0), jnp.int32), lengths,
+                       draft=st, cfg=cfg)  # fmt: skip
+    dynamic = DynamicTree(size=size, head_depth=depth, topk=k, beam=beam)
+    cand = jnp.zeros((b, dynamic.num_nodes), jnp.int32).at[:, 0].set(root)
+    got, valid, _, (parent, dep) = FeatureDrafter().propose(ctx, dynamic, cand)
+    assert bool(valid.all())
+    shapes = set()
+    for r in range(b):
+        paths = rank_paths(np.asarray(parent[r]))
+        static = build_buffers(paths, topk=k)
+        shapes.add(tuple(sorted(paths)))
+        one = lambda x, r=r: x[r : r + 1]  # noqa: E731
+        row = ctx.replace(root=one(root), hidden=one(ctx.hidden), seq=one(ctx.seq), lengths=one(lengths),
+                          draft=jax.tree.map(one, st))  # fmt: skip
+        want, _, _ = FeatureDrafter().propose(row, static, cand[r : r + 1, : static.num_nodes])
+        node = {path: i for i, path in enumerate(static.choices)}  # the static tree's nodes are sorted by path
+        np.testing.assert_array_equal(got[r], want[0, [node[p] for p in paths]])
+        np.testing.assert_array_equal(dep[r], [len(p) for p in paths])
+    assert max(len(p) for p in paths) == depth
+    if beam < k and size < dynamic.pool:
+        assert len(shapes) > 1  # the rows' trees differ: drafted from each row's own confidence
 
 
 def test_a_chunked_prefill_writes_the_drafters_entries_chunk_by_chunk(monkeypatch):

@@ -14,7 +14,7 @@ import pytest
 from test_medusa import random_prompts, tiny_model
 
 from medusa_jax.medusa_decode import tree_children
-from medusa_jax.tree import build_buffers
+from medusa_jax.tree import DynamicTree, build_buffers
 
 TREE = [[0], [1], [2], [3], [4], [0, 0], [0, 1], [0, 2], [1, 0], [1, 1], [2, 0], [0, 0, 0], [0, 0, 1], [1, 0, 0]]
 PROMPT = [1, 2, 3, 4, 5]
@@ -55,8 +55,8 @@ def exact(model):
     return p1, p2, p3
 
 
-def sample(model, **kw):
-    res = model.generate([PROMPT] * N, max_new_tokens=3, temperature=TEMPERATURE, tree=TREE, topk=5,
+def sample(model, tree=TREE, **kw):
+    res = model.generate([PROMPT] * N, max_new_tokens=3, temperature=TEMPERATURE, tree=tree, topk=5,
                          batch_size=N, mode="medusa", seed=11, **kw)  # fmt: skip
     out = np.array([r.output_ids for r in res])
     steps = np.array([r.steps for r in res])
@@ -108,15 +108,43 @@ def test_sequential_heads_rejection_sampling_keeps_the_distribution(sequential_m
     assert 3 / steps.mean() > 1.0
 
 
-def test_feature_drafter_rejection_sampling_keeps_the_distribution(model, exact):
-    """A feature drafter (its own K/V cache in the loop, each node's children from its own path) on the same
-    backbone: the same exact distributions."""
+@pytest.fixture(scope="module")
+def feature_model(model):
     from medusa_jax.feature_drafter import init_feature_drafter
 
-    drafter = dataclasses.replace(model, heads=init_feature_drafter(model.params, seed=2, scale=0.3))
-    out, steps = sample(drafter, acceptance="rejection")
+    return dataclasses.replace(model, heads=init_feature_drafter(model.params, seed=2, scale=0.3))
+
+
+def test_feature_drafter_rejection_sampling_keeps_the_distribution(feature_model, exact):
+    """A feature drafter (its own K/V cache in the loop, each node's children from its own path) on the same
+    backbone: the same exact distributions."""
+    out, steps = sample(feature_model, acceptance="rejection")
     assert min(pvalues(out, exact)) > 1e-3
     assert 3 / steps.mean() > 1.0
+
+
+def test_dynamic_tree_rejection_sampling_keeps_the_distribution(feature_model, exact):
+    """A dynamic tree (each step's shape from the drafter's confidence, every node's children judged against that
+    node's own distribution) with a lookup chain: the same exact distributions."""
+    out, steps = sample(feature_model, tree=DynamicTree(size=9, head_depth=3, topk=4, beam=2), acceptance="rejection",
+                        lookup=2)  # fmt: skip
+    assert min(pvalues(out, exact)) > 1e-3
+    assert 3 / steps.mean() > 1.0
+
+
+def test_dynamic_tree_judged_by_the_wrong_parent_fails_the_same_test(feature_model, exact, monkeypatch):
+    """Negative control for the dynamic tree's children table: every node's children judged against the root's
+    distribution is caught."""
+    from medusa_jax import medusa_decode
+
+    wrong = mutant("logits[rows, slot[rows, cur]]", "logits[rows, slot[rows, cur * 0]]")
+    monkeypatch.setattr(medusa_decode, "rejection_paths", wrong)
+    medusa_decode.generate_medusa.clear_cache()
+    try:
+        out, _ = sample(feature_model, tree=DynamicTree(size=9, head_depth=3, topk=4, beam=2), acceptance="rejection")
+    finally:
+        medusa_decode.generate_medusa.clear_cache()
+    assert min(pvalues(out, exact)) < 1e-6
 
 
 def test_judging_children_by_the_wrong_parent_fails_the_same_test(sequential_model, exact, monkeypatch):
@@ -124,7 +152,7 @@ def test_judging_children_by_the_wrong_parent_fails_the_same_test(sequential_mod
     parent's (a wrong per-parent distribution) is caught."""
     from medusa_jax import medusa_decode
 
-    wrong = mutant("logits[rows, slot[cur]]", "logits[rows, slot[cur * 0]]")
+    wrong = mutant("logits[rows, slot[rows, cur]]", "logits[rows, slot[rows, cur * 0]]")
     monkeypatch.setattr(medusa_decode, "rejection_paths", wrong)
     medusa_decode.generate_medusa.clear_cache()  # trace again with the mutant
     try:

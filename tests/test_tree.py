@@ -283,3 +283,27 @@ def test_module_imports_only_numpy_and_stdlib():
         "importlib",
         "pathlib",
     }
+
+
+def test_dynamic_tree_names_and_checks():
+    from medusa_jax.medusa_decode import resolve_tree
+    from medusa_jax.tree import DynamicTree, dynamic_tree
+
+    t = dynamic_tree("dynamic_60")
+    assert (t.size, t.head_depth, t.topk, t.beam, t.lookup) == (60, 6, 10, 10, 0)
+    assert t.num_nodes == 61 and t.pool == 10 + 5 * 100 and t.max_children == 10
+    deep = dynamic_tree("dynamic_127_d8_k16", lookup=10)
+    assert (deep.size, deep.head_depth, deep.topk, deep.num_nodes, deep.max_children) == (127, 8, 16, 138, 17)
+    assert deep.depth == 10  # the lookup chain is deeper than the drafts
+    assert dynamic_tree("dynamic_255_k24") == DynamicTree(255, 6, 24, 24)
+    assert dynamic_tree("mc_sim_7b_63") is None and dynamic_tree("dynamic_x") is None
+    assert resolve_tree("dynamic_60", num_heads=16, lookup=10) == DynamicTree(60, 6, 10, 10, 10)
+    assert hash(resolve_tree("dynamic_60", 16)) == hash(DynamicTree(60, 6))  # a static jit argument
+    with pytest.raises(ValueError, match="dynamic tree depth 6 exceeds the drafter's 4 depths"):
+        resolve_tree("dynamic_60", num_heads=4)
+    with pytest.raises(ValueError, match="511 nodes > the 510 drafted"):
+        dynamic_tree("dynamic_511")
+    with pytest.raises(ValueError, match="beam 12 > topk 10"):
+        DynamicTree(20, 3, topk=10, beam=12)
+    with pytest.raises(ValueError, match="size must be an int >= 1"):
+        DynamicTree(0, 3)

@@ -69,16 +69,17 @@ def parse_args(argv=None):
     ap.add_argument("--calibrate-budget", type=float, default=180.0, help="seconds for the calibration section")
     ap.add_argument("--trees", default="", help="comma list of more trees (names or JSON files) whose step cost the "
                     "steps section measures too, e.g. smollm2_sequential_127; HEADS:TREE times that tree with other "
-                    "heads, e.g. smollm2_feature:smollm2_feature_255")  # fmt: skip
+                    "heads, e.g. smollm2_feature:smollm2_feature_255 or smollm2_feature:dynamic_255_k16")  # fmt: skip
     ap.add_argument("--feature", action="store_true", help="the steps section also times a feature drafter's step")
     args = ap.parse_args(argv)
     args.trees = [t for t in args.trees.split(",") if t]
-    from medusa_jax.tree import get_tree
+    from medusa_jax.tree import dynamic_tree, get_tree
 
     for t in args.trees:
         heads, _, tree = t.rpartition(":")
         try:
-            get_tree(tree)
+            if dynamic_tree(tree) is None:
+                get_tree(tree)
         except ValueError as e:
             ap.error(f"--trees: {e}")
         if heads and heads_dir(heads) is None:
@@ -260,7 +261,8 @@ def steps_section(args, rep: Report):
     over a KV cache of the same size."""
     from medusa_jax.api import with_heads
     from medusa_jax.calibrate import step_costs, step_slots
-    from medusa_jax.tree import build_buffers, get_tree
+    from medusa_jax.medusa_decode import resolve_tree
+    from medusa_jax.tree import build_buffers
 
     model = load_model(args, "bfloat16")
     kw = tree_kw(args.quick)
@@ -271,7 +273,7 @@ def steps_section(args, rep: Report):
     for t in [kw["tree"], *args.trees]:
         name, _, tree = t.rpartition(":")
         m = heads[name]
-        buffers = build_buffers(get_tree(tree), topk=10, num_heads=m.heads_config.num_heads, lookup=kw["lookup"])
+        buffers = resolve_tree(tree, m.heads_config.num_heads, 10, kw["lookup"])  # a static or dynamic tree
         options[t] = (buffers, m.heads)
     trees = {t: tree for t, (tree, _) in options.items()}
     root = build_buffers([], topk=1)

@@ -7,10 +7,12 @@ seconds: one forward per answer, then a walk per variant.
 `--answers`: a `decode.py --output` file of greedy answers (the prompts are encoded again with the chat template).
 `--branches B` and `--anchors` try lookup variants the decoder does not have (docs/BENCHMARKS.md): B
 chains from the B latest occurrences with different next tokens, and chains that continue the heads' top-1 path of
-depth d. `--trees none` is the lookup chain alone.
+depth d. `--trees none` is the lookup chain alone; `--trees dynamic_255_k16` a feature drafter's dynamic tree (drafted
+from every position of each answer, so the cache does not hold it).
 """
 
 import argparse
+import dataclasses
 import json
 import os
 import pickle
@@ -20,7 +22,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from medusa_jax.lookup import NGRAM  # noqa: E402
 from medusa_jax.simulate import answer_ranks, tokens_per_step  # noqa: E402
-from medusa_jax.tree import build_buffers, get_tree  # noqa: E402
+from medusa_jax.tree import build_buffers, dynamic_tree, get_tree  # noqa: E402
 
 
 def lookup_drafts(ctx: list[int], size: int, branches: int) -> list[list[int]]:
@@ -78,22 +80,37 @@ def main():
     ap.add_argument("--cache", help="pickle of the answers' head ranks: written once, read on later runs")
     args = ap.parse_args()
 
-    if args.cache and os.path.exists(args.cache):
+    loaded = {}
+
+    def model_and_answers():  # loaded once, when needed
+        if not loaded:
+            import medusa_jax
+
+            m = medusa_jax.load(heads=args.heads)
+            with open(args.answers) as f:
+                rows = [json.loads(line) for line in f]
+            loaded["m"], loaded["pairs"] = m, [(m.encode(r["prompt"]), r["output_ids"]) for r in rows]
+        return loaded["m"], loaded["pairs"]
+
+    trees = args.trees.split(",")
+    static = [t for t in trees if dynamic_tree(t) is None]
+    if static and args.cache and os.path.exists(args.cache):
         with open(args.cache, "rb") as f:
             k, ranked = pickle.load(f)
-    else:
-        import medusa_jax
-
-        m = medusa_jax.load(heads=args.heads)
-        with open(args.answers) as f:
-            rows = [json.loads(line) for line in f]
-        ranked = answer_ranks(m, [(m.encode(r["prompt"]), r["output_ids"]) for r in rows])
-        k = m.heads_config.num_heads
+    elif static:
+        m, pairs = model_and_answers()
+        ranked, k = answer_ranks(m, pairs), m.heads_config.num_heads
         if args.cache:
             with open(args.cache, "wb") as f:
                 pickle.dump((k, ranked), f)
     anchors = [int(a) for a in args.anchors.split(",") if a]
-    for tree in args.trees.split(","):
+    for tree in trees:
+        if (dyn := dynamic_tree(tree)) is not None:  # a feature drafter's dynamic tree: drafted from each position
+            m, pairs = model_and_answers()
+            for lk in map(int, args.lookups.split(",")):
+                t = dataclasses.replace(dyn, lookup=lk)
+                print(json.dumps(dict(tree=tree, lookup=lk) | tokens_per_step(answer_ranks(m, pairs, tree=t), t)))
+            continue
         choices = [tuple(c) for c in get_tree(tree) if len(c) <= k] if tree != "none" else []
         for lk in map(int, args.lookups.split(",")):
             for br in map(int, args.branches.split(",")) if lk else [1]:
