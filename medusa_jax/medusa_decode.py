@@ -237,7 +237,7 @@ def evaluate_paths(tokens, logits, loop: MedusaLoop, sp: SamplingParams, th: Thr
     parent, _, slot = tree_parents(loop.tree)
     judge = jnp.asarray(slot[parent])  # [L] the logits row that judges each node
     b = tokens.shape[0]
-    no_ban = jnp.full((b, tree_children(loop.tree).shape[1]), -1, jnp.int32)
+    no_ban = jnp.full((b, max_children(loop.tree)), -1, jnp.int32)
     if loop.tree.depth == 0:  # root only (autoregressive)
         return jnp.zeros((b,), jnp.int32), tokens, jnp.zeros((b, 1), jnp.int32), no_ban
     if loop.acceptance == "greedy":
@@ -439,13 +439,13 @@ def medusa_step(cfg, loop: MedusaLoop, params, heads, s: MedusaState, max_new, s
         mask = ancestor_mask(shape.parent, tree.depth)
     moves = (s.moved_at, s.moved_nodes)  # the last step's path moves to contiguous slots first, layer by layer
     hidden, cache = model.apply({"params": params}, cand, positions, mask, s.cache, s.lengths, moves)
-    every_node = project_every_node(cfg, cand.shape[0], tree)
-    if shape is not None:  # every node may judge children
+    every_node = project_every_node(cfg, cand.shape[0], tree)  # always for a dynamic tree
+    if every_node:  # one read of the [E, V] projection gives the judging rows and the next step's logits
         node_logits = model.apply({"params": params}, hidden, method=model.logits)  # [B, L, V]
-        logits = node_logits
-    elif every_node:  # one read of the [E, V] projection gives the judging rows and the next step's logits
-        node_logits = model.apply({"params": params}, hidden, method=model.logits)  # [B, L, V]
-        logits = node_logits[:, tree_parents(tree)[1]] if tree.depth else None  # where a node has children
+        if shape is not None:  # a dynamic tree: any node may judge children
+            logits = node_logits
+        else:  # where a node has children
+            logits = node_logits[:, tree_parents(tree)[1]] if tree.depth else None
     else:
         internal = tree_parents(tree)[1]
         logits = model.apply({"params": params}, hidden[:, internal], method=model.logits) if tree.depth else None
